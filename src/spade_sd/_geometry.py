@@ -1,0 +1,314 @@
+"""Which elements are meant, and where each spot lies in the image's pixels, at every pyramid level, in µm.
+
+Everything here goes through spatialdata's transformations: spot centres are mapped from the shapes' coordinates
+to a coordinate system shared with the image, then into the pixels of each pyramid level.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from spatialdata import SpatialData
+from spatialdata.transformations import get_transformation
+from xarray import DataArray, DataTree
+
+# Spot diameters of technologies whose tables spade_sd recognises without a user-given scale.
+SPOT_DIAMETER_UM = {"Visium": 55.0, "legacy_ST": 100.0}
+
+
+@dataclass(frozen=True)
+class SpotGeometry:
+    """The resolved (image, shapes, table) triple and every spot's position in the image's pixels.
+
+    Attributes
+    ----------
+    image_key, shapes_key, table_key, coordinate_system
+        The elements used and the coordinate system they share.
+    table_rows
+        Positions in the table of the rows annotating ``shapes_key``; ``centers`` and ``radius`` follow this order.
+    centers
+        ``(n, 2)`` spot centres ``(x, y)`` in full-resolution (level-0) pixels.
+    radius
+        ``(n,)`` spot radius in level-0 pixels (for polygons: the radius of the circle of equal area).
+    mpp
+        µm per level-0 pixel, and ``mpp_source`` says where it came from.
+    level_shapes
+        ``(height, width)`` of each pyramid level.
+    level_downsample
+        Level-0 pixels per pixel of each level, ``(x, y)``.
+    """
+
+    image_key: str
+    shapes_key: str
+    table_key: str
+    coordinate_system: str
+    table_rows: np.ndarray
+    centers: np.ndarray
+    radius: np.ndarray
+    mpp: float
+    mpp_source: str
+    level_shapes: tuple[tuple[int, int], ...]
+    level_downsample: tuple[tuple[float, float], ...]
+
+    @property
+    def n_spots(self) -> int:
+        """Number of spots."""
+        return len(self.centers)
+
+    def centers_at(self, level: int) -> np.ndarray:
+        """Spot centres ``(x, y)`` in the continuous pixel coordinates of pyramid ``level`` (pixel k spans [k, k+1))."""
+        return self.centers / np.asarray(self.level_downsample[level])
+
+
+def image_levels(image: DataArray | DataTree) -> list[DataArray]:
+    """The pyramid levels of an image element, finest first (a single-scale image is one level)."""
+    if isinstance(image, DataTree):
+        return [next(iter(image[name].values())) for name in image]
+    return [image]
+
+
+def _available(kind: str, names: list[str]) -> str:
+    return f"available {kind}: {sorted(names)}" if names else f"this SpatialData has no {kind}"
+
+
+def _check_key(sdata: SpatialData, kind: str, key: str | None) -> None:
+    names = list(getattr(sdata, kind))
+    if key is not None and key not in names:
+        raise KeyError(f"{kind[:-1]} {key!r} is not in the SpatialData; {_available(kind, names)}.")
+
+
+def _annotated_regions(table: AnnData) -> list[str]:
+    attrs = table.uns.get("spatialdata_attrs", {})
+    region = attrs.get("region", [])
+    return [region] if isinstance(region, str) else list(region)
+
+
+def _coordinate_systems(element) -> set[str]:
+    return set(get_transformation(element, get_all=True))
+
+
+def _choose(kind: str, candidates: list[str], argument: str, why: str) -> str:
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise ValueError(f"No {kind} fits: {why}.")
+    raise ValueError(f"Several {kind} could be meant: {sorted(candidates)}; pass {argument}= to choose one ({why}).")
+
+
+def resolve_elements(
+    sdata: SpatialData, *, image_key: str | None = None, shapes_key: str | None = None, table_key: str | None = None
+) -> tuple[str, str, str, str]:
+    """Resolve which image, shapes and table are meant, and a coordinate system shared by image and shapes.
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData object.
+    image_key, shapes_key, table_key
+        Names given by the user; the others are inferred, and ambiguity is an error listing the candidates.
+
+    Returns
+    -------
+    ``(image_key, shapes_key, table_key, coordinate_system)``.
+    """
+    if not isinstance(sdata, SpatialData):
+        raise TypeError(f"Expected a spatialdata.SpatialData, found {type(sdata).__name__}.")
+    for kind, key in (("images", image_key), ("shapes", shapes_key), ("tables", table_key)):
+        _check_key(sdata, kind, key)
+
+    tables = [table_key] if table_key is not None else list(sdata.tables)
+    annotating = {name: [r for r in _annotated_regions(sdata.tables[name]) if r in sdata.shapes] for name in tables}
+    if table_key is not None and not annotating[table_key]:
+        regions = _annotated_regions(sdata.tables[table_key])
+        raise ValueError(
+            f"Table {table_key!r} annotates no shapes element (its regions: {regions}); "
+            f"{_available('shapes', list(sdata.shapes))}. Parse it with TableModel.parse(region=<shapes name>, ...)."
+        )
+    if shapes_key is None:
+        annotated = sorted({r for regions in annotating.values() for r in regions})
+        shapes_key = _choose("shapes", annotated, "shapes_key", "shapes elements annotated by a table")
+    if table_key is None:
+        table_key = _choose(
+            "tables", [n for n, r in annotating.items() if shapes_key in r], "table_key", f"tables annotating {shapes_key!r}"
+        )
+    elif shapes_key not in annotating[table_key]:
+        raise ValueError(
+            f"Table {table_key!r} does not annotate shapes {shapes_key!r}; it annotates {annotating[table_key]}."
+        )
+
+    shapes_systems = _coordinate_systems(sdata.shapes[shapes_key])
+    if image_key is None:
+        sharing = [name for name in sdata.images if _coordinate_systems(sdata.images[name]) & shapes_systems]
+        why = f"images sharing a coordinate system with shapes {shapes_key!r} ({sorted(shapes_systems)})"
+        image_key = _choose("images", sharing, "image_key", why)
+    image_systems = _coordinate_systems(sdata.images[image_key])
+    shared = sorted(image_systems & shapes_systems)
+    if not shared:
+        raise ValueError(
+            f"Image {image_key!r} (coordinate systems {sorted(image_systems)}) and shapes {shapes_key!r} "
+            f"(coordinate systems {sorted(shapes_systems)}) share no coordinate system; add a transformation "
+            "to a common one with spatialdata.transformations.set_transformation."
+        )
+    coordinate_system = "global" if "global" in shared else shared[0]
+    return image_key, shapes_key, table_key, coordinate_system
+
+
+def _affine(element, coordinate_system: str) -> np.ndarray:
+    """3×3 matrix mapping the element's (x, y) to the coordinate system's (x, y)."""
+    transformation = get_transformation(element, to_coordinate_system=coordinate_system)
+    return np.asarray(transformation.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=float)
+
+
+def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    return points @ matrix[:2, :2].T + matrix[:2, 2]
+
+
+def _level_downsample(
+    levels: list[DataArray], coordinate_system: str, to_level0: np.ndarray
+) -> tuple[tuple[float, float], ...]:
+    factors = []
+    for level in levels:
+        linear = (to_level0 @ _affine(level, coordinate_system))[:2, :2]
+        # Odd sizes make a level's x and y factors differ slightly (9911 → 4955 px is 2.0002); anything else is
+        # a rotated or sheared level, which a square patch window cannot follow.
+        if not np.allclose(linear, np.diag(np.diag(linear)), atol=1e-9) or not np.isclose(
+            linear[0, 0], linear[1, 1], rtol=1e-2
+        ):
+            raise ValueError(
+                f"Pyramid level {level.name!r} is not an isotropic downscaling of the full-resolution level "
+                f"(linear part {linear.tolist()}); spade_sd reads patches from isotropic pyramids only."
+            )
+        factors.append((float(linear[0, 0]), float(linear[1, 1])))
+    return tuple(factors)
+
+
+def _spot_table(
+    sdata: SpatialData, shapes_key: str, table_key: str
+) -> tuple[np.ndarray, pd.Index]:
+    """Rows of the table annotating the shapes, and the shapes index they point at."""
+    table = sdata.tables[table_key]
+    attrs = table.uns["spatialdata_attrs"]
+    region_key, instance_key = attrs["region_key"], attrs["instance_key"]
+    rows = np.flatnonzero((table.obs[region_key] == shapes_key).to_numpy())
+    instances = pd.Index(table.obs[instance_key].to_numpy()[rows])
+    missing = ~instances.isin(sdata.shapes[shapes_key].index)
+    if missing.any():
+        raise ValueError(
+            f"{missing.sum()} rows of table {table_key!r} point at instances absent from shapes {shapes_key!r} "
+            f"(e.g. {instances[missing][:5].tolist()}); the table's {instance_key!r} must match the shapes' index."
+        )
+    return rows, instances
+
+
+def _centres_and_radius(shapes, instances: pd.Index) -> tuple[np.ndarray, np.ndarray]:
+    shapes = shapes.loc[instances]
+    geometry = shapes.geometry
+    if (geometry.geom_type == "Point").all():
+        if "radius" not in shapes:
+            raise ValueError("Point shapes need a 'radius' column to be spots (circles).")
+        return np.c_[geometry.x, geometry.y], shapes["radius"].to_numpy(float)
+    centroids = geometry.centroid
+    return np.c_[centroids.x, centroids.y], np.sqrt(geometry.area.to_numpy(float) / np.pi)
+
+
+def _known_spot_diameter(table: AnnData) -> tuple[float | None, str]:
+    meta = table.uns.get("spade_sd", {})
+    if "spot_diameter_um" in meta:
+        return float(meta["spot_diameter_um"]), "the table's uns['spade_sd']['spot_diameter_um']"
+    technology = meta.get("technology")
+    if technology is None and "spatial" in table.uns:
+        libraries = table.uns["spatial"].values()
+        if any("spot_diameter_fullres" in lib.get("scalefactors", {}) for lib in libraries):
+            technology = "Visium"  # Space Ranger's scalefactors, as spatialdata-io and scanpy read them
+    if technology in SPOT_DIAMETER_UM:
+        return SPOT_DIAMETER_UM[technology], f"the {technology} spot diameter"
+    return None, ""
+
+
+def _resolve_mpp(
+    mpp: float | None, table: AnnData, radius: np.ndarray, table_key: str
+) -> tuple[float, str]:
+    if mpp is not None:
+        if not np.isfinite(mpp) or mpp <= 0:
+            raise ValueError(f"mpp must be a positive number of µm per pixel, found {mpp!r}.")
+        return float(mpp), "the mpp argument"
+    meta = table.uns.get("spade_sd", {})
+    if "mpp" in meta:
+        return float(meta["mpp"]), "the table's uns['spade_sd']['mpp']"
+    diameter, source = _known_spot_diameter(table)
+    if diameter is not None:
+        if not np.isfinite(radius).all() or (radius <= 0).any():
+            raise ValueError(f"Spots of table {table_key!r} need positive radii to derive µm per pixel from {source}.")
+        return diameter / (2 * float(np.median(radius))), f"{source} and the circles' radius"
+    raise ValueError(
+        f"The physical scale is unknown: table {table_key!r} records no spot diameter or technology "
+        f"(uns['spade_sd'] has {sorted(meta)}), and no mpp was given. Pass mpp= (µm per pixel of the image's "
+        f"full-resolution level), or set uns['spade_sd'] = {{'spot_diameter_um': ...}} on the table "
+        f"(known technologies: {SPOT_DIAMETER_UM})."
+    )
+
+
+def resolve_geometry(
+    sdata: SpatialData,
+    *,
+    image_key: str | None = None,
+    shapes_key: str | None = None,
+    table_key: str | None = None,
+    mpp: float | None = None,
+) -> SpotGeometry:
+    """Resolve the elements and compute every spot's centre and radius in image pixels, and the µm per pixel.
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData object.
+    image_key, shapes_key, table_key
+        Element names; inferred when unambiguous.
+    mpp
+        µm per pixel of the image's full-resolution level; inferred from the table's metadata or the spot
+        diameter of a known technology when not given.
+
+    Returns
+    -------
+    The resolved :class:`SpotGeometry`. Spots whose centre lies outside the image are an error.
+    """
+    image_key, shapes_key, table_key, system = resolve_elements(
+        sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key
+    )
+    levels = image_levels(sdata.images[image_key])
+    to_level0 = np.linalg.inv(_affine(levels[0], system))
+    shapes = sdata.shapes[shapes_key]
+    shapes_to_pixels = to_level0 @ _affine(shapes, system)
+
+    rows, instances = _spot_table(sdata, shapes_key, table_key)
+    if len(rows) == 0:
+        raise ValueError(f"Table {table_key!r} has no rows for shapes {shapes_key!r}.")
+    centres, radius = _centres_and_radius(shapes, instances)
+    centres = _apply(shapes_to_pixels, centres)
+    radius = radius * np.sqrt(abs(np.linalg.det(shapes_to_pixels[:2, :2])))
+
+    height, width = levels[0].sizes["y"], levels[0].sizes["x"]
+    outside = (centres[:, 0] < 0) | (centres[:, 1] < 0) | (centres[:, 0] >= width) | (centres[:, 1] >= height)
+    if outside.any():
+        raise ValueError(
+            f"{outside.sum()} of {len(centres)} spots of {shapes_key!r} lie outside image {image_key!r} "
+            f"({width} × {height} px in coordinate system {system!r}), e.g. spots {instances[outside][:5].tolist()} "
+            f"at pixels {np.round(centres[outside][:3], 1).tolist()}; check the transformations or the image_key."
+        )
+    value, source = _resolve_mpp(mpp, sdata.tables[table_key], radius, table_key)
+    return SpotGeometry(
+        image_key=image_key,
+        shapes_key=shapes_key,
+        table_key=table_key,
+        coordinate_system=system,
+        table_rows=rows,
+        centers=centres,
+        radius=radius,
+        mpp=value,
+        mpp_source=source,
+        level_shapes=tuple((lv.sizes["y"], lv.sizes["x"]) for lv in levels),
+        level_downsample=_level_downsample(levels, system, to_level0),
+    )

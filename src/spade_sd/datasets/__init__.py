@@ -1,0 +1,7 @@
+"""Real spatial transcriptomics + H&E data sets, fetched with pooch or found locally, and a synthetic generator."""
+
+from ._loaders import her2st, mouse_olfactory_bulb, visium_muscle
+from ._registry import fetch, registry
+# SYNTH from ._synthetic import synthetic
+
+__all__ = ["fetch", "her2st", "mouse_olfactory_bulb", "registry", "synthetic", "visium_muscle"]
