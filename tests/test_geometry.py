@@ -28,7 +28,9 @@ def _circles(xy, system: str = "global", radius: float = 10.0):
 def _table(region: str, n: int, uns: dict | None = None):
     ids = [f"c{i}" for i in range(n)]
     obs = pd.DataFrame({"id": ids, "region": pd.Categorical([region] * n)}, index=[f"{region}-{i}" for i in ids])
-    table = TableModel.parse(AnnData(np.ones((n, 2), np.float32), obs=obs), region=region, region_key="region", instance_key="id")
+    table = TableModel.parse(
+        AnnData(np.ones((n, 2), np.float32), obs=obs), region=region, region_key="region", instance_key="id"
+    )
     table.uns["spade_sd"] = uns if uns is not None else {"spot_diameter_um": 55.0}
     return table
 

@@ -44,7 +44,10 @@ def _transformed_sdata(image: np.ndarray, *, channels=("r", "g", "b"), scale_fac
     )
     obs = pd.DataFrame({"cell": ids, "where": pd.Categorical(["spots"] * len(ids))}, index=[f"r{i}" for i in ids])
     table = TableModel.parse(
-        AnnData(np.ones((len(ids), 3), dtype=np.float32), obs=obs), region="spots", region_key="where", instance_key="cell"
+        AnnData(np.ones((len(ids), 3), dtype=np.float32), obs=obs),
+        region="spots",
+        region_key="where",
+        instance_key="cell",
     )
     return SpatialData(images={"he": img}, shapes={"spots": circles}, tables={"expr": table})
 

@@ -132,7 +132,10 @@ def resolve_elements(
         shapes_key = _choose("shapes", annotated, "shapes_key", "shapes elements annotated by a table")
     if table_key is None:
         table_key = _choose(
-            "tables", [n for n, r in annotating.items() if shapes_key in r], "table_key", f"tables annotating {shapes_key!r}"
+            "tables",
+            [n for n, r in annotating.items() if shapes_key in r],
+            "table_key",
+            f"tables annotating {shapes_key!r}",
         )
     elif shapes_key not in annotating[table_key]:
         raise ValueError(
@@ -185,9 +188,7 @@ def _level_downsample(
     return tuple(factors)
 
 
-def _spot_table(
-    sdata: SpatialData, shapes_key: str, table_key: str
-) -> tuple[np.ndarray, pd.Index]:
+def _spot_table(sdata: SpatialData, shapes_key: str, table_key: str) -> tuple[np.ndarray, pd.Index]:
     """Rows of the table annotating the shapes, and the shapes index they point at."""
     table = sdata.tables[table_key]
     attrs = table.uns["spatialdata_attrs"]
@@ -228,9 +229,7 @@ def _known_spot_diameter(table: AnnData) -> tuple[float | None, str]:
     return None, ""
 
 
-def _resolve_mpp(
-    mpp: float | None, table: AnnData, radius: np.ndarray, table_key: str
-) -> tuple[float, str]:
+def _resolve_mpp(mpp: float | None, table: AnnData, radius: np.ndarray, table_key: str) -> tuple[float, str]:
     if mpp is not None:
         if not np.isfinite(mpp) or mpp <= 0:
             raise ValueError(f"mpp must be a positive number of µm per pixel, found {mpp!r}.")
@@ -258,6 +257,7 @@ def resolve_geometry(
     shapes_key: str | None = None,
     table_key: str | None = None,
     mpp: float | None = None,
+    require_scale: bool = True,
 ) -> SpotGeometry:
     """Resolve the elements and compute every spot's centre and radius in image pixels, and the µm per pixel.
 
@@ -270,6 +270,8 @@ def resolve_geometry(
     mpp
         µm per pixel of the image's full-resolution level; inferred from the table's metadata or the spot
         diameter of a known technology when not given.
+    require_scale
+        Whether an unknown scale is an error; otherwise ``mpp`` is NaN (for plots, which need no physical scale).
 
     Returns
     -------
@@ -298,7 +300,12 @@ def resolve_geometry(
             f"({width} × {height} px in coordinate system {system!r}), e.g. spots {instances[outside][:5].tolist()} "
             f"at pixels {np.round(centres[outside][:3], 1).tolist()}; check the transformations or the image_key."
         )
-    value, source = _resolve_mpp(mpp, sdata.tables[table_key], radius, table_key)
+    try:
+        value, source = _resolve_mpp(mpp, sdata.tables[table_key], radius, table_key)
+    except ValueError:
+        if require_scale:
+            raise
+        value, source = float("nan"), "unknown"
     return SpotGeometry(
         image_key=image_key,
         shapes_key=shapes_key,

@@ -24,9 +24,7 @@ FINGERPRINT_SPOTS = 16
 def choose_level(geometry: SpotGeometry, size_um: float, size_px: int) -> int:
     """The coarsest pyramid level at least as fine as ``size_um / size_px`` µm per pixel (else level 0)."""
     needed = size_um / size_px
-    fine_enough = [
-        i for i, ds in enumerate(geometry.level_downsample) if geometry.mpp * max(ds) <= needed * (1 + 1e-6)
-    ]
+    fine_enough = [i for i, ds in enumerate(geometry.level_downsample) if geometry.mpp * max(ds) <= needed * (1 + 1e-6)]
     return max(fine_enough, default=0)
 
 

@@ -2,6 +2,6 @@
 
 from ._loaders import her2st, mouse_olfactory_bulb, visium_muscle
 from ._registry import fetch, registry
-# SYNTH from ._synthetic import synthetic
+from ._synthetic import synthetic
 
 __all__ = ["fetch", "her2st", "mouse_olfactory_bulb", "registry", "synthetic", "visium_muscle"]

@@ -69,7 +69,9 @@ def _legacy_st(
     selected = spots[spots["selected"] == 1]
     keep = selected.index[selected.index.isin(counts.index)]
     if len(keep) < len(selected):
-        logger.info("%s %s: %d selected spots have no counts and are left out", dataset, sample, len(selected) - len(keep))
+        logger.info(
+            "%s %s: %d selected spots have no counts and are left out", dataset, sample, len(selected) - len(keep)
+        )
     spots, counts = selected.loc[keep], counts.loc[keep]
 
     radius = LEGACY_ST_SPOT_DIAMETER_UM / 2 / mpp

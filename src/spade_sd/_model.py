@@ -1,0 +1,280 @@
+"""SpadeModel: a trained mixture of data experts with everything needed to embed new patches.
+
+The model owns the backbone it was trained with, the gene panel, the feature standardisation, the two-stage
+clustering, the routing temperature and the experts' heads. It is saved as ``model.safetensors`` (every array)
+plus ``config.json`` (everything else): loading runs no code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._backbones import Backbone
+from ._clustering import ExpertClustering, FeatureScaler
+from ._experts import ExpertMixture
+from ._genes import GenePanel
+from ._routing import expert_weights
+
+MODEL_FORMAT = "spade_sd.model/1"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+_CHUNK = 8192
+
+
+@dataclass
+class SpadeModel:
+    """A trained SPADE model: backbone → standardised features → routed experts → joint embedding.
+
+    Create one with :func:`spade_sd.tl.pretrain`; embed with :func:`spade_sd.tl.embed`; save with :meth:`save`
+    and restore with :meth:`load`.
+
+    Attributes
+    ----------
+    backbone
+        The frozen patch encoder the experts were trained on.
+    panel
+        The gene panel of the gene heads.
+    scaler
+        Standardisation of the backbone features.
+    clustering
+        Fine centroids and their experts (two-stage k-means).
+    mixture
+        The image and gene heads of every expert.
+    tau
+        Routing temperature of soft routing.
+    config
+        Hyper-parameters (patch geometry, clustering, training) and provenance.
+    history
+        Training history (epochs, losses, spots per expert).
+    """
+
+    backbone: Backbone
+    panel: GenePanel
+    scaler: FeatureScaler
+    clustering: ExpertClustering
+    mixture: ExpertMixture
+    tau: float
+    config: dict[str, Any]
+    history: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.mixture.eval()
+
+    def __repr__(self) -> str:
+        return (
+            f"SpadeModel(n_experts={self.n_experts}, n_fine={self.clustering.n_fine}, genes={len(self.panel)}, "
+            f"backbone={self.backbone.name!r}, dim={self.mixture.config['out_dim']}, tau={self.tau:.3g})"
+        )
+
+    @property
+    def n_experts(self) -> int:
+        """Number of experts."""
+        return self.clustering.n_experts
+
+    def standardise(self, features: np.ndarray) -> np.ndarray:
+        """Standardised backbone features, after checking they come from a backbone of the right dimension."""
+        features = np.asarray(features, dtype=np.float32)
+        expected = self.scaler.mean.shape[0]
+        if features.ndim != 2 or features.shape[1] != expected:
+            raise ValueError(
+                f"The model was trained on {expected}-d features of backbone {self.backbone.name!r}; "
+                f"found features of shape {features.shape}. Compute them with model.backbone."
+            )
+        return self.scaler.transform(features)
+
+    def route(self, features: np.ndarray, *, hard: bool = False) -> np.ndarray:
+        """Expert weights ``(n, n_experts)`` of backbone features (soft: softmax(−d/τ) summed per expert)."""
+        return expert_weights(self.standardise(features), self.clustering, tau=self.tau, hard=hard)
+
+    def _heads(self, inputs: np.ndarray, weights: np.ndarray, side: str) -> np.ndarray:
+        embed = self.mixture.embed_image if side == "image" else self.mixture.embed_gene
+        out = np.empty((len(inputs), self.mixture.config["out_dim"]), dtype=np.float32)
+        self.mixture.eval()
+        with torch.inference_mode():
+            for start in range(0, len(inputs), _CHUNK):
+                stop = start + _CHUNK
+                out[start:stop] = embed(torch.from_numpy(inputs[start:stop]), torch.from_numpy(weights[start:stop]))
+        return out
+
+    def embed_features(self, features: np.ndarray, *, hard: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Image-side embedding of backbone features.
+
+        Parameters
+        ----------
+        features
+            Backbone features ``(n, backbone.dim)``.
+        hard
+            Route each patch to the expert of its nearest fine centroid only.
+
+        Returns
+        -------
+        The embedding ``(n, out_dim)`` and the expert weights ``(n, n_experts)``.
+        """
+        standardised = self.standardise(features)
+        weights = expert_weights(standardised, self.clustering, tau=self.tau, hard=hard)
+        return self._heads(standardised, weights, "image"), weights
+
+    def embed_expression(self, expression: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Gene-side embedding ``(n, out_dim)`` of panel expression (``panel.transform``) under given weights."""
+        expression = np.asarray(expression, dtype=np.float32)
+        if expression.ndim != 2 or expression.shape[1] != len(self.panel):
+            raise ValueError(
+                f"Expected expression over the model's {len(self.panel)} panel genes; found shape {expression.shape}."
+            )
+        return self._heads(expression, np.asarray(weights, dtype=np.float32), "gene")
+
+    def identity(self) -> str:
+        """Digest of every trained array and the configuration: equal for a model and its reloaded copy."""
+        arrays, metadata = self._arrays_and_metadata()
+        digest = hashlib.sha256(json.dumps(metadata["config"], sort_keys=True).encode())
+        for key in sorted(arrays):
+            digest.update(key.encode())
+            digest.update(np.ascontiguousarray(arrays[key]).tobytes())
+        return digest.hexdigest()[:16]
+
+    def _arrays_and_metadata(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays = {f"mixture.{k}": v.detach().cpu().numpy() for k, v in self.mixture.state_dict().items()}
+        arrays.update({f"scaler.{k}": np.asarray(v) for k, v in self.scaler.to_dict().items()})
+        clustering_arrays, clustering_metadata = self.clustering.to_arrays()
+        arrays.update({f"clustering.{k}": v for k, v in clustering_arrays.items()})
+        metadata = {
+            "format": MODEL_FORMAT,
+            "config": self.config,
+            "tau": self.tau,
+            "mixture": self.mixture.config,
+            "panel": self.panel.to_dict(),
+            "clustering": clustering_metadata,
+            "backbone": self.backbone.to_config(),
+            "history": self.history,
+        }
+        return arrays, metadata
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Save to a folder holding ``model.safetensors`` and ``config.json`` (no pickle).
+
+        Parameters
+        ----------
+        path
+            Target folder.
+        overwrite
+            Replace an existing folder; otherwise an existing path is an error. The folder is written in full
+            next to the target first, so a failure never leaves a half-written model behind.
+        """
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+        arrays, metadata = self._arrays_and_metadata()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, staging / WEIGHTS_FILE)
+            (staging / CONFIG_FILE).write_text(json.dumps(metadata, indent=1, default=_json_default))
+            if path.exists():
+                shutil.rmtree(path)
+            staging.replace(path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, backbone: Backbone | None = None) -> SpadeModel:
+        """Load a model saved with :meth:`save`.
+
+        Parameters
+        ----------
+        path
+            The folder written by :meth:`save`.
+        backbone
+            The backbone to use. Needed when the model was trained on anything but the packaged default or a
+            timm name; it must have the same identity (architecture and weights) as the one saved.
+
+        Returns
+        -------
+        The model, giving the same embeddings as the saved one.
+        """
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        path = Path(path)
+        config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+        for required in (config_path, weights_path):
+            if not required.is_file():
+                raise FileNotFoundError(f"{required} is missing: {path} is not a folder written by SpadeModel.save.")
+        try:
+            metadata = json.loads(config_path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{config_path} is damaged (not valid JSON: {error}).") from error
+        found = metadata.get("format") if isinstance(metadata, dict) else None
+        if found != MODEL_FORMAT:
+            raise ValueError(
+                f"{path} holds model format {found!r}; this spade_sd ({_version()}) reads {MODEL_FORMAT!r}. "
+                "Load it with the spade_sd version that saved it."
+            )
+        try:
+            arrays = load_file(weights_path)
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ValueError(f"{weights_path} is damaged and cannot be read: {error}") from error
+        return cls._from_saved(metadata, arrays, backbone)
+
+    @classmethod
+    def _from_saved(cls, metadata: dict, arrays: dict[str, np.ndarray], backbone: Backbone | None) -> SpadeModel:
+        saved = metadata["backbone"]
+        if backbone is None:
+            if saved["kind"] not in ("packaged", "timm"):
+                raise ValueError(
+                    f"The model was trained on a {saved['kind']} backbone {saved['name']!r}; pass it as backbone=."
+                )
+            backbone = Backbone(saved["name"])
+        if backbone.identity() != saved["identity"]:
+            raise ValueError(
+                f"Backbone {backbone.name!r} (identity {backbone.identity()[:12]}) is not the one the model was "
+                f"trained on ({saved['name']!r}, identity {saved['identity'][:12]}): the embeddings would be "
+                "meaningless. Pass the original backbone."
+            )
+        part = {
+            prefix: {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{prefix}.")}
+            for prefix in ("mixture", "scaler", "clustering")
+        }
+        mixture_config = dict(metadata["mixture"])
+        mixture = ExpertMixture(
+            mixture_config.pop("n_experts"),
+            mixture_config.pop("image_dim"),
+            mixture_config.pop("gene_dim"),
+            **mixture_config,
+        )
+        mixture.load_state_dict({k: torch.from_numpy(v) for k, v in part["mixture"].items()}, strict=True)
+        return cls(
+            backbone=backbone,
+            panel=GenePanel.from_dict(metadata["panel"]),
+            scaler=FeatureScaler.from_dict(part["scaler"]),
+            clustering=ExpertClustering.from_arrays(part["clustering"], metadata["clustering"]),
+            mixture=mixture,
+            tau=float(metadata["tau"]),
+            config=metadata["config"],
+            history=metadata.get("history", {}),
+        )
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"Cannot store {type(value).__name__} in the model's config.json.")

@@ -1,0 +1,131 @@
+"""From per-slide features and tables to a trained SpadeModel: gene panel, standardisation, experts, training."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from anndata import AnnData
+
+from ._clustering import FeatureScaler, two_stage_kmeans
+from ._experts import train_experts
+from ._genes import GenePanel
+from ._logging import logger
+from ._model import SpadeModel
+from ._routing import default_tau
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    packages = ("spade_sd", "torch", "timm", "lightning", "spatialdata", "anndata", "scikit-learn")
+    return {name: version(name) for name in packages}
+
+
+def fit_model(
+    features: Sequence[np.ndarray],
+    tables: Sequence[AnnData],
+    slides: Sequence[str],
+    groups: Sequence[np.ndarray],
+    backbone,
+    *,
+    panel: GenePanel | None = None,
+    n_top_genes: int = 50,
+    panel_flavor: str = "union",
+    smoothing: float = 0.0,
+    n_experts: int = 4,
+    n_fine: int | str = 16,
+    tau_scale: float = 0.25,
+    seed: int = 0,
+    patch_config: dict[str, Any] | None = None,
+    **training: Any,
+) -> SpadeModel:
+    """Train a SpadeModel on the spots of several slides.
+
+    Parameters
+    ----------
+    features
+        Backbone features of each slide's spots.
+    tables
+        Each slide's table restricted to those spots (raw counts), same row order.
+    slides
+        A unique name per slide (validation holds out whole slides).
+    groups
+        Stage-1 clustering group of each spot, per slide.
+    backbone
+        The backbone that computed the features.
+    panel
+        A fitted gene panel to reuse; otherwise one is fitted (``n_top_genes``, ``panel_flavor``, ``smoothing``).
+    n_experts, n_fine, tau_scale, seed
+        Clustering and routing (see :func:`~spade_sd._clustering.two_stage_kmeans`,
+        :func:`~spade_sd._routing.default_tau`).
+    patch_config
+        Patch geometry the features were computed with, recorded in the model.
+    **training
+        Passed to :func:`~spade_sd._experts.train_experts`.
+
+    Returns
+    -------
+    The trained model.
+    """
+    start = time.perf_counter()
+    if panel is None:
+        panel = GenePanel.fit(list(tables), n_top_genes=n_top_genes, flavor=panel_flavor, smoothing=smoothing)
+        logger.info("Gene panel: %d genes (%s HVGs over %d slides)", len(panel), panel_flavor, len(tables))
+    expression = np.concatenate([panel.transform(table) for table in tables])
+    X = np.concatenate(features).astype(np.float32)
+    slide = np.concatenate([np.full(len(f), name, dtype=object) for f, name in zip(features, slides, strict=True)])
+    group = np.concatenate([np.asarray(g).astype(str) for g in groups])
+
+    scaler = FeatureScaler().fit(X)
+    X_std = scaler.transform(X)
+    clustering = two_stage_kmeans(X_std, group, n_fine=n_fine, n_experts=n_experts, seed=seed)
+    _, expert = clustering.assign(X_std)
+    logger.info(
+        "Two-stage clustering: %d fine centroids over %d groups → %d experts with %s spots",
+        clustering.n_fine,
+        len(np.unique(group)),
+        clustering.n_experts,
+        np.bincount(expert, minlength=clustering.n_experts).tolist(),
+    )
+    mixture, history = train_experts(
+        X_std, expression, expert, slide.astype(str), n_experts=clustering.n_experts, seed=seed, **training
+    )
+    tau = default_tau(X_std, clustering, scale=tau_scale)
+    config = {
+        "patches": patch_config or {},
+        "n_experts": clustering.n_experts,
+        "n_experts_requested": n_experts,
+        "n_fine": n_fine,
+        "tau_scale": tau_scale,
+        "seed": seed,
+        "slides": list(slides),
+        "n_spots": int(len(X)),
+        "training": {k: v for k, v in training.items() if isinstance(v, str | int | float | bool | type(None))},
+        "versions": _versions(),
+    }
+    logger.info("Trained %d experts on %d spots in %.1f s", clustering.n_experts, len(X), time.perf_counter() - start)
+    return SpadeModel(
+        backbone=backbone,
+        panel=panel,
+        scaler=scaler,
+        clustering=clustering,
+        mixture=mixture,
+        tau=tau,
+        config=config,
+        history=_json_safe(history),
+    )
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

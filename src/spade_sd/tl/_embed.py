@@ -1,0 +1,154 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from spatialdata import SpatialData
+
+from .._logging import logger
+from ._common import ATTACHED_MODELS, rows_filled
+
+
+def _result_keys(key_added: str) -> dict[str, str]:
+    stem = key_added.removeprefix("X_")
+    return {
+        "embedding": key_added,
+        "weights": f"{key_added}_weights",
+        "gene": f"{key_added}_gene",
+        "expert": f"{stem}_expert",
+        "uns": stem,
+    }
+
+
+def embed(
+    sdata: SpatialData,
+    model=None,
+    *,
+    image_key: str | None = None,
+    shapes_key: str | None = None,
+    table_key: str | None = None,
+    mpp: float | None = None,
+    key_added: str = "X_spade",
+    hard: bool = False,
+    genes: bool | None = None,
+    batch_size: int = 64,
+    cache: bool = True,
+) -> None:
+    """Embed every spot (or tile) of a slide with a trained SPADE model.
+
+    The image side needs only the H&E, so this works on tiles of slides without ST
+    (see :func:`spade_sd.pp.tile_image`); the gene side is added where the table holds the model's panel genes.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with an H&E image, spots or tiles, and a table annotating them.
+    model
+        A :class:`~spade_sd.SpadeModel`. ``None`` uses the model :func:`spade_sd.tl.pretrain` attached to this
+        object, or trains one on it (logged).
+    image_key, shapes_key, table_key, mpp
+        Elements and scale, as in :func:`spade_sd.pp.spot_patches`.
+    key_added
+        Key of the embedding; the other outputs are named after it.
+    hard
+        Route each patch to a single expert (the nearest fine centroid's) instead of the soft mixture.
+    genes
+        Add the gene-side embedding: ``None`` when the table holds every panel gene, ``True`` requires it
+        (an error names the missing genes), ``False`` skips it.
+    batch_size, cache
+        Feature extraction batch size and on-disk feature cache.
+
+    Returns
+    -------
+    Nothing; adds to the table (with the default ``key_added="X_spade"``):
+
+    ``.obsm['X_spade']``
+        Image-side embedding ``(n_obs, out_dim)`` of every spot.
+    ``.obs['spade_expert']``
+        Categorical expert with the largest routing weight.
+    ``.obsm['X_spade_weights']``
+        Routing weights ``(n_obs, n_experts)``.
+    ``.obsm['X_spade_gene']``
+        Gene-side embedding, where expression over the panel exists.
+    ``.uns['spade']``
+        Parameters, the model's identity and configuration, and package versions.
+
+    All outputs are computed before any is written, so a failure leaves the table as it was.
+    """
+    from .._features import spot_features
+    from .._model import SpadeModel
+
+    if model is None:
+        model = ATTACHED_MODELS.get(sdata)
+        if model is None:
+            from ._pretrain import pretrain
+
+            logger.info("No model given or attached to this SpatialData: training one on it with tl.pretrain")
+            model = pretrain(sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=mpp)
+    if not isinstance(model, SpadeModel):
+        raise TypeError(f"Expected a spade_sd.SpadeModel as model, found {type(model).__name__}.")
+    if genes not in (None, True, False):
+        raise ValueError(f"genes must be None, True or False; found {genes!r}.")
+    patches = model.config["patches"]
+    geometry, features = spot_features(
+        sdata,
+        model.backbone,
+        image_key=image_key,
+        shapes_key=shapes_key,
+        table_key=table_key,
+        size_um=patches["size_um"],
+        size_px=patches["size_px"],
+        mpp=mpp,
+        batch_size=batch_size,
+        cache=cache,
+    )
+    table = sdata.tables[geometry.table_key]
+    rows = geometry.table_rows
+    spots = table[rows]
+    missing = [g for g in model.panel.genes if g not in spots.var_names]
+    if genes and missing:
+        raise ValueError(
+            f"Table {geometry.table_key!r} lacks {len(missing)} of the model's {len(model.panel)} panel genes "
+            f"(e.g. {missing[:10]}); the gene-side embedding needs them all. Pass genes=False to skip it."
+        )
+
+    embedding, weights = model.embed_features(features, hard=hard)
+    keys = _result_keys(key_added)
+    outputs = {
+        keys["embedding"]: rows_filled(table, rows, embedding, keys["embedding"]),
+        keys["weights"]: rows_filled(table, rows, weights, keys["weights"]),
+    }
+    if genes is not False and not missing:
+        gene_embedding = model.embed_expression(model.panel.transform(spots), weights)
+        outputs[keys["gene"]] = rows_filled(table, rows, gene_embedding, keys["gene"])
+    elif genes is None:
+        logger.info("Table %r lacks %d panel genes: no gene-side embedding", geometry.table_key, len(missing))
+    expert = np.full(table.n_obs, None, dtype=object)
+    if keys["expert"] in table.obs and len(rows) < table.n_obs:
+        expert[:] = table.obs[keys["expert"]].astype(object).to_numpy()
+    expert[rows] = weights.argmax(axis=1).astype(str)
+    categories = [str(e) for e in range(model.n_experts)]
+
+    for key, value in outputs.items():
+        table.obsm[key] = value
+    table.obs[keys["expert"]] = pd.Categorical(expert, categories=categories)
+    table.uns[keys["uns"]] = {
+        "params": {
+            "image_key": geometry.image_key,
+            "shapes_key": geometry.shapes_key,
+            "hard": hard,
+            "tau": model.tau,
+            "mpp": geometry.mpp,
+            **patches,
+        },
+        "model": {"identity": model.identity(), "n_experts": model.n_experts, "backbone": model.backbone.to_config()},
+        "versions": model.config.get("versions", {}),
+        "outputs": sorted(outputs) + [keys["expert"]],
+    }
+    logger.info(
+        "Added .obsm[%s], .obs[%r] and .uns[%r] to table %r (%d spots)",
+        ", ".join(repr(k) for k in outputs),
+        keys["expert"],
+        keys["uns"],
+        geometry.table_key,
+        len(rows),
+    )

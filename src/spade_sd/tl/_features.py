@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+from spatialdata import SpatialData
+
+from .._logging import logger
+from ._common import as_backbone, rows_filled
+
+
+def features(
+    sdata: SpatialData,
+    *,
+    backbone=None,
+    image_key: str | None = None,
+    shapes_key: str | None = None,
+    table_key: str | None = None,
+    size_um: float = 112.0,
+    size_px: int = 224,
+    mpp: float | None = None,
+    key_added: str = "X_backbone",
+    batch_size: int = 64,
+    cache: bool = True,
+) -> None:
+    """Frozen backbone features of every spot's patch.
+
+    Features are cached on disk (``$SPADE_SD_CACHE_DIR/features``), keyed by the image content under the spots,
+    the spot geometry, the backbone's architecture and weights and the patch geometry: a second run reads them.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with an H&E image, spots and a table annotating them.
+    backbone
+        A :class:`~spade_sd.Backbone`, or what its constructor takes (a timm name, a module, a callable);
+        ``None`` is the offline default EfficientNet-Lite0 (ImageNet).
+    image_key, shapes_key, table_key
+        Element names; inferred when unambiguous.
+    size_um, size_px, mpp
+        Patch geometry, as in :func:`spade_sd.pp.spot_patches`.
+    key_added
+        Where the features go.
+    batch_size
+        Patches encoded at a time.
+    cache
+        Use the on-disk feature cache.
+
+    Returns
+    -------
+    Nothing; adds to the table:
+
+    ``.obsm[key_added]``
+        ``(n_obs, backbone.dim)`` float32 features (NaN for rows annotating other elements).
+    ``.uns[key_added]``
+        ``params`` (elements, patch geometry, µm per pixel) and ``backbone`` (its configuration and identity).
+    """
+    from .._features import spot_features
+
+    backbone = as_backbone(backbone)
+    geometry, values = spot_features(
+        sdata,
+        backbone,
+        image_key=image_key,
+        shapes_key=shapes_key,
+        table_key=table_key,
+        size_um=size_um,
+        size_px=size_px,
+        mpp=mpp,
+        batch_size=batch_size,
+        cache=cache,
+    )
+    table = sdata.tables[geometry.table_key]
+    table.obsm[key_added] = rows_filled(table, geometry.table_rows, values, key_added)
+    table.uns[key_added] = {
+        "params": {
+            "image_key": geometry.image_key,
+            "shapes_key": geometry.shapes_key,
+            "size_um": size_um,
+            "size_px": size_px,
+            "mpp": geometry.mpp,
+        },
+        "backbone": backbone.to_config(),
+    }
+    logger.info("Added .obsm[%r] (%d × %d) to table %r", key_added, *values.shape, geometry.table_key)

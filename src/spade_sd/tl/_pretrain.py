@@ -1,0 +1,199 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+from spatialdata import SpatialData
+
+from .._logging import logger
+from ._common import ATTACHED_MODELS, as_backbone, slide_name
+
+
+def _per_slide(value, n: int, name: str) -> list:
+    if value is None or isinstance(value, str | float | int):
+        return [value] * n
+    value = list(value)
+    if len(value) != n:
+        raise ValueError(f"{name} must be one value or one per SpatialData ({n}); found {len(value)}.")
+    return value
+
+
+def _unique(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    unique = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        unique.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return unique
+
+
+def pretrain(
+    sdata: SpatialData | Sequence[SpatialData],
+    *,
+    image_key: str | Sequence[str] | None = None,
+    shapes_key: str | Sequence[str] | None = None,
+    table_key: str | Sequence[str] | None = None,
+    backbone=None,
+    n_experts: int = 4,
+    n_fine: int | Literal["elbow"] = 16,
+    groupby: str | None = None,
+    n_top_genes: int = 50,
+    panel_flavor: Literal["union", "global"] = "union",
+    panel=None,
+    smoothing: float = 0.0,
+    loss: Literal["soft_target", "clip"] = "soft_target",
+    temperature: float = 1.0,
+    out_dim: int = 256,
+    dropout: float = 0.1,
+    batch_size: int = 128,
+    max_epochs: int = 50,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-2,
+    patience: int = 10,
+    val_slides: Sequence[str] | None = None,
+    tau_scale: float = 0.25,
+    size_um: float = 112.0,
+    size_px: int = 224,
+    mpp: float | Sequence[float] | None = None,
+    feature_batch_size: int = 64,
+    cache: bool = True,
+    seed: int = 0,
+    accelerator: str = "auto",
+    devices: int | str | Sequence[int] = "auto",
+    num_nodes: int = 1,
+    strategy: str | Any = "auto",
+    quiet: bool = False,
+    **trainer_kwargs: Any,
+):
+    """Train SPADE's mixture of contrastive data experts on one or several slides.
+
+    Every spot's H&E patch is encoded once by the frozen backbone (cached); features are standardised and
+    clustered in two stages (k-means within each group, then over all fine centroids → ``n_experts``); each
+    expert's image and gene heads are trained contrastively on its own spots, all experts in one Lightning run,
+    validating on held-out slides with early stopping.
+
+    Parameters
+    ----------
+    sdata
+        One SpatialData or a list; slides may have different gene sets (the shared gene panel handles it).
+    image_key, shapes_key, table_key
+        Element names (one for all, or one per SpatialData); inferred when unambiguous.
+    backbone
+        A :class:`~spade_sd.Backbone` or its constructor input; ``None``: the offline default EfficientNet-Lite0.
+    n_experts
+        Number of data experts (stage-2 clusters); ``1`` gives a single BLEEP-style expert.
+    n_fine
+        Stage-1 k-means clusters per group, or ``"elbow"``.
+    groupby
+        Table ``obs`` column defining the stage-1 groups (e.g. organ); default: one group per slide.
+    n_top_genes, panel_flavor, smoothing
+        Gene panel: per-slide top HVGs united over slides (``"union"``, SPADE) or global HVGs (``"global"``);
+        optional spot-context smoothing. Ignored when ``panel`` (a fitted :class:`~spade_sd.GenePanel`) is given.
+    loss, temperature
+        ``"soft_target"`` (SPADE/BLEEP symmetric loss with temperature ``T``) or ``"clip"`` (InfoNCE, learnable).
+    out_dim, dropout
+        Embedding dimension and head dropout.
+    batch_size, max_epochs, lr, weight_decay, patience
+        Training (AdamW with a cosine schedule; early stopping after ``patience`` epochs without improvement).
+    val_slides
+        Slide names to validate on (default: a seeded draw of whole slides).
+    tau_scale
+        Softness of routing relative to the training features' typical margin between experts.
+    size_um, size_px, mpp
+        Patch geometry, as in :func:`spade_sd.pp.spot_patches`.
+    feature_batch_size, cache
+        Feature extraction batch size and on-disk cache.
+    seed
+        Seed of clustering, initialisation and batching: the same seed gives the same model.
+    accelerator, devices, num_nodes, strategy, **trainer_kwargs
+        Passed to :class:`lightning.pytorch.Trainer` (e.g. ``strategy="ddp"``, ``devices=4``).
+    quiet
+        Silence Lightning's banners and progress bar.
+
+    Returns
+    -------
+    The trained :class:`~spade_sd.SpadeModel`; it is also attached to every SpatialData given, so
+    :func:`spade_sd.tl.embed` uses it when called without a model.
+    """
+    from .._features import spot_features
+    from .._pretraining import fit_model
+
+    sdatas = [sdata] if isinstance(sdata, SpatialData) else list(sdata)
+    if not sdatas or not all(isinstance(s, SpatialData) for s in sdatas):
+        raise TypeError(
+            f"Expected a SpatialData or a non-empty list of them; found {type(sdata).__name__} "
+            f"holding {sorted({type(s).__name__ for s in sdatas})}."
+        )
+    n = len(sdatas)
+    keys = zip(
+        _per_slide(image_key, n, "image_key"),
+        _per_slide(shapes_key, n, "shapes_key"),
+        _per_slide(table_key, n, "table_key"),
+        _per_slide(mpp, n, "mpp"),
+        strict=True,
+    )
+    backbone = as_backbone(backbone)
+    features, tables, names, groups = [], [], [], []
+    for data, (image, shapes, table_name, scale) in zip(sdatas, keys, strict=True):
+        geometry, values = spot_features(
+            data,
+            backbone,
+            image_key=image,
+            shapes_key=shapes,
+            table_key=table_name,
+            size_um=size_um,
+            size_px=size_px,
+            mpp=scale,
+            batch_size=feature_batch_size,
+            cache=cache,
+        )
+        table = data.tables[geometry.table_key][geometry.table_rows]
+        if groupby is not None and groupby not in table.obs:
+            raise KeyError(
+                f"groupby column {groupby!r} is not in table {geometry.table_key!r}; it has {list(table.obs)}."
+            )
+        name = slide_name(table, geometry.shapes_key)
+        features.append(values)
+        tables.append(table)
+        names.append(name)
+        groups.append(table.obs[groupby].to_numpy() if groupby is not None else np.full(len(values), name))
+    names = _unique(names)
+    if groupby is None:
+        groups = [np.full(len(g), name) for g, name in zip(groups, names, strict=True)]
+    logger.info("Pretraining on %d slides (%s), %d spots", n, ", ".join(names), sum(map(len, features)))
+    model = fit_model(
+        features,
+        tables,
+        names,
+        groups,
+        backbone,
+        panel=panel,
+        n_top_genes=n_top_genes,
+        panel_flavor=panel_flavor,
+        smoothing=smoothing,
+        n_experts=n_experts,
+        n_fine=n_fine,
+        tau_scale=tau_scale,
+        seed=seed,
+        patch_config={"size_um": size_um, "size_px": size_px},
+        out_dim=out_dim,
+        loss=loss,
+        temperature=temperature,
+        dropout=dropout,
+        batch_size=batch_size,
+        max_epochs=max_epochs,
+        lr=lr,
+        weight_decay=weight_decay,
+        patience=patience,
+        val_slides=val_slides,
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        quiet=quiet,
+        **trainer_kwargs,
+    )
+    for data in sdatas:
+        ATTACHED_MODELS[data] = model
+    return model
