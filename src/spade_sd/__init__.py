@@ -17,10 +17,10 @@ _CLASSES = {"Backbone": "spade_sd._backbones", "SpadeModel": "spade_sd._model", 
 __all__ = [*_SUBMODULES, *_CLASSES, "__version__"]
 
 if TYPE_CHECKING:
-    from . import datasets, pl, pp, tl
-    from ._backbones import Backbone
-    from ._genes import GenePanel
-    from ._model import SpadeModel
+    from . import datasets, pl, pp, tl  # noqa: F401
+    from ._backbones import Backbone  # noqa: F401
+    from ._genes import GenePanel  # noqa: F401
+    from ._model import SpadeModel  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

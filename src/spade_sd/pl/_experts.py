@@ -43,6 +43,11 @@ def _draw_spots(ax: Axes, sdata: SpatialData, geometry, labels: pd.Series, color
     circles = [Circle(tuple(c), r) for c, r in zip(geometry.centers[known], geometry.radius[known], strict=True)]
     facecolors = [colors[str(v)] for v in labels[known]]
     ax.add_collection(PatchCollection(circles, facecolors=facecolors, edgecolors="none", alpha=alpha))
+    # frame the spots, not the whole slide (glass and margins take most of many scans)
+    low, high = geometry.centers.min(axis=0), geometry.centers.max(axis=0)
+    margin = 0.05 * (high - low).max() + 2 * geometry.radius.max()
+    ax.set_xlim(max(low[0] - margin, 0), min(high[0] + margin, width))
+    ax.set_ylim(min(high[1] + margin, height), max(low[1] - margin, 0))
     ax.set_axis_off()
     ax.set_aspect("equal")
 

@@ -134,7 +134,7 @@ def pretrain(
         strict=True,
     )
     backbone = as_backbone(backbone)
-    features, tables, names, groups = [], [], [], []
+    features, tables, names, groups, centres = [], [], [], [], []
     for data, (image, shapes, table_name, scale) in zip(sdatas, keys, strict=True):
         geometry, values = spot_features(
             data,
@@ -155,6 +155,7 @@ def pretrain(
             )
         name = slide_name(table, geometry.shapes_key)
         features.append(values)
+        centres.append(geometry.centers)
         tables.append(table)
         names.append(name)
         groups.append(table.obs[groupby].to_numpy() if groupby is not None else np.full(len(values), name))
@@ -187,6 +188,7 @@ def pretrain(
         weight_decay=weight_decay,
         patience=patience,
         val_slides=val_slides,
+        coords=np.concatenate(centres),  # a single slide validates on a spatial block of itself
         accelerator=accelerator,
         devices=devices,
         num_nodes=num_nodes,

@@ -1,0 +1,810 @@
+"""Data experts: projection heads, the contrastive losses and the Lightning training of the mixture.
+
+Every expert is a pair of projection heads (image, gene) trained only on its own spots, so each batch holds
+spots of a single expert and its negatives are morphologically similar. All experts train in one run: batches of
+different experts are interleaved, and each step updates only that batch's expert.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.strategies import DDPStrategy
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ._logging import logger
+
+LossName = Literal["soft_target", "clip"]
+LOSSES: tuple[str, ...] = ("soft_target", "clip")
+CLIP_TEMPERATURE_INIT = 0.07
+MAX_LOGIT_SCALE = 100.0
+_LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
+_HISTORY = "history/"
+
+
+class ProjectionHead(nn.Module):
+    """SPADE/BLEEP projection head.
+
+    Linear(in → out) → GELU → Linear(out → out) → Dropout → add the first linear's output → LayerNorm(out).
+
+    Parameters
+    ----------
+    in_dim
+        Input dimension.
+    out_dim
+        Embedding dimension.
+    dropout
+        Dropout probability after the second linear layer.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 256, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.projection = nn.Linear(in_dim, out_dim)
+        self.gelu = nn.GELU()
+        self.fc = nn.Linear(out_dim, out_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.layer_norm = nn.LayerNorm(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed ``x`` (n, in_dim) into (n, out_dim)."""
+        projected = self.projection(x)
+        return self.layer_norm(self.dropout(self.fc(self.gelu(projected))) + projected)
+
+
+class ExpertMixture(nn.Module):
+    """The image and gene projection heads of every expert, and the CLIP loss's learnable logit scale.
+
+    Parameters
+    ----------
+    n_experts
+        Number of experts.
+    image_dim
+        Dimension of the (standardised) image features.
+    gene_dim
+        Number of genes.
+    out_dim
+        Embedding dimension.
+    dropout
+        Dropout of every head.
+    """
+
+    def __init__(self, n_experts: int, image_dim: int, gene_dim: int, *, out_dim: int = 256, dropout: float = 0.1):
+        super().__init__()
+        if n_experts < 1:
+            raise ValueError(f"n_experts must be at least 1; found {n_experts}.")
+        self.config = {
+            "n_experts": n_experts,
+            "image_dim": image_dim,
+            "gene_dim": gene_dim,
+            "out_dim": out_dim,
+            "dropout": dropout,
+        }
+        self.image_heads = nn.ModuleList(ProjectionHead(image_dim, out_dim, dropout) for _ in range(n_experts))
+        self.gene_heads = nn.ModuleList(ProjectionHead(gene_dim, out_dim, dropout) for _ in range(n_experts))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / CLIP_TEMPERATURE_INIT)))
+
+    @property
+    def n_experts(self) -> int:
+        """Number of experts."""
+        return len(self.image_heads)
+
+    def embed_image(self, x: torch.Tensor, weights: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Routed image embedding ``sum_e weights[:, e] * image_head_e(x)``, (n, out_dim)."""
+        return _mix(self.image_heads, x, weights)
+
+    def embed_gene(self, y: torch.Tensor, weights: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Routed expression embedding ``sum_e weights[:, e] * gene_head_e(y)``, (n, out_dim)."""
+        return _mix(self.gene_heads, y, weights)
+
+    def expert_embeddings(self, x: torch.Tensor, y: torch.Tensor, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image and expression embeddings of one expert's heads, each (n, out_dim)."""
+        return self.image_heads[expert](x), self.gene_heads[expert](y)
+
+
+def _mix(heads: nn.ModuleList, inputs: torch.Tensor, weights: torch.Tensor | np.ndarray) -> torch.Tensor:
+    weights = torch.as_tensor(weights, dtype=inputs.dtype, device=inputs.device)
+    if weights.shape != (inputs.shape[0], len(heads)):
+        raise ValueError(
+            f"Expected routing weights of shape ({inputs.shape[0]}, {len(heads)}); found {tuple(weights.shape)}."
+        )
+    out = inputs.new_zeros(inputs.shape[0], heads[0].layer_norm.normalized_shape[0])
+    for e, head in enumerate(heads):
+        # experts nobody is routed to (hard routing) are skipped; a dense sum stays deterministic on GPUs
+        if bool(weights[:, e].any()):
+            out = out + weights[:, e, None] * head(inputs)
+    return out
+
+
+def soft_target_loss(image: torch.Tensor, gene: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """SPADE/BLEEP symmetric contrastive loss with soft targets.
+
+    ``logits = G Iᵀ / T``; ``targets = softmax((I Iᵀ + G Gᵀ) / 2 · T)``; the loss is the mean of the row-wise
+    and column-wise cross-entropies. As upstream, the targets are not detached.
+
+    Parameters
+    ----------
+    image
+        Image embeddings, (n, k).
+    gene
+        Expression embeddings of the same spots, (n, k).
+    temperature
+        ``T`` (fixed, 1 upstream).
+
+    Returns
+    -------
+    Scalar loss.
+    """
+    logits = gene @ image.T / temperature
+    targets = F.softmax((image @ image.T + gene @ gene.T) / 2 * temperature, dim=-1)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets.T)) / 2
+
+
+def clip_loss(image: torch.Tensor, gene: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE on L2-normalised embeddings.
+
+    Parameters
+    ----------
+    image
+        Image embeddings, (n, k).
+    gene
+        Expression embeddings of the same spots, (n, k).
+    logit_scale
+        Log of the inverse temperature; the scale is clamped at 100 as in CLIP.
+
+    Returns
+    -------
+    Scalar loss.
+    """
+    image, gene = F.normalize(image, dim=-1), F.normalize(gene, dim=-1)
+    logits = logit_scale.exp().clamp(max=MAX_LOGIT_SCALE) * gene @ image.T
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows, ctx.rank = x.shape[0], dist.get_rank()
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        # every process computed the same global loss from these rows, so their gradients add up
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def gather_across_processes(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every process along dim 0, keeping the gradient; ``x`` itself outside DDP.
+
+    Every process then computes the loss of the global batch. The gather's backward sums the gradients of all
+    processes' (identical) losses, so after DDP averages the parameter gradients over processes they equal the
+    gradients of one process training on the whole batch. All processes must pass the same number of rows.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return _AllGatherWithGrad.apply(x)
+
+
+def contrastive_loss(
+    image: torch.Tensor,
+    gene: torch.Tensor,
+    *,
+    loss: LossName = "soft_target",
+    temperature: float = 1.0,
+    logit_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Contrastive loss of a batch, with the negatives of every process under DDP.
+
+    Parameters
+    ----------
+    image
+        This process's image embeddings, (n, k).
+    gene
+        This process's expression embeddings of the same spots, (n, k).
+    loss
+        ``"soft_target"`` (:func:`soft_target_loss`) or ``"clip"`` (:func:`clip_loss`).
+    temperature
+        ``T`` of the soft-target loss.
+    logit_scale
+        Learnable log inverse temperature of the CLIP loss.
+
+    Returns
+    -------
+    Scalar loss of the global batch.
+    """
+    image, gene = gather_across_processes(image), gather_across_processes(gene)
+    if loss == "soft_target":
+        return soft_target_loss(image, gene, temperature)
+    if loss == "clip":
+        if logit_scale is None:
+            raise ValueError("The CLIP loss needs `logit_scale`.")
+        return clip_loss(image, gene, logit_scale)
+    raise ValueError(f"Unknown loss {loss!r}; choose one of {LOSSES}.")
+
+
+class SpotDataset(Dataset):
+    """In-memory (image feature, expression, expert) triples; a list of indices is fetched as one batch."""
+
+    def __init__(self, X: np.ndarray, Y: np.ndarray, expert_idx: np.ndarray) -> None:
+        self.X = torch.as_tensor(np.asarray(X, dtype=np.float32))
+        self.Y = torch.as_tensor(np.asarray(Y, dtype=np.float32))
+        self.expert = torch.as_tensor(np.asarray(expert_idx, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return self.X.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.X[i], self.Y[i], self.expert[i]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # one fancy-indexing per batch instead of per spot; the DataLoader's collate_fn passes it through
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.X[idx], self.Y[idx], self.expert[idx]
+
+
+def _keep_batch(batch: Any) -> Any:
+    return batch
+
+
+class ExpertBatchSampler(Sampler[list[int]]):
+    """Batches that each hold spots of one expert, in a random interleaving of the experts.
+
+    Each epoch, every expert's spots are shuffled (generator seeded by ``(seed, epoch)``) and cut into global
+    batches of ``batch_size * num_replicas`` spots; a batch is trimmed to a multiple of ``num_replicas`` and
+    kept only if it still holds at least 2 spots (and one per process). The batches of all experts are then
+    shuffled together. Under DDP every process builds the same global batches and takes its own equal slice,
+    so at each step all processes train the same expert.
+
+    Parameters
+    ----------
+    expert_idx
+        Expert of each spot of the dataset.
+    batch_size
+        Spots per batch per process.
+    shuffle
+        Shuffle spots and batch order (training); otherwise a fixed order (validation).
+    seed
+        Seed of the shuffling.
+    num_replicas
+        Number of processes.
+    rank
+        This process's rank.
+    """
+
+    def __init__(
+        self,
+        expert_idx: np.ndarray,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if batch_size < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"Invalid batch_size={batch_size}, rank={rank}, num_replicas={num_replicas}.")
+        self.expert_idx = np.asarray(expert_idx)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch = 0
+        self._length = len(self._global_batches(0))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Shuffle as in epoch ``epoch``; without calls, each pass over the sampler counts as the next epoch."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._global_batches(self.epoch)
+        self.epoch += 1
+        for batch in batches:
+            per_process = len(batch) // self.num_replicas
+            yield batch[self.rank * per_process : (self.rank + 1) * per_process].tolist()
+
+    def _global_batches(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        world, size = self.num_replicas, self.batch_size * self.num_replicas
+        batches = []
+        for expert in np.unique(self.expert_idx):
+            idx = np.flatnonzero(self.expert_idx == expert)
+            if self.shuffle:
+                idx = rng.permutation(idx)
+            for start in range(0, len(idx), size):
+                batch = idx[start : start + size]
+                batch = batch[: len(batch) - len(batch) % world]
+                if len(batch) >= max(2, world):
+                    batches.append(batch)
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+
+def split_by_slide(
+    slide: np.ndarray,
+    *,
+    val_slides: Sequence | None = None,
+    val_fraction: float = 0.2,
+    coords: np.ndarray | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """Boolean mask of the validation spots, holding out whole slides.
+
+    Parameters
+    ----------
+    slide
+        Slide label of each spot.
+    val_slides
+        Slides to hold out; if ``None``, ``round(val_fraction * n_slides)`` slides (at least 1, at most all but
+        one) are drawn with ``seed``. An empty list or ``val_fraction=0`` means no validation.
+    val_fraction
+        Fraction of slides (or, for a single slide, of its extent) to hold out.
+    coords
+        Spot coordinates (n, 2). Used only when there is a single slide: the spots in the last ``val_fraction``
+        of the slide's longer axis form a spatially contiguous validation block. Without coordinates a single
+        slide gets no validation (a warning says so) and early stopping falls back to the training loss.
+    seed
+        Seed of the slide draw.
+
+    Returns
+    -------
+    Boolean array (n_spots,), True for validation spots.
+    """
+    slide = np.asarray(slide)
+    slides = np.unique(slide)
+    if val_slides is not None:
+        missing = set(np.asarray(val_slides).tolist()) - set(slides.tolist())
+        if missing:
+            raise ValueError(f"val_slides {sorted(missing)} are not among the slides {slides.tolist()}.")
+        mask = np.isin(slide, np.asarray(val_slides))
+        if mask.all():
+            raise ValueError("val_slides holds out every slide; leave at least one slide for training.")
+        return mask
+    if val_fraction <= 0:
+        return np.zeros(slide.shape[0], dtype=bool)
+    if len(slides) > 1:
+        n_val = min(max(1, round(val_fraction * len(slides))), len(slides) - 1)
+        chosen = np.random.default_rng(seed).choice(slides, size=n_val, replace=False)
+        return np.isin(slide, chosen)
+    if coords is None:
+        logger.warning(
+            "Only one slide and no coordinates: training without validation; early stopping and the returned "
+            "weights follow the training loss, which does not measure generalisation."
+        )
+        return np.zeros(slide.shape[0], dtype=bool)
+    logger.warning(
+        "Only one slide: validating on a spatially contiguous block (the last %.0f%% along its longer axis); "
+        "neighbouring spots across the block's border are correlated, so the validation loss is optimistic.",
+        100 * val_fraction,
+    )
+    coords = np.asarray(coords, dtype=np.float64)
+    axis = int(np.argmax(np.ptp(coords, axis=0)))
+    return coords[:, axis] > np.quantile(coords[:, axis], 1 - val_fraction)
+
+
+class ExpertDataModule(L.LightningDataModule):
+    """Training and validation batches, each from a single expert.
+
+    Parameters
+    ----------
+    X
+        Standardised image features, (n_spots, d).
+    Y
+        Log-normalised expression, (n_spots, n_genes).
+    expert_idx
+        Expert of each spot.
+    val_mask
+        True for validation spots.
+    batch_size
+        Spots per batch per process.
+    seed
+        Seed of the batch shuffling.
+    """
+
+    def __init__(
+        self,
+        X: np.ndarray,
+        Y: np.ndarray,
+        expert_idx: np.ndarray,
+        val_mask: np.ndarray,
+        *,
+        batch_size: int = 128,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.train_set = SpotDataset(X[~val_mask], Y[~val_mask], expert_idx[~val_mask])
+        self.val_set = SpotDataset(X[val_mask], Y[val_mask], expert_idx[val_mask])
+        self.batch_size, self.seed = batch_size, seed
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled single-expert batches; under DDP this process's slice of each global batch."""
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Single-expert validation batches in a fixed order."""
+        return self._loader(self.val_set, shuffle=False)
+
+    def _loader(self, dataset: SpotDataset, *, shuffle: bool) -> DataLoader:
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        sampler = ExpertBatchSampler(
+            dataset.expert.numpy(), self.batch_size, shuffle=shuffle, seed=self.seed, num_replicas=world, rank=rank
+        )
+        # in-memory tensors: worker processes would only add start-up and transfer costs
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=_keep_batch, num_workers=0)
+
+
+class ExpertsModule(L.LightningModule):
+    """Trains every expert of an :class:`ExpertMixture`; each batch updates the heads of its own expert.
+
+    Parameters
+    ----------
+    mixture
+        The heads to train.
+    loss
+        ``"soft_target"`` or ``"clip"``.
+    temperature
+        ``T`` of the soft-target loss.
+    lr
+        Peak learning rate of AdamW.
+    weight_decay
+        AdamW weight decay (not applied to the CLIP logit scale).
+    warmup_steps
+        Linear warm-up steps before the per-step cosine decay to zero.
+    """
+
+    def __init__(
+        self,
+        mixture: ExpertMixture,
+        *,
+        loss: LossName = "soft_target",
+        temperature: float = 1.0,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-2,
+        warmup_steps: int = 0,
+    ) -> None:
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"Unknown loss {loss!r}; choose one of {LOSSES}.")
+        self.mixture = mixture
+        self.loss_name, self.temperature = loss, temperature
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+
+    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y, expert = batch
+        image, gene = self.mixture.expert_embeddings(x, y, int(expert[0]))
+        return contrastive_loss(
+            image, gene, loss=self.loss_name, temperature=self.temperature, logit_scale=self.mixture.logit_scale
+        )
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        """Contrastive loss of one single-expert batch."""
+        loss = self._loss(batch)
+        self.log(
+            "train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch[0]), sync_dist=True
+        )
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        """Contrastive loss of one validation batch."""
+        self.log("val_loss", self._loss(batch), on_epoch=True, prog_bar=True, batch_size=len(batch[0]), sync_dist=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW and a per-step schedule: linear warm-up, then cosine decay to zero."""
+        decayed = [p for name, p in self.mixture.named_parameters() if name != "logit_scale"]
+        # decaying the log inverse temperature would pull the CLIP temperature towards 1
+        groups = [
+            {"params": decayed, "weight_decay": self.weight_decay},
+            {"params": [self.mixture.logit_scale], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=self.lr)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(self.warmup_steps, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def _warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class _BestWeights(L.Callback):
+    """Keeps the weights of the best epoch in memory, restores them at the end, and records the loss curves.
+
+    The curves travel back in ``trainer.callback_metrics``, the channel Lightning also uses to return results
+    from spawned processes.
+    """
+
+    def __init__(self, monitor: str) -> None:
+        self.monitor = monitor
+        self.best, self.best_epoch = math.inf, -1
+        self.state: dict[str, torch.Tensor] | None = None
+        self.curves: dict[str, list[float]] = {"train_loss": [], "val_loss": []}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._record(trainer, pl_module, "val_loss")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._record(trainer, pl_module, "train_loss")
+
+    def _record(self, trainer: L.Trainer, pl_module: L.LightningModule, key: str) -> None:
+        if key not in trainer.callback_metrics:
+            return
+        value = float(trainer.callback_metrics[key])
+        self.curves[key].append(value)
+        if key == self.monitor and value < self.best:
+            self.best, self.best_epoch = value, trainer.current_epoch
+            self.state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.state is not None:
+            pl_module.load_state_dict(self.state)
+        for key, curve in self.curves.items():
+            trainer.callback_metrics[_HISTORY + key] = torch.tensor(curve, dtype=torch.float64)
+        trainer.callback_metrics[_HISTORY + "best_epoch"] = torch.tensor(self.best_epoch)
+        trainer.callback_metrics[_HISTORY + "best_loss"] = torch.tensor(self.best, dtype=torch.float64)
+
+
+def train_experts(
+    X_std: np.ndarray,
+    Y: np.ndarray,
+    expert_idx: np.ndarray,
+    slide: np.ndarray,
+    *,
+    n_experts: int,
+    out_dim: int = 256,
+    loss: LossName = "soft_target",
+    temperature: float = 1.0,
+    batch_size: int = 128,
+    max_epochs: int = 50,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-2,
+    warmup_steps: int = 0,
+    dropout: float = 0.1,
+    patience: int = 10,
+    val_slides: Sequence | None = None,
+    val_fraction: float = 0.2,
+    coords: np.ndarray | None = None,
+    seed: int = 0,
+    accelerator: str = "auto",
+    devices: int | str | Sequence[int] = "auto",
+    num_nodes: int = 1,
+    strategy: str | Any = "auto",
+    enable_progress_bar: bool = True,
+    quiet: bool = False,
+    **trainer_kwargs: Any,
+) -> tuple[ExpertMixture, dict[str, Any]]:
+    """Train the image and gene heads of every expert contrastively, in one Lightning run.
+
+    Validation holds out whole slides (:func:`split_by_slide`); training stops early when the monitored loss
+    has not improved for ``patience`` epochs, and the weights of the best epoch are returned.
+
+    Parameters
+    ----------
+    X_std
+        Standardised image features, (n_spots, d).
+    Y
+        Log-normalised expression, (n_spots, n_genes).
+    expert_idx
+        Expert of each spot, in ``0 .. n_experts - 1``.
+    slide
+        Slide (or patient) of each spot, for the validation split.
+    n_experts
+        Number of experts.
+    out_dim
+        Embedding dimension.
+    loss
+        ``"soft_target"`` (SPADE/BLEEP) or ``"clip"`` (InfoNCE, learnable temperature initialised at 0.07).
+    temperature
+        ``T`` of the soft-target loss (fixed at 1 upstream).
+    batch_size
+        Spots per batch per process; under DDP a step's negatives come from all processes.
+    max_epochs
+        Most epochs to train.
+    lr
+        Peak learning rate. Upstream used 1e-4 for 100 epochs over hundreds of thousands of spots; with a few
+        thousand spots (tens of steps per epoch) 1e-3 reaches a trained state within ~50 epochs.
+    weight_decay
+        AdamW weight decay.
+    warmup_steps
+        Linear warm-up steps before the cosine decay.
+    dropout
+        Dropout of the heads.
+    patience
+        Epochs without improvement before stopping.
+    val_slides
+        Slides to validate on; see :func:`split_by_slide` for the default draw and the single-slide fallback.
+    val_fraction
+        Fraction of slides held out when ``val_slides`` is ``None``.
+    coords
+        Spot coordinates, used only for the single-slide fallback.
+    seed
+        Seed of initialisation, dropout, batch order and validation draw; training is deterministic.
+    accelerator, devices, num_nodes, strategy
+        Passed to :class:`lightning.pytorch.Trainer`. DDP strategies are told that some parameters get no
+        gradient in a step (each step trains one expert).
+    enable_progress_bar
+        Show Lightning's progress bar.
+    quiet
+        Silence Lightning's banners, model summary and progress bar.
+    **trainer_kwargs
+        Further :class:`lightning.pytorch.Trainer` arguments (``callbacks`` are added to ours; ``logger``
+        defaults to none, so nothing is written to disk).
+
+    Returns
+    -------
+    The trained mixture (on CPU, in eval mode) and a history dict: ``epochs`` run, ``monitor``, ``best_epoch``,
+    ``best_loss``, ``best_val_loss`` (``None`` without validation), per-epoch ``train_loss`` and ``val_loss``,
+    ``val_slides``, ``train_spots_per_expert``, ``val_spots_per_expert`` and ``untrained_experts`` (experts with
+    fewer than 2 training spots, whose heads keep their random initialisation).
+    """
+    X_std, Y, expert_idx, slide = _validated(X_std, Y, expert_idx, slide, n_experts)
+    val_mask = split_by_slide(slide, val_slides=val_slides, val_fraction=val_fraction, coords=coords, seed=seed)
+    train_counts = np.bincount(expert_idx[~val_mask], minlength=n_experts)
+    untrained = np.flatnonzero(train_counts < 2).tolist()
+    if untrained:
+        logger.warning("Experts %s have fewer than 2 training spots; their heads stay untrained.", untrained)
+    monitor = "val_loss" if val_mask.any() else "train_loss"
+    logger.info(
+        "Training %d experts on %d spots (validation: %d spots), loss=%s",
+        n_experts,
+        int((~val_mask).sum()),
+        int(val_mask.sum()),
+        loss,
+    )
+    start = time.perf_counter()
+    with _lightning_quiet(quiet), _torch_flags_restored():
+        L.seed_everything(seed, workers=True, verbose=not quiet)
+        mixture = ExpertMixture(n_experts, X_std.shape[1], Y.shape[1], out_dim=out_dim, dropout=dropout)
+        module = ExpertsModule(
+            mixture, loss=loss, temperature=temperature, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps
+        )
+        data = ExpertDataModule(X_std, Y, expert_idx, val_mask, batch_size=batch_size, seed=seed)
+        trainer = _trainer(
+            monitor=monitor,
+            patience=patience,
+            has_validation=bool(val_mask.any()),
+            quiet=quiet,
+            accelerator=accelerator,
+            devices=devices,
+            num_nodes=num_nodes,
+            strategy=strategy,
+            max_epochs=max_epochs,
+            enable_progress_bar=enable_progress_bar and not quiet,
+            **trainer_kwargs,
+        )
+        trainer.fit(module, datamodule=data)
+    history = _history(trainer, monitor, slide, val_mask, expert_idx, n_experts, untrained)
+    logger.info(
+        "Trained %d experts for %d epochs in %.1f s; best %s %.4f at epoch %d",
+        n_experts,
+        history["epochs"],
+        time.perf_counter() - start,
+        monitor,
+        history["best_loss"],
+        history["best_epoch"],
+    )
+    return module.mixture.cpu().eval(), history
+
+
+def _validated(
+    X: np.ndarray, Y: np.ndarray, expert_idx: np.ndarray, slide: np.ndarray, n_experts: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    X, Y = np.asarray(X, dtype=np.float32), np.asarray(Y, dtype=np.float32)
+    expert_idx, slide = np.asarray(expert_idx, dtype=np.int64), np.asarray(slide)
+    n = X.shape[0]
+    if X.ndim != 2 or Y.ndim != 2 or Y.shape[0] != n or expert_idx.shape != (n,) or slide.shape != (n,):
+        raise ValueError(
+            f"Expected X (n, d), Y (n, n_genes), expert_idx (n,) and slide (n,); found {X.shape}, {Y.shape}, "
+            f"{expert_idx.shape} and {slide.shape}."
+        )
+    if n and (expert_idx.min() < 0 or expert_idx.max() >= n_experts):
+        raise ValueError(f"expert_idx must lie in 0..{n_experts - 1}; found {expert_idx.min()}..{expert_idx.max()}.")
+    if not (np.isfinite(X).all() and np.isfinite(Y).all()):
+        raise ValueError("X and Y must be finite; found NaN or infinite values.")
+    return X, Y, expert_idx, slide
+
+
+def _trainer(*, monitor: str, patience: int, has_validation: bool, quiet: bool, **trainer_kwargs: Any) -> L.Trainer:
+    callbacks = [
+        EarlyStopping(monitor=monitor, patience=patience, mode="min", check_on_train_epoch_end=not has_validation),
+        _BestWeights(monitor),
+        *trainer_kwargs.pop("callbacks", []),
+    ]
+    options = {
+        "deterministic": True,
+        "enable_checkpointing": False,  # the best weights are kept in memory: nothing is written to disk
+        "logger": False,
+        "enable_model_summary": not quiet,
+        "num_sanity_val_steps": 0,
+        **({} if has_validation else {"limit_val_batches": 0}),
+        **trainer_kwargs,
+        "use_distributed_sampler": False,  # ExpertBatchSampler shards the single-expert batches itself
+    }
+    trainer = L.Trainer(callbacks=callbacks, **options)
+    # each step trains one expert, so DDP must not wait for the other experts' gradients; setting it on the
+    # strategy covers strings ("ddp", "ddp_spawn"), strategy objects and what "auto" resolves to alike
+    if isinstance(trainer.strategy, DDPStrategy):
+        trainer.strategy._ddp_kwargs["find_unused_parameters"] = True
+    return trainer
+
+
+def _history(
+    trainer: L.Trainer,
+    monitor: str,
+    slide: np.ndarray,
+    val_mask: np.ndarray,
+    expert_idx: np.ndarray,
+    n_experts: int,
+    untrained: list[int],
+) -> dict[str, Any]:
+    metrics = trainer.callback_metrics
+    curves = {key: metrics[_HISTORY + key].tolist() for key in ("train_loss", "val_loss")}
+    best_loss = float(metrics[_HISTORY + "best_loss"])
+    return {
+        "epochs": len(curves["train_loss"]),
+        "monitor": monitor,
+        "best_epoch": int(metrics[_HISTORY + "best_epoch"]),
+        "best_loss": best_loss,
+        "best_val_loss": best_loss if monitor == "val_loss" else None,
+        **curves,
+        "val_slides": np.unique(slide[val_mask]).tolist(),
+        "train_spots_per_expert": np.bincount(expert_idx[~val_mask], minlength=n_experts).tolist(),
+        "val_spots_per_expert": np.bincount(expert_idx[val_mask], minlength=n_experts).tolist(),
+        "untrained_experts": untrained,
+    }
+
+
+@contextmanager
+def _lightning_quiet(quiet: bool) -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        if not quiet:
+            yield
+            return
+        warnings.filterwarnings("ignore", module="lightning")
+        loggers = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]
+        levels = [log.level for log in loggers]
+        for log in loggers:
+            log.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for log, level in zip(loggers, levels, strict=True):
+                log.setLevel(level)
+
+
+@contextmanager
+def _torch_flags_restored() -> Iterator[None]:
+    # Trainer(deterministic=True) switches torch to deterministic algorithms process-wide; undo that afterwards
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark

@@ -1,0 +1,201 @@
+"""SPADE end to end: pretrain, embed, routing, save/load, errors; synthetic planted structure and real data."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import scanpy as sc
+from sklearn.metrics import adjusted_rand_score
+
+import spade_sd as sd
+from spade_sd._evaluation import gene_to_image_recall
+from spade_sd._morphology import MorphologyFeatures
+
+PATCH = {"size_um": 64.0, "size_px": 64}
+TRAIN = {"n_experts": 4, "n_fine": 8, "max_epochs": 40, "quiet": True, **PATCH}
+
+
+@pytest.fixture(scope="module")
+def morphology():
+    return sd.Backbone(MorphologyFeatures())
+
+
+def _slides():
+    return sd.datasets.synthetic(n_slides=3, grid=(12, 12), mpp=1.0, n_genes=150, genes_dropped_per_slide=5, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(morphology):
+    slides = _slides()
+    model = sd.tl.pretrain(slides, backbone=morphology, seed=0, **TRAIN)
+    for sdata in slides:
+        sd.tl.embed(sdata, model)
+    return model, slides
+
+
+def test_outputs_are_written(trained):
+    model, slides = trained
+    table = slides[0].tables["table"]
+    assert table.obsm["X_spade"].shape == (table.n_obs, 256) and np.isfinite(table.obsm["X_spade"]).all()
+    weights = table.obsm["X_spade_weights"]
+    assert weights.shape == (table.n_obs, model.n_experts)
+    np.testing.assert_allclose(weights.sum(axis=1), 1, rtol=1e-5)
+    assert table.obsm["X_spade_gene"].shape == (table.n_obs, 256)
+    assert table.obs["spade_expert"].dtype == "category"
+    np.testing.assert_array_equal(table.obs["spade_expert"].astype(int), weights.argmax(axis=1))
+    uns = table.uns["spade"]
+    assert uns["model"]["identity"] == model.identity() and uns["params"]["size_um"] == 64.0
+    assert "torch" in uns["versions"] and uns["params"]["tau"] == pytest.approx(model.tau)
+
+
+def test_panel_spans_slides_with_different_gene_sets(trained):
+    model, slides = trained
+    gene_sets = [set(s.tables["table"].var_names) for s in slides]
+    assert len(set.union(*gene_sets)) > len(set.intersection(*gene_sets))  # the slides do differ
+    assert set(model.panel.genes) <= set.intersection(*gene_sets)
+
+
+def test_experts_recover_planted_tissue_types(trained):
+    _, slides = trained
+    types = np.concatenate([s.tables["table"].obs["tissue_type"].astype(str) for s in slides])
+    experts = np.concatenate([s.tables["table"].obs["spade_expert"].astype(str) for s in slides])
+    assert adjusted_rand_score(types, experts) > 0.5
+
+
+def test_image_to_gene_retrieval_beats_chance(trained):
+    _, slides = trained
+    for sdata in slides:
+        table = sdata.tables["table"]
+        recall = gene_to_image_recall(table.obsm["X_spade_gene"], table.obsm["X_spade"], ks=(10,))
+        observed = recall.query("metric == 'recall@10'")["value"].mean()
+        chance = recall.query("metric == 'chance@10'")["value"].mean()
+        assert observed > 3 * chance, (observed, chance)
+
+
+def test_soft_and_hard_routing_agree_on_confident_spots(trained, morphology):
+    model, slides = trained
+    features = sd.pp.spot_patches(slides[1], **PATCH)
+    X = morphology(features.read(np.arange(len(features))))
+    soft, hard = model.route(X), model.route(X, hard=True)
+    confident = soft.max(axis=1) > 0.9
+    assert confident.mean() > 0.5
+    np.testing.assert_array_equal(soft[confident].argmax(axis=1), hard[confident].argmax(axis=1))
+    assert set(np.unique(hard)) <= {0.0, 1.0}
+
+
+def test_same_seed_same_model_other_seed_differs(trained, morphology):
+    model, slides = trained
+    again = sd.tl.pretrain(_slides(), backbone=morphology, seed=0, **TRAIN)
+    other = sd.tl.pretrain(_slides(), backbone=morphology, seed=1, **TRAIN)
+    X = np.random.default_rng(0).normal(size=(20, morphology.dim)).astype(np.float32) + model.scaler.mean
+    np.testing.assert_array_equal(model.embed_features(X)[0], again.embed_features(X)[0])
+    assert again.identity() == model.identity() and other.identity() != model.identity()
+
+
+def test_save_and_load_give_identical_embeddings(trained, morphology, tmp_path):
+    model, slides = trained
+    model.save(tmp_path / "model")
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "model.safetensors"]
+    with pytest.raises(ValueError, match="pass it as backbone="):
+        sd.SpadeModel.load(tmp_path / "model")
+    loaded = sd.SpadeModel.load(tmp_path / "model", backbone=morphology)
+    assert loaded.identity() == model.identity()
+    copy = _slides()[0]
+    sd.tl.embed(copy, loaded)
+    np.testing.assert_array_equal(copy.tables["table"].obsm["X_spade"], slides[0].tables["table"].obsm["X_spade"])
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        model.save(tmp_path / "model")
+
+
+def test_damaged_or_foreign_model_files(trained, morphology, tmp_path):
+    model, _ = trained
+    model.save(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["format"] = "spade_sd.model/99"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"model/99.*reads 'spade_sd.model/1'"):
+        sd.SpadeModel.load(tmp_path / "m", backbone=morphology)
+    model.save(tmp_path / "d")
+    weights = tmp_path / "d" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="damaged"):
+        sd.SpadeModel.load(tmp_path / "d", backbone=morphology)
+    model.save(tmp_path / "e")
+    other = sd.Backbone(MorphologyFeatures(nuclear_threshold=0.1))
+    with pytest.raises(ValueError, match="not the one the model was trained on"):
+        sd.SpadeModel.load(tmp_path / "e", backbone=other)
+
+
+def test_panel_or_backbone_that_does_not_fit(trained):
+    model, _ = trained
+    sdata = _slides()[0]
+    table = sdata.tables["table"]
+    missing = model.panel.genes[0]
+    sdata.tables["table"] = table[:, [g for g in table.var_names if g != missing]].copy()
+    with pytest.raises(ValueError, match=rf"lacks 1 of the model's .*{missing}"):
+        sd.tl.embed(sdata, model, genes=True)
+    sd.tl.embed(sdata, model)  # genes=None: image side only
+    assert "X_spade" in sdata.tables["table"].obsm and "X_spade_gene" not in sdata.tables["table"].obsm
+    with pytest.raises(ValueError, match="trained on .*-d features"):
+        model.embed_features(np.zeros((3, 7), dtype=np.float32))
+
+
+def test_failed_embed_leaves_previous_results(trained):
+    model, slides = trained
+    sdata = _slides()[0]
+    sd.tl.embed(sdata, model)
+    before = sdata.tables["table"].obsm["X_spade"].copy()
+    with pytest.raises(ValueError):
+        sd.tl.embed(sdata, model, mpp=-1.0)
+    np.testing.assert_array_equal(sdata.tables["table"].obsm["X_spade"], before)
+
+
+def test_embed_without_model_uses_attached_or_trains(trained, morphology, caplog):
+    model, slides = trained
+    sd.tl.embed(slides[2])  # pretrain attached the model to every slide it saw
+    assert slides[2].tables["table"].uns["spade"]["model"]["identity"] == model.identity()
+    lone = sd.datasets.synthetic(grid=(10, 10), mpp=1.0, n_genes=100, seed=3)
+    with caplog.at_level(logging.INFO, logger="spade_sd"):
+        sd.tl.pretrain(lone, backbone=morphology, n_experts=2, n_fine=4, max_epochs=3, quiet=True, **PATCH)
+        fresh = sd.datasets.synthetic(grid=(10, 10), mpp=1.0, n_genes=100, seed=4)
+    assert "X_spade" not in fresh.tables["table"].obsm
+    with caplog.at_level(logging.INFO, logger="spade_sd"):
+        sd.tl.embed(fresh)
+    assert "training one on it" in caplog.text and "X_spade" in fresh.tables["table"].obsm
+
+
+def test_scanpy_downstream(trained):
+    _, slides = trained
+    table = slides[0].tables["table"]
+    sc.pp.neighbors(table, use_rep="X_spade")
+    sc.tl.leiden(table, flavor="igraph", n_iterations=2)
+    sc.tl.umap(table)
+    assert table.obs["leiden"].nunique() > 1 and table.obsm["X_umap"].shape == (table.n_obs, 2)
+
+
+def test_pl_experts_draws_over_the_image(trained):
+    _, slides = trained
+    fig = sd.pl.experts(slides[0], umap=True, return_fig=True, show=False)
+    assert len(fig.axes) == 2 and fig.axes[0].images and fig.axes[0].collections
+    with pytest.raises(KeyError, match="run spade_sd.tl.embed"):
+        sd.pl.experts(_slides()[0], show=False)
+
+
+@pytest.mark.parametrize(("loader", "sections"), [("mouse_olfactory_bulb", ["MOB1", "MOB2"]), ("her2st", ["C2", "C3"])])
+def test_real_data_end_to_end(loader, sections, data_dir):
+    slides = [getattr(sd.datasets, loader)(s) for s in sections]
+    model = sd.tl.pretrain(slides, n_experts=2, max_epochs=15, quiet=True)
+    assert model.backbone.name == "efficientnet_lite0" and model.n_experts == 2
+    for sdata in slides:
+        sd.tl.embed(sdata, model)
+        table = sdata.tables["table"]
+        assert np.isfinite(table.obsm["X_spade"]).all() and np.isfinite(table.obsm["X_spade_gene"]).all()
+        assert table.obs["spade_expert"].nunique() == 2
+        recall = gene_to_image_recall(table.obsm["X_spade_gene"], table.obsm["X_spade"], ks=(10,))
+        assert (
+            recall.query("metric == 'recall@10'")["value"].mean()
+            > recall.query("metric == 'chance@10'")["value"].mean()
+        )
