@@ -17,15 +17,12 @@ import time
 from pathlib import Path
 
 import matplotlib
+import matplotlib.pyplot as plt
+import scanpy as sc
+from sklearn.metrics import adjusted_rand_score
 
-matplotlib.use("Agg")
-
-import numpy as np  # noqa: E402
-import scanpy as sc  # noqa: E402
-from sklearn.metrics import adjusted_rand_score  # noqa: E402
-
-import spade_sd as sd  # noqa: E402
-from spade_sd._evaluation import expression_domains, gene_to_image_recall  # noqa: E402
+import spade_sd as sd
+from spade_sd._evaluation import expression_domains, gene_to_image_recall
 
 DATASETS = {
     "her2st": (sd.datasets.her2st, ["C2", "C3", "C4", "C5"]),
@@ -55,7 +52,7 @@ def run(name: str, out: Path, seed: int) -> dict:
         fig.savefig(out / f"{name}_{section}_experts.png", dpi=110)
         fig = sd.pl.experts(sdata, color="spade_leiden", return_fig=True)
         fig.savefig(out / f"{name}_{section}_leiden.png", dpi=110)
-        matplotlib.pyplot.close("all")
+        plt.close("all")
         sdata.write(out / f"{name}_{section}.zarr", overwrite=True)
         summary["slides"][section] = {
             "spots": int(table.n_obs),
@@ -76,6 +73,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("demo_output"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    matplotlib.use("Agg")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
