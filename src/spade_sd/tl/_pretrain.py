@@ -59,6 +59,7 @@ def pretrain(
     feature_batch_size: int = 64,
     cache: bool = True,
     seed: int = 0,
+    train_threads: int | None = 1,
     accelerator: str = "auto",
     devices: int | str | Sequence[int] = "auto",
     num_nodes: int = 1,
@@ -106,6 +107,8 @@ def pretrain(
         Feature extraction batch size and on-disk cache.
     seed
         Seed of clustering, initialisation and batching: the same seed gives the same model.
+    train_threads
+        Torch CPU threads while training the (small) heads; ``None`` leaves torch's setting.
     accelerator, devices, num_nodes, strategy, **trainer_kwargs
         Passed to :class:`lightning.pytorch.Trainer` (e.g. ``strategy="ddp"``, ``devices=4``).
     quiet
@@ -177,6 +180,7 @@ def pretrain(
         n_fine=n_fine,
         tau_scale=tau_scale,
         seed=seed,
+        train_threads=train_threads,
         patch_config={"size_um": size_um, "size_px": size_px},
         out_dim=out_dim,
         loss=loss,
