@@ -1,0 +1,151 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from spatialdata import SpatialData
+
+from .._logging import logger
+
+TASKS = ("probe", "probe_cv", "few_shot", "knn", "gene_to_image", "classification")
+
+
+def _tables(data, table_key: str | None) -> list[AnnData]:
+    items = [data] if isinstance(data, SpatialData | AnnData) else list(data)
+    tables = []
+    for item in items:
+        if isinstance(item, AnnData):
+            tables.append(item)
+            continue
+        if not isinstance(item, SpatialData):
+            raise TypeError(f"Expected SpatialData or AnnData objects, found {type(item).__name__}.")
+        names = [table_key] if table_key is not None else list(item.tables)
+        if len(names) != 1 or names[0] not in item.tables:
+            raise ValueError(f"Pass table_key= to choose one of the tables {list(item.tables)}.")
+        tables.append(item.tables[names[0]])
+    return tables
+
+
+def _stack(tables: list[AnnData], key: str) -> np.ndarray:
+    missing = [i for i, t in enumerate(tables) if key not in t.obsm]
+    if missing:
+        raise KeyError(f"{key!r} is missing from .obsm of tables {missing}; compute it first (tl.features, tl.embed).")
+    return np.concatenate([np.asarray(t.obsm[key], dtype=np.float32) for t in tables])
+
+
+def _slides(tables: list[AnnData], slide_key: str) -> np.ndarray:
+    labels = []
+    for i, table in enumerate(tables):
+        values = table.obs[slide_key].astype(str).to_numpy() if slide_key in table.obs else None
+        labels.append(values if values is not None else np.full(table.n_obs, f"slide_{i}"))
+    return np.concatenate(labels)
+
+
+def evaluate(
+    data: SpatialData | AnnData | Sequence[SpatialData | AnnData],
+    *,
+    use_rep: str | Sequence[str] = ("X_backbone", "X_spade"),
+    tasks: Sequence[Literal["probe", "probe_cv", "few_shot", "knn", "gene_to_image", "classification"]] = TASKS,
+    table_key: str | None = None,
+    slide_key: str = "sample",
+    labels: str | None = None,
+    n_top_genes: int = 50,
+    fraction: float = 0.2,
+    k_neighbors: int = 50,
+    k_shots: Sequence[int] = (1, 5, 10),
+    n_repeats: int = 5,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Compare embeddings on expression prediction, retrieval and few-shot classification.
+
+    Targets are the log1p-normalised ``n_top_genes`` most variable genes shared by the slides; folds are whole
+    slides (leave-one-slide-out), never spots.
+
+    Parameters
+    ----------
+    data
+        Tables (or SpatialData holding them) of one or more slides, with the embeddings in ``.obsm``.
+    use_rep
+        ``.obsm`` keys to compare, e.g. backbone features and the SPADE embedding.
+    tasks
+        ``"probe"``: the HEST-Benchmark ridge probe (StandardScaler → PCA(256) → Ridge with α = 100/(d·n_genes));
+        ``"probe_cv"``: the same with α tuned by inner cross-validation; ``"few_shot"``: the probe trained on a
+        ``fraction`` of each held-out slide; ``"knn"``: BLEEP-style expression prediction from the
+        ``k_neighbors`` most similar spots of the other slides; ``"gene_to_image"``: recall@k of the true spot
+        when ranking a slide's patches by similarity to the gene-side embedding ``f"{rep}_gene"`` (skipped for
+        representations without one); ``"classification"``: balanced accuracy of logistic regression on
+        ``k_shots`` labelled spots per class.
+    table_key
+        Table of each SpatialData (default: its only table).
+    slide_key
+        ``obs`` column naming the slide (or patient) of each spot; default one slide per table.
+    labels
+        ``obs`` column of classes for ``"classification"``; default: Leiden domains of the expression.
+    n_top_genes, fraction, k_neighbors, k_shots, n_repeats, seed
+        Task settings.
+
+    Returns
+    -------
+    A tidy DataFrame with one row per encoder, task, fold or repeat and gene or metric (columns ``encoder``,
+    ``task``, ``metric``, ``value`` and task-specific ones); summarise with
+    :func:`spade_sd._evaluation.summarize` or plot with :func:`spade_sd.pl.benchmark`.
+    """
+    from .. import _evaluation as ev
+    from .._genes import GenePanel
+
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise ValueError(f"Unknown tasks {unknown}; choose from {list(TASKS)}.")
+    reps = [use_rep] if isinstance(use_rep, str) else list(use_rep)
+    tables = _tables(data, table_key)
+    representations = {rep: _stack(tables, rep) for rep in reps}
+    slide = _slides(tables, slide_key)
+    panel = GenePanel.fit(tables, n_top_genes=n_top_genes, flavor="global")
+    Y = np.concatenate([panel.transform(t) for t in tables])
+    needs_folds = {"probe", "probe_cv", "knn"} & set(tasks)
+    if needs_folds and len(np.unique(slide)) < 2:
+        raise ValueError(
+            f"Tasks {sorted(needs_folds)} hold out whole slides and need at least 2; found {np.unique(slide)}."
+        )
+    classes = None
+    if "classification" in tasks:
+        classes = (
+            np.concatenate([t.obs[labels].astype(str) for t in tables])
+            if labels
+            else ev.expression_domains(Y, seed=seed)
+        )
+
+    results = []
+    for rep, X in representations.items():
+        keep = np.isfinite(X).all(axis=1)
+        if not keep.all():
+            logger.info("%s: %d rows without values are left out", rep, int((~keep).sum()))
+        x, y, s = X[keep], Y[keep], slide[keep]
+        runs = {
+            "probe": lambda x=x, y=y, s=s, rep=rep: ev.ridge_probe(
+                x, y, s, alpha="hest", genes=panel.genes, label=rep, seed=seed
+            ),
+            "probe_cv": lambda x=x, y=y, s=s, rep=rep: ev.ridge_probe(
+                x, y, s, alpha="cv", genes=panel.genes, label=rep, seed=seed
+            ),
+            "few_shot": lambda x=x, y=y, s=s, rep=rep: ev.few_shot_probe(
+                x, y, s, fraction=fraction, n_repeats=n_repeats, genes=panel.genes, label=rep, seed=seed
+            ),
+            "knn": lambda x=x, y=y, s=s, rep=rep: ev.knn_expression_cv(
+                x, y, s, k=k_neighbors, genes=panel.genes, label=rep
+            ),
+            "classification": lambda x=x, rep=rep, keep=keep: ev.few_shot_classification(
+                x, classes[keep], k=tuple(k_shots), n_repeats=n_repeats, label=rep, seed=seed
+            ),
+        }
+        gene_rep = f"{rep}_gene"
+        if all(gene_rep in t.obsm for t in tables):
+            G = _stack(tables, gene_rep)[keep]
+            runs["gene_to_image"] = lambda G=G, x=x, s=s, rep=rep: ev.gene_to_image_recall(G, x, groups=s, label=rep)
+        for task in tasks:
+            if task in runs:
+                results.append(runs[task]().assign(task=task))
+    return pd.concat(results, ignore_index=True)
