@@ -10,7 +10,8 @@ import pytest
 from anndata import AnnData
 from spatialdata import SpatialData
 from spatialdata.models import Image2DModel, ShapesModel, TableModel
-from spatialdata.transformations import Affine, Identity, Scale, Sequence, Translation
+from spatialdata.transformations import Affine, Identity, Scale, Sequence, Translation, set_transformation
+from xarray import DataArray, Dataset, DataTree
 
 import spade_sd as sd
 from spade_sd._patches import choose_level
@@ -143,15 +144,28 @@ def test_real_spot_patches_are_tissue_not_glass(fixture, request):
     assert np.median(tissue) < glass - 15, (np.median(tissue), glass)
 
 
-def _huge_slide(side: int = 100_000, chunk: int = 4096) -> SpatialData:
+def _huge_level(side: int, chunk: int = 2048) -> da.Array:
+    """One level of a lazily generated slide, computed on its own like a stored pyramid's level."""
+
     def block(block_info=None):
         (y0, y1), (x0, x1) = block_info[None]["array-location"][1:]
-        yy, xx = np.mgrid[y0:y1, x0:x1]
+        yy, xx = np.ogrid[y0:y1, x0:x1]
         value = ((yy // 97 + xx // 89) % 200 + 30).astype(np.uint8)
         return np.broadcast_to(value, (3, y1 - y0, x1 - x0)).copy()
 
-    lazy = da.map_blocks(block, dtype=np.uint8, chunks=((3,), *[(chunk,) * (side // chunk) + (side % chunk,)] * 2))
-    image = Image2DModel.parse(lazy, dims=("c", "y", "x"), scale_factors=[2, 2, 2, 2], chunks=(3, chunk, chunk))
+    chunks = (chunk,) * (side // chunk) + ((side % chunk,) if side % chunk else ())
+    return da.map_blocks(block, dtype=np.uint8, chunks=((3,), chunks, chunks))
+
+
+def _huge_slide(side: int = 100_000, n_levels: int = 5) -> SpatialData:
+    levels = {
+        f"scale{i}": Dataset(
+            {"image": DataArray(_huge_level(side // 2**i), dims=("c", "y", "x"), coords={"c": ["r", "g", "b"]})}
+        )
+        for i in range(n_levels)
+    }
+    image = DataTree.from_dict(levels)
+    set_transformation(image, {"global": Identity()}, set_all=True)
     rng = np.random.default_rng(0)
     centres = rng.uniform(1000, side - 1000, size=(40, 2))
     ids = [str(i) for i in range(len(centres))]
