@@ -54,7 +54,9 @@ def run(name: str, out: Path, seed: int) -> dict:
         fig.savefig(out / f"{name}_{section}_leiden.png", dpi=110)
         plt.close("all")
         sdata.write(out / f"{name}_{section}.zarr", overwrite=True)
+        held_out = section in (model.history.get("val_slides") or [])
         summary["slides"][section] = {
+            "role": "validation: its spots trained no head" if held_out else "training",
             "spots": int(table.n_obs),
             "spots_per_expert": table.obs["spade_expert"].value_counts().sort_index().tolist(),
             "leiden_clusters": int(table.obs["spade_leiden"].nunique()),
