@@ -199,3 +199,25 @@ def test_real_data_end_to_end(loader, sections, data_dir):
             recall.query("metric == 'recall@10'")["value"].mean()
             > recall.query("metric == 'chance@10'")["value"].mean()
         )
+
+
+def test_features_are_written_and_cached(morphology, caplog):
+    sdata = sd.datasets.synthetic(grid=(8, 8), mpp=1.0, n_genes=60, seed=5)
+    sd.tl.features(sdata, backbone=morphology, **PATCH)
+    table = sdata.tables["table"]
+    assert table.obsm["X_backbone"].shape == (table.n_obs, morphology.dim)
+    assert table.uns["X_backbone"]["backbone"]["identity"] == morphology.identity()
+    with caplog.at_level(logging.INFO, logger="spade_sd"):
+        sd.tl.features(sdata, backbone=morphology, key_added="X_again", **PATCH)
+    assert "cached" in caplog.text
+    np.testing.assert_array_equal(table.obsm["X_again"], table.obsm["X_backbone"])
+
+
+def test_groupby_defines_the_stage_one_groups(morphology):
+    slides = _slides()
+    model = sd.tl.pretrain(slides, backbone=morphology, groupby="tissue_type", **{**TRAIN, "max_epochs": 2})
+    assert set(model.clustering.centroid_group) == {
+        str(t) for t in slides[0].tables["table"].obs["tissue_type"].unique()
+    }
+    with pytest.raises(KeyError, match="groupby column 'organ'"):
+        sd.tl.pretrain(slides, backbone=morphology, groupby="organ", **TRAIN)
