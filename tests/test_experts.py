@@ -326,3 +326,17 @@ def test_invalid_inputs_are_explained(data):
         train_experts(X, Y, np.full(len(X), 3), slides, n_experts=2, quiet=True)
     with pytest.raises(ValueError, match="Unknown loss 'triplet'"):
         train_experts(X, Y, np.zeros(len(X), dtype=int), slides, n_experts=1, loss="triplet", quiet=True)
+
+
+def test_few_slides_validate_on_a_block_of_each():
+    # holding out one of three slides would hide a third of the data from the heads; a block of each keeps all
+    slide = np.repeat(["a", "b", "c"], 100)
+    grid = np.column_stack([np.arange(100) % 10, np.arange(100) // 10 * 3.0])  # longer along y
+    coords = np.concatenate([grid, grid + 1000, grid * 2])  # each slide in its own frame
+    mask = split_by_slide(slide, val_fraction=0.2, coords=coords)
+    for name in "abc":
+        rows = slide == name
+        np.testing.assert_array_equal(mask[rows], coords[rows, 1] > np.quantile(coords[rows, 1], 0.8))
+    whole = split_by_slide(slide, val_fraction=0.2, coords=coords, min_val_slides=3, seed=0)
+    assert len(np.unique(slide[whole])) == 1 and not set(slide[whole]) & set(slide[~whole])
+    np.testing.assert_array_equal(split_by_slide(slide, val_slides=["b"], coords=coords), slide == "b")

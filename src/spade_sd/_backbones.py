@@ -577,6 +577,9 @@ class Backbone:
             self._export_onnx(path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = _num_cores()
+        # idle worker threads sleep instead of spinning: with the patch reader (and anything else) sharing the
+        # cores, spinning cost 1.4× (EfficientNet-Lite0) to 2× (ViT-S/16) throughput (benchmarks/throughput.py)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self._verify_onnx(session)
         logger.info("backbone %s runs in onnxruntime from %s", self.name, path)

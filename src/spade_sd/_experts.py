@@ -30,6 +30,7 @@ from ._logging import logger
 LossName = Literal["soft_target", "clip"]
 LOSSES: tuple[str, ...] = ("soft_target", "clip")
 CLIP_TEMPERATURE_INIT = 0.07
+MIN_SLIDES_FOR_SLIDE_VALIDATION = 4
 MAX_LOGIT_SCALE = 100.0
 _LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
 _HISTORY = "history/"
@@ -344,9 +345,10 @@ def split_by_slide(
     val_slides: Sequence | None = None,
     val_fraction: float = 0.2,
     coords: np.ndarray | None = None,
+    min_val_slides: int = MIN_SLIDES_FOR_SLIDE_VALIDATION,
     seed: int = 0,
 ) -> np.ndarray:
-    """Boolean mask of the validation spots, holding out whole slides.
+    """Boolean mask of the validation spots, holding out whole slides (or, with few slides, a block of each).
 
     Parameters
     ----------
@@ -356,11 +358,16 @@ def split_by_slide(
         Slides to hold out; if ``None``, ``round(val_fraction * n_slides)`` slides (at least 1, at most all but
         one) are drawn with ``seed``. An empty list or ``val_fraction=0`` means no validation.
     val_fraction
-        Fraction of slides (or, for a single slide, of its extent) to hold out.
+        Fraction of slides (or, for blocks, of each slide's extent) to hold out.
     coords
-        Spot coordinates (n, 2). Used only when there is a single slide: the spots in the last ``val_fraction``
-        of the slide's longer axis form a spatially contiguous validation block. Without coordinates a single
-        slide gets no validation (a warning says so) and early stopping falls back to the training loss.
+        Spot coordinates (n, 2), each slide in its own frame. With fewer than ``min_val_slides`` slides (and
+        ``val_slides`` not given), the spots in the last ``val_fraction`` of every slide's longer axis form a
+        spatially contiguous validation block of that slide. Without coordinates a single slide gets no
+        validation (a warning says so) and early stopping falls back to the training loss.
+    min_val_slides
+        Fewest slides for which whole slides are held out. Holding out one of two or three slides would leave
+        a half or a third of the few hundred spots of small ST studies unseen by the heads (leave-one-section-out
+        on the three olfactory bulb sections trains on two); a block of each slide keeps every slide in training.
     seed
         Seed of the slide draw.
 
@@ -380,6 +387,8 @@ def split_by_slide(
         return mask
     if val_fraction <= 0:
         return np.zeros(slide.shape[0], dtype=bool)
+    if coords is not None and 1 < len(slides) < min_val_slides:
+        return _blocks(slide, np.asarray(coords, dtype=np.float64), val_fraction)
     if len(slides) > 1:
         n_val = min(max(1, round(val_fraction * len(slides))), len(slides) - 1)
         chosen = np.random.default_rng(seed).choice(slides, size=n_val, replace=False)
@@ -395,9 +404,18 @@ def split_by_slide(
         "neighbouring spots across the block's border are correlated, so the validation loss is optimistic.",
         100 * val_fraction,
     )
-    coords = np.asarray(coords, dtype=np.float64)
-    axis = int(np.argmax(np.ptp(coords, axis=0)))
-    return coords[:, axis] > np.quantile(coords[:, axis], 1 - val_fraction)
+    return _blocks(slide, np.asarray(coords, dtype=np.float64), val_fraction)
+
+
+def _blocks(slide: np.ndarray, coords: np.ndarray, val_fraction: float) -> np.ndarray:
+    """The last ``val_fraction`` of every slide along its longer axis."""
+    mask = np.zeros(slide.shape[0], dtype=bool)
+    for name in np.unique(slide):
+        rows = slide == name
+        xy = coords[rows]
+        axis = int(np.argmax(np.ptp(xy, axis=0)))
+        mask[rows] = xy[:, axis] > np.quantile(xy[:, axis], 1 - val_fraction)
+    return mask
 
 
 class ExpertDataModule(L.LightningDataModule):
@@ -588,6 +606,7 @@ def train_experts(
     val_slides: Sequence | None = None,
     val_fraction: float = 0.2,
     coords: np.ndarray | None = None,
+    min_val_slides: int = MIN_SLIDES_FOR_SLIDE_VALIDATION,
     seed: int = 0,
     accelerator: str = "auto",
     devices: int | str | Sequence[int] = "auto",
@@ -640,7 +659,9 @@ def train_experts(
     val_fraction
         Fraction of slides held out when ``val_slides`` is ``None``.
     coords
-        Spot coordinates, used only for the single-slide fallback.
+        Spot coordinates, used for validation blocks when there are few slides (see :func:`split_by_slide`).
+    min_val_slides
+        Fewest slides for which whole slides are held out for validation (see :func:`split_by_slide`).
     seed
         Seed of initialisation, dropout, batch order and validation draw; training is deterministic.
     accelerator, devices, num_nodes, strategy
@@ -662,7 +683,9 @@ def train_experts(
     fewer than 2 training spots, whose heads keep their random initialisation).
     """
     X_std, Y, expert_idx, slide = _validated(X_std, Y, expert_idx, slide, n_experts)
-    val_mask = split_by_slide(slide, val_slides=val_slides, val_fraction=val_fraction, coords=coords, seed=seed)
+    val_mask = split_by_slide(
+        slide, val_slides=val_slides, val_fraction=val_fraction, coords=coords, min_val_slides=min_val_slides, seed=seed
+    )
     train_counts = np.bincount(expert_idx[~val_mask], minlength=n_experts)
     untrained = np.flatnonzero(train_counts < 2).tolist()
     if untrained:

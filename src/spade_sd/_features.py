@@ -1,9 +1,11 @@
 """Batched frozen-backbone features of spot patches, and their on-disk cache.
 
 Reading the next batch of patches overlaps with encoding the current one (a reader thread), so the backbone is
-kept busy. Features are cached as ``.npy`` files named by a digest of the patches (image content under a sample
-of spots, every spot position, scale and patch geometry) and the backbone (architecture and weights), so a
-second run with the same inputs reads them back instead of recomputing.
+kept busy. Features stream out in chunks of consecutive patches (:func:`iter_features`) and are appended to the
+cache file as they come, so a whole slide's (n_tiles × dim) features never need to sit in memory. Features are
+cached as ``.npy`` files named by a digest of the patches (image content under a sample of spots, every spot
+position, scale and patch geometry) and the backbone (architecture and weights), so a second run with the same
+inputs reads them back, chunk by chunk, instead of recomputing.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,8 @@ from ._logging import logger
 from ._patches import SpotPatches
 
 CACHE_FORMAT = "spade_sd.features/1"
+# Patches whose features are held at once: 4096 × 1280 float32 is 21 MB
+CHUNK_SIZE = 4096
 
 
 def cache_key(patches: SpotPatches, backbone) -> str:
@@ -52,6 +57,112 @@ def iter_batches(patches: SpotPatches, batch_size: int) -> Iterator[tuple[np.nda
             yield pending[0], pending[1].result()
 
 
+def iter_features(
+    patches: SpotPatches, backbone, *, batch_size: int = 64, cache: bool = True, chunk_size: int | None = None
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Features of consecutive patches, chunk by chunk, read from the cache or computed (and appended to it).
+
+    Parameters
+    ----------
+    patches
+        The spot patches.
+    backbone
+        A :class:`~spade_sd.Backbone`.
+    batch_size
+        Patches read and encoded at a time.
+    cache
+        Read and write the on-disk cache (``$SPADE_SD_CACHE_DIR/features``). The cache file is written
+        incrementally and only appears, complete, once every chunk was computed and found finite.
+    chunk_size
+        Patches per yielded chunk (rounded up to whole batches when computing); default ``CHUNK_SIZE``.
+
+    Yields
+    ------
+    ``(start, features)``: float32 features ``(n, backbone.dim)`` of patches ``start`` to ``start + n``.
+    """
+    chunk_size = CHUNK_SIZE if chunk_size is None else int(chunk_size)
+    path = _features_cache_dir() / f"{cache_key(patches, backbone)}.npy" if cache else None
+    if path is not None and path.is_file():
+        cached = _read_chunks(path, (len(patches), backbone.dim), chunk_size)
+        if cached is not None:
+            logger.info("Reading %d cached %s features from %s", len(patches), backbone.name, path)
+            yield from cached
+            return
+    yield from _compute_chunks(patches, backbone, batch_size, -(-chunk_size // batch_size) * batch_size, path)
+
+
+def _read_header(file) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(file)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(file)
+    return np.lib.format.read_array_header_2_0(file)
+
+
+def _read_chunks(path: Path, shape: tuple[int, int], chunk_size: int) -> Iterator[tuple[int, np.ndarray]] | None:
+    """Chunks of a cached ``.npy`` read with plain file reads (a memory map would count toward resident memory)."""
+    with path.open("rb") as file:
+        found, fortran, dtype = _read_header(file)
+    if found != shape or fortran or dtype != np.float32:
+        logger.warning(
+            "Ignoring cached features of shape %s (%s) at %s: expected %s float32", found, dtype, path, shape
+        )
+        return None
+    return _chunks_from(path, shape, chunk_size)
+
+
+def _chunks_from(path: Path, shape: tuple[int, int], chunk_size: int) -> Iterator[tuple[int, np.ndarray]]:
+    with path.open("rb") as file:
+        _read_header(file)
+        for start in range(0, shape[0], chunk_size):
+            chunk = np.empty((min(chunk_size, shape[0] - start), shape[1]), dtype=np.float32)
+            if file.readinto(memoryview(chunk).cast("B")) != chunk.nbytes:
+                raise OSError(f"The feature cache {path} is truncated; delete it to recompute the features.")
+            yield start, chunk
+
+
+def _compute_chunks(
+    patches: SpotPatches, backbone, batch_size: int, chunk_size: int, path: Path | None
+) -> Iterator[tuple[int, np.ndarray]]:
+    n, dim = len(patches), backbone.dim
+    partial = None if path is None else path.with_suffix(f".{os.getpid()}.partial.npy")
+    start_time = time.perf_counter()
+    try:
+        with nullcontext() if partial is None else _open_npy(partial, (n, dim)) as file:
+            chunk, chunk_start = np.empty((min(chunk_size, n), dim), dtype=np.float32), 0
+            for indices, batch in iter_batches(patches, batch_size):
+                chunk[indices - chunk_start] = backbone(batch)
+                filled = int(indices[-1]) + 1 - chunk_start
+                if filled < len(chunk):
+                    continue
+                if not np.isfinite(chunk).all():
+                    raise FloatingPointError(
+                        f"Backbone {backbone.name!r} produced non-finite features; nothing was cached."
+                    )
+                if file is not None:
+                    file.write(chunk.tobytes())
+                yield chunk_start, chunk
+                chunk_start += filled
+                chunk = np.empty((min(chunk_size, n - chunk_start), dim), dtype=np.float32)
+        if partial is not None:
+            partial.replace(path)
+    finally:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+    elapsed = time.perf_counter() - start_time
+    logger.info(
+        "Encoded %d patches with %s in %.1f s (%.1f patches/s)", n, backbone.name, elapsed, n / max(elapsed, 1e-9)
+    )
+
+
+def _open_npy(path: Path, shape: tuple[int, int]):
+    """A ``.npy`` file of float32 ``shape`` opened for appending its rows in order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file = path.open("wb")
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(file, header)
+    return file
+
+
 def extract_features(
     patches: SpotPatches, backbone, *, batch_size: int = 64, cache: bool = True, out: np.ndarray | None = None
 ) -> np.ndarray:
@@ -68,49 +179,36 @@ def extract_features(
     cache
         Read and write the on-disk cache (``$SPADE_SD_CACHE_DIR/features``).
     out
-        Optional ``(len(patches), backbone.dim)`` float32 array (e.g. a memory map) written batch by batch, so
+        Optional ``(len(patches), backbone.dim)`` float32 array (e.g. a memory map) written chunk by chunk, so
         very many patches never sit in memory at once.
 
     Returns
     -------
     float32 array ``(len(patches), backbone.dim)``.
     """
-    path = _features_cache_dir() / f"{cache_key(patches, backbone)}.npy" if cache else None
-    if path is not None and path.is_file():
-        features = np.load(path, allow_pickle=False)
-        if features.shape == (len(patches), backbone.dim):
-            logger.info("Read %d cached %s features from %s", len(features), backbone.name, path)
-            if out is not None:
-                out[:] = features
-                return out
-            return features
-        logger.warning(
-            "Ignoring cached features of shape %s at %s: expected %s",
-            features.shape,
-            path,
-            (len(patches), backbone.dim),
-        )
-
-    start = time.perf_counter()
     features = out if out is not None else np.empty((len(patches), backbone.dim), dtype=np.float32)
-    for indices, batch in iter_batches(patches, batch_size):
-        features[indices] = backbone(batch)
-    elapsed = time.perf_counter() - start
-    logger.info(
-        "Encoded %d patches with %s in %.1f s (%.1f patches/s)",
-        len(patches),
-        backbone.name,
-        elapsed,
-        len(patches) / max(elapsed, 1e-9),
-    )
-    if not np.isfinite(features).all():
-        raise FloatingPointError(f"Backbone {backbone.name!r} produced non-finite features; nothing was cached.")
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.partial.npy")
-        np.save(partial, np.asarray(features))
-        partial.replace(path)
+    if features.shape != (len(patches), backbone.dim):
+        raise ValueError(f"Expected out of shape {(len(patches), backbone.dim)}, found {features.shape}.")
+    for start, chunk in iter_features(patches, backbone, batch_size=batch_size, cache=cache):
+        features[start : start + len(chunk)] = chunk
     return features
+
+
+def resolve_patches(
+    sdata,
+    *,
+    image_key: str | None = None,
+    shapes_key: str | None = None,
+    table_key: str | None = None,
+    size_um: float = 112.0,
+    size_px: int = 224,
+    mpp: float | None = None,
+):
+    """The :class:`~spade_sd._geometry.SpotGeometry` of a SpatialData's spots and their lazy :class:`SpotPatches`."""
+    from ._geometry import resolve_geometry
+
+    geometry = resolve_geometry(sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=mpp)
+    return geometry, SpotPatches(sdata.images[geometry.image_key], geometry, size_um=size_um, size_px=size_px)
 
 
 def spot_features(
@@ -133,8 +231,13 @@ def spot_features(
     The :class:`~spade_sd._geometry.SpotGeometry` and the float32 features ``(n_spots, backbone.dim)`` in the
     order of ``geometry.table_rows``.
     """
-    from ._geometry import resolve_geometry
-
-    geometry = resolve_geometry(sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=mpp)
-    patches = SpotPatches(sdata.images[geometry.image_key], geometry, size_um=size_um, size_px=size_px)
+    geometry, patches = resolve_patches(
+        sdata,
+        image_key=image_key,
+        shapes_key=shapes_key,
+        table_key=table_key,
+        size_um=size_um,
+        size_px=size_px,
+        mpp=mpp,
+    )
     return geometry, extract_features(patches, backbone, batch_size=batch_size, cache=cache)

@@ -109,6 +109,9 @@ class SpadeModel:
     def embed_features(self, features: np.ndarray, *, hard: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Image-side embedding of backbone features.
 
+        Works through the rows in chunks, so ``features`` may be a memory map of a whole slide's tiles: only the
+        ``(n, out_dim)`` embedding and ``(n, n_experts)`` weights are held in memory, never a standardised copy.
+
         Parameters
         ----------
         features
@@ -120,9 +123,14 @@ class SpadeModel:
         -------
         The embedding ``(n, out_dim)`` and the expert weights ``(n, n_experts)``.
         """
-        standardised = self.standardise(features)
-        weights = expert_weights(standardised, self.clustering, tau=self.tau, hard=hard)
-        return self._heads(standardised, weights, "image"), weights
+        n = len(features)
+        embedding = np.empty((n, self.mixture.config["out_dim"]), dtype=np.float32)
+        weights = np.empty((n, self.n_experts), dtype=np.float32)
+        for start in range(0, max(n, 1), _CHUNK):
+            standardised = self.standardise(features[start : start + _CHUNK])
+            weights[start : start + _CHUNK] = expert_weights(standardised, self.clustering, tau=self.tau, hard=hard)
+            embedding[start : start + _CHUNK] = self._heads(standardised, weights[start : start + _CHUNK], "image")
+        return embedding, weights
 
     def embed_expression(self, expression: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """Gene-side embedding ``(n, out_dim)`` of panel expression (``panel.transform``) under given weights."""

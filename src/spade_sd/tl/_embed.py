@@ -19,6 +19,18 @@ def _result_keys(key_added: str) -> dict[str, str]:
     }
 
 
+def _embed_patches(model, patches, *, hard: bool, batch_size: int, cache: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Embedding and expert weights of every patch, streaming the backbone features chunk by chunk."""
+    from .._features import iter_features
+
+    embedding = np.empty((len(patches), model.mixture.config["out_dim"]), dtype=np.float32)
+    weights = np.empty((len(patches), model.n_experts), dtype=np.float32)
+    for start, features in iter_features(patches, model.backbone, batch_size=batch_size, cache=cache):
+        stop = start + len(features)
+        embedding[start:stop], weights[start:stop] = model.embed_features(features, hard=hard)
+    return embedding, weights
+
+
 def embed(
     sdata: SpatialData,
     model=None,
@@ -72,9 +84,11 @@ def embed(
     ``.uns['spade']``
         Parameters, the model's identity and configuration, and package versions.
 
-    All outputs are computed before any is written, so a failure leaves the table as it was.
+    All outputs are computed before any is written, so a failure leaves the table as it was. Features are
+    computed (or read from the cache) and embedded a chunk of patches at a time, so a whole slide's backbone
+    features never sit in memory: peak memory grows only with the ``(n_obs, out_dim)`` outputs.
     """
-    from .._features import spot_features
+    from .._features import resolve_patches
     from .._model import SpadeModel
 
     if model is None:
@@ -89,17 +103,14 @@ def embed(
     if genes not in (None, True, False):
         raise ValueError(f"genes must be None, True or False; found {genes!r}.")
     patches = model.config["patches"]
-    geometry, features = spot_features(
+    geometry, spot_patches = resolve_patches(
         sdata,
-        model.backbone,
         image_key=image_key,
         shapes_key=shapes_key,
         table_key=table_key,
         size_um=patches["size_um"],
         size_px=patches["size_px"],
         mpp=mpp,
-        batch_size=batch_size,
-        cache=cache,
     )
     table = sdata.tables[geometry.table_key]
     rows = geometry.table_rows
@@ -111,7 +122,7 @@ def embed(
             f"(e.g. {missing[:10]}); the gene-side embedding needs them all. Pass genes=False to skip it."
         )
 
-    embedding, weights = model.embed_features(features, hard=hard)
+    embedding, weights = _embed_patches(model, spot_patches, hard=hard, batch_size=batch_size, cache=cache)
     keys = _result_keys(key_added)
     outputs = {
         keys["embedding"]: rows_filled(table, rows, embedding, keys["embedding"]),

@@ -1,0 +1,333 @@
+"""Quality benchmark: does the SPADE embedding know more about expression than the features it was trained from?
+
+Leave-one-section-out on the mouse olfactory bulb (MOB1–3) and on her2st (C2–C5). For each held-out section a
+SPADE model is trained on the other sections (``sd.tl.pretrain``), every section is embedded with it
+(``sd.tl.embed``), and the held-out section is scored with the array-level evaluations of
+:mod:`spade_sd._evaluation`:
+
+- ``probe (hest α)`` / ``probe (cv α)``: HEST ridge probe trained on the training sections, tested on the
+  held-out one (α = 100 / (d · n_genes), or tuned by inner leave-one-section-out CV);
+- ``few-shot probe 20%``: the same probe trained on 20 % of the held-out section's spots (repeated draws);
+- ``kNN retrieval``: expression predicted from the 50 most similar training-section spots;
+- ``recall@k``: gene → image retrieval within the held-out section (SPADE only: it has a gene side);
+- ``balanced_accuracy@k``: few-shot classification of Leiden expression domains of the held-out section.
+
+Targets are the log1p-normalised top-50 HVGs shared by the data set's sections (``GenePanel``, ``"global"``).
+Raw encoders (frozen backbone features, a randomly initialised CNN, classical morphology descriptors) need no
+training, so their fold "model" is the identity.
+
+Run ``python benchmarks/quality.py --out benchmarks/results`` (about 10–20 min on 2 CPU cores, first run
+longer while features are cached). Variants are named on the command line: ``backbone``, ``random_cnn``,
+``morphology`` or ``spade`` followed by pretrain keyword overrides, e.g. ``spade:n_experts=4,loss=clip``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+os.environ.setdefault("SPADE_SD_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache"))
+os.environ.setdefault("SPADE_SD_DATA_DIR", "/work/shared/data")
+
+import spade_sd as sd
+from spade_sd import _evaluation as ev
+from spade_sd._genes import GenePanel
+from spade_sd._morphology import MorphologyFeatures
+
+log = logging.getLogger("quality")
+
+DATASETS = {
+    "mob": (sd.datasets.mouse_olfactory_bulb, ("MOB1", "MOB2", "MOB3")),
+    "her2st": (sd.datasets.her2st, ("C2", "C3", "C4", "C5")),
+}
+RAW_ENCODERS = ("backbone", "random_cnn", "morphology")
+DEFAULT_VARIANTS = (
+    "backbone",
+    "random_cnn",
+    "morphology",
+    "spade:n_experts=1",
+    "spade:n_experts=2",
+    "spade:n_experts=4",
+    "spade:n_experts=8",
+    "spade:n_experts=1,loss=clip",
+    "spade:n_experts=4,loss=clip",
+)
+METRIC_ORDER = (
+    "probe (hest α)",
+    "probe (cv α)",
+    "few-shot probe 20%",
+    "kNN retrieval",
+    "recall@10",
+    "balanced_accuracy@5",
+)
+
+
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """``"spade:n_experts=4,loss=clip"`` → ``("spade", {"n_experts": 4, "loss": "clip"})``."""
+    kind, _, args = spec.partition(":")
+    if kind not in (*RAW_ENCODERS, "spade"):
+        raise ValueError(f"Unknown variant {spec!r}; start it with one of {[*RAW_ENCODERS, 'spade']}.")
+    kwargs = dict(item.split("=", 1) for item in args.split(",") if item)
+    return kind, {key: _value(value) for key, value in kwargs.items()}
+
+
+def _backbone(kind: str) -> sd.Backbone:
+    if kind == "backbone":
+        return sd.Backbone()
+    if kind == "random_cnn":
+        return sd.Backbone(None, pretrained=False)
+    return sd.Backbone(MorphologyFeatures())
+
+
+def _spots(table) -> np.ndarray:
+    return np.isfinite(np.asarray(table.obsm["X_backbone"])).all(axis=1)
+
+
+class Section:
+    """One section: its SpatialData, the spots with a patch, their targets and expression domains."""
+
+    def __init__(self, name: str, sdata, patch: dict) -> None:
+        self.name, self.sdata = name, sdata
+        self.table = sdata.tables["table"]
+        sd.tl.features(sdata, **patch)
+        self.rows = _spots(self.table)
+
+    def rep(self, key: str) -> np.ndarray:
+        return np.asarray(self.table.obsm[key], dtype=np.float64)[self.rows]
+
+
+def load(dataset: str, patch: dict) -> tuple[list[Section], np.ndarray, np.ndarray, list[str]]:
+    loader, names = DATASETS[dataset]
+    sections = []
+    for name in names:
+        start = time.perf_counter()
+        sections.append(Section(name, loader(name), patch))
+        log.info("%s: %d spots, default features in %.0f s", name, sections[-1].rows.sum(), time.perf_counter() - start)
+    panel = GenePanel.fit([s.table[s.rows] for s in sections], n_top_genes=50, flavor="global")
+    Y = np.concatenate([panel.transform(s.table[s.rows]) for s in sections])
+    section = np.concatenate([np.full(s.rows.sum(), s.name) for s in sections])
+    return sections, Y, section, list(panel.genes)
+
+
+def _named(df: pd.DataFrame, metric: str | None, **columns) -> pd.DataFrame:
+    df = df.assign(**columns)
+    if metric is not None:
+        df["metric"] = metric
+    return df
+
+
+def held_out_probe(X, Y, section, held_out, *, alpha, genes, label, seed) -> pd.DataFrame:
+    """The fold ``held_out`` of :func:`~spade_sd._evaluation.ridge_probe`, without fitting the other folds.
+
+    Same fit as ``ridge_probe(X, Y, section, ...)`` restricted to that fold (scaler → PCA → ridge on the other
+    sections; ``alpha="cv"`` tuned by inner leave-one-section-out CV over them). The other folds' probes would be
+    fitted on sections the fold's model was trained on, so they are not wanted; skipping them saves 2/3 of the
+    probe time on MOB.
+    """
+    test = section == held_out
+    prediction, alpha_used = ev._fit_predict(
+        X[~test], Y[~test], X[test], groups=section[~test], alpha=alpha, n_components=256, alphas=None, seed=seed
+    )
+    r = ev._pearson_per_gene(Y[test], prediction)
+    sizes = {"n_train": int((~test).sum()), "n_test": int(test.sum()), "alpha": alpha_used}
+    return ev._gene_frame(label, np.asarray(genes), r, replicate={"fold": held_out}, **sizes)
+
+
+def evaluate_fold(
+    label: str,
+    X: np.ndarray,
+    G: np.ndarray | None,
+    Y: np.ndarray,
+    section: np.ndarray,
+    held_out: str,
+    domains: np.ndarray,
+    genes: list[str],
+    *,
+    n_repeats: int,
+    seed: int,
+    probes: dict | None = None,
+) -> list[pd.DataFrame]:
+    """Score the held-out section given every section's representation by the fold's model.
+
+    ``probes`` memoises the leave-one-section-out ridge probes of representations that do not depend on the
+    fold (raw features): their single LOSO run already holds every fold.
+    """
+    test = section == held_out
+    frames = []
+    for alpha, metric in (("hest", "probe (hest α)"), ("cv", "probe (cv α)")):
+        key = (label, alpha)
+        if probes is not None:
+            if key not in probes:  # fold-independent features: one LOSO run holds every fold
+                probes[key] = ev.ridge_probe(X, Y, section, alpha=alpha, genes=genes, label=label, seed=seed)
+            probe = probes[key][probes[key]["fold"] == held_out]
+        else:
+            probe = held_out_probe(X, Y, section, held_out, alpha=alpha, genes=genes, label=label, seed=seed)
+        frames.append(_named(probe, metric, task=f"probe_{alpha}"))
+    few = ev.few_shot_probe(
+        X, Y, section, test_slide=held_out, fraction=0.2, n_repeats=n_repeats, genes=genes, label=label, seed=seed
+    )
+    frames.append(_named(few, "few-shot probe 20%", task="few_shot"))
+    knn = ev.knn_expression(X[test], X[~test], Y[~test], Y[test], k=50, genes=genes, label=label)
+    frames.append(_named(knn, "kNN retrieval", task="knn", fold=held_out))
+    if G is not None:
+        recall = ev.gene_to_image_recall(G[test], X[test], ks=(1, 5, 10, 50), label=label)
+        frames.append(_named(recall, None, task="gene_to_image", fold=held_out))
+    classes = ev.few_shot_classification(X[test], domains, k=(1, 5, 10), n_repeats=n_repeats, label=label, seed=seed)
+    frames.append(_named(classes, None, task="classification", fold=held_out))
+    return frames
+
+
+def run_dataset(dataset: str, variants: list[str], *, patch: dict, n_repeats: int, seeds: list[int]) -> pd.DataFrame:
+    sections, Y, section, genes = load(dataset, patch)
+    domains = {s.name: ev.expression_domains(Y[section == s.name], seed=0) for s in sections}
+    log.info(
+        "%s: %d spots, %d genes, domains per section %s",
+        dataset,
+        len(Y),
+        len(genes),
+        {k: int(v.max() + 1) for k, v in domains.items()},
+    )
+    frames, probes, timings = [], {}, {}
+    for spec in variants:
+        kind, kwargs = parse_variant(spec)
+        start = time.perf_counter()
+        if kind in RAW_ENCODERS:
+            key = f"X_{kind}"
+            for s in sections:
+                if key not in s.table.obsm:
+                    sd.tl.features(s.sdata, backbone=_backbone(kind), key_added=key, **patch)
+            X = np.concatenate([s.rep(key) for s in sections])
+            for held_out in (s.name for s in sections):
+                frames += evaluate_fold(
+                    spec,
+                    X,
+                    None,
+                    Y,
+                    section,
+                    held_out,
+                    domains[held_out],
+                    genes,
+                    n_repeats=n_repeats,
+                    seed=0,
+                    probes=probes,
+                )
+        else:
+            for seed in seeds:
+                label = spec if len(seeds) == 1 else f"{spec}#{seed}"
+                for s_out in sections:
+                    train = [s.sdata for s in sections if s is not s_out]
+                    options = {"quiet": True, "seed": seed, **patch, **kwargs}
+                    model = sd.tl.pretrain(train, **options)
+                    for s in sections:
+                        sd.tl.embed(s.sdata, model)
+                    X = np.concatenate([s.rep("X_spade") for s in sections])
+                    G = np.concatenate([s.rep("X_spade_gene") for s in sections])
+                    fold = evaluate_fold(
+                        label, X, G, Y, section, s_out.name, domains[s_out.name], genes, n_repeats=n_repeats, seed=0
+                    )
+                    epochs = model.history.get("epochs")
+                    frames += [f.assign(seed=seed, epochs=epochs) for f in fold]
+        timings[spec] = time.perf_counter() - start
+        log.info("%s / %s done in %.0f s", dataset, spec, timings[spec])
+    df = pd.concat(frames, ignore_index=True).assign(dataset=dataset)
+    df.attrs["timings"] = timings
+    return df
+
+
+def summary_table(df: pd.DataFrame) -> pd.DataFrame:
+    """encoder × metric table of ``mean ± std`` (over folds, and over repeats where there are some)."""
+    rows = []
+    for dataset, part in df.groupby("dataset", sort=False):
+        summary = ev.summarize(part.drop(columns=["group"], errors="ignore"))
+        summary = summary[summary["metric"].isin(METRIC_ORDER)]
+        summary["cell"] = summary.apply(lambda r: f"{r['mean']:.3f} ± {r['std']:.3f}", axis=1)
+        table = summary.pivot(index="encoder", columns="metric", values="cell")
+        table = table.reindex(
+            index=list(dict.fromkeys(part["encoder"])), columns=[m for m in METRIC_ORDER if m in table.columns]
+        )
+        table.insert(0, "dataset", dataset)
+        rows.append(table.fillna("–"))
+    return pd.concat(rows)
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    header = ["encoder", *table.columns]
+    rows = [[str(index), *map(str, values)] for index, values in zip(table.index, table.to_numpy(), strict=True)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def write(df: pd.DataFrame, out: Path, tag: str, config: dict) -> pd.DataFrame:
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / f"quality_{tag}.csv", index=False)
+    table = summary_table(df)
+    numbers = ev.summarize(
+        df.drop(columns=["group"], errors="ignore").assign(encoder=df["dataset"] + " | " + df["encoder"])
+    )
+    with (out / f"quality_{tag}.json").open("w") as fh:
+        json.dump({"config": config, "summary": numbers.to_dict(orient="records")}, fh, indent=1, default=str)
+    lines = [
+        f"# SPADE quality benchmark ({tag})",
+        "",
+        "Leave-one-section-out; mean ± std over held-out sections "
+        "(and over repeated draws for the few-shot tasks). Config: `" + json.dumps(config) + "`",
+        "",
+    ]
+    for dataset, part in table.groupby("dataset", sort=False):
+        lines += [f"## {dataset}", "", _markdown(part.drop(columns="dataset")), ""]
+    (out / f"quality_{tag}.md").write_text("\n".join(lines))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    for dataset, part in df.groupby("dataset", sort=False):
+        shown = part[part["metric"].isin([*METRIC_ORDER, "chance@10"])]
+        fig = sd.pl.benchmark(shown, return_fig=True, show=False)
+        fig.savefig(out / f"quality_{tag}_{dataset}.png", dpi=120, bbox_inches="tight")
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
+    parser.add_argument("--tag", default="summary", help="results are written as quality_<tag>.{csv,json,md,png}")
+    parser.add_argument("--size-um", type=float, default=112.0, help="patch side in µm (features and SPADE)")
+    parser.add_argument("--size-px", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=5, help="draws of the few-shot tasks per section")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="SPADE training seeds")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("spade_sd").setLevel(logging.WARNING)
+    patch = {"size_um": args.size_um, "size_px": args.size_px}
+    start = time.perf_counter()
+    frames, timings = [], {}
+    for dataset in args.datasets:
+        df = run_dataset(dataset, args.variants, patch=patch, n_repeats=args.repeats, seeds=args.seeds)
+        timings[dataset] = df.attrs["timings"]
+        frames.append(df)
+    df = pd.concat(frames, ignore_index=True)
+    config = {**vars(args), "out": str(args.out), "timings_s": timings, "total_s": time.perf_counter() - start}
+    table = write(df, args.out, args.tag, config)
+    print(_markdown(table))
+    print(f"total {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

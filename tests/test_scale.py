@@ -1,0 +1,147 @@
+"""Whole-slide scale: features stream in chunks, the cache is written incrementally, embedding memory stays bounded."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import dask.array as da
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pytest
+import shapely
+import torch
+from anndata import AnnData
+from spatialdata import SpatialData
+from spatialdata.models import Image2DModel, ShapesModel, TableModel
+from spatialdata.transformations import Identity
+
+import spade_sd as sd
+from spade_sd import _features, _model
+from spade_sd._clustering import ExpertClustering, FeatureScaler
+from spade_sd._experts import ExpertMixture
+from spade_sd._features import extract_features, iter_features, resolve_patches
+from spade_sd._genes import GenePanel
+
+DIM = 1280
+TILE_PX = 224  # 112 µm at 0.5 µm/px
+
+
+def _tiled_slide(n_side: int, chunk: int = 896) -> SpatialData:
+    """A lazily generated single-scale slide covered by ``n_side²`` 112-µm square tiles, as tile_image makes them.
+
+    Each chunk is one grey level broadcast over the chunk, so generating pixels costs nothing.
+    """
+
+    def block(block_info=None):
+        (y0, y1), (x0, x1) = block_info[None]["array-location"][1:]
+        return np.broadcast_to(np.uint8((y0 // 7 + x0 // 11) % 200 + 30), (3, y1 - y0, x1 - x0))
+
+    side = n_side * TILE_PX
+    blocks = (chunk,) * (side // chunk) + ((side % chunk,) if side % chunk else ())
+    lazy = da.map_blocks(block, dtype=np.uint8, chunks=((3,), blocks, blocks))
+    image = Image2DModel.parse(lazy, dims=("c", "y", "x"))
+    x0, y0 = (a.ravel() for a in np.meshgrid(np.arange(n_side) * TILE_PX, np.arange(n_side) * TILE_PX))
+    ids = np.arange(len(x0)).astype(str)
+    shapes = ShapesModel.parse(
+        gpd.GeoDataFrame(geometry=shapely.box(x0, y0, x0 + TILE_PX, y0 + TILE_PX), index=ids),
+        transformations={"global": Identity()},
+    )
+    obs = pd.DataFrame({"tile_id": ids, "region": pd.Categorical(["tiles"] * len(ids))}, index=ids)
+    table = TableModel.parse(AnnData(obs=obs), region="tiles", region_key="region", instance_key="tile_id")
+    table.uns["spade_sd"] = {"mpp": 0.5}
+    return SpatialData(images={"slide": image}, shapes={"tiles": shapes}, tables={"table": table})
+
+
+def pixel_statistics(patches: np.ndarray) -> np.ndarray:
+    """A fast stand-in backbone: per-channel means and quartiles, spread over 1280 dimensions."""
+    flat = patches.reshape(len(patches), -1, 3).astype(np.float32)
+    stats = np.concatenate([flat.mean(axis=1), *np.percentile(flat, [25, 50, 75], axis=1)], axis=1)
+    return np.tile(stats, DIM // stats.shape[1] + 1)[:, :DIM] * np.linspace(0.5, 1.5, DIM, dtype=np.float32)
+
+
+def _model_for(backbone, size_px: int, n_experts: int = 3) -> _model.SpadeModel:
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    return _model.SpadeModel(
+        backbone=backbone,
+        panel=GenePanel(genes=["g0", "g1"]),
+        scaler=FeatureScaler(np.full(DIM, 100.0), np.full(DIM, 30.0)),
+        clustering=ExpertClustering(
+            centroids=rng.normal(size=(6, DIM)).astype(np.float32),
+            centroid_expert=np.arange(6) % n_experts,
+            centroid_group=np.zeros(6, dtype=int),
+            n_experts=n_experts,
+        ),
+        mixture=ExpertMixture(n_experts, DIM, 2, out_dim=16),
+        tau=5.0,
+        config={"patches": {"size_um": 112.0, "size_px": size_px}},
+    )
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPADE_SD_CACHE_DIR", str(tmp_path))
+    return tmp_path / "features"
+
+
+def test_features_stream_in_chunks_and_cache_incrementally(cache):
+    _, patches = resolve_patches(_tiled_slide(7), size_px=32)
+    backbone = sd.Backbone(pixel_statistics, dim=DIM)
+    whole = extract_features(patches, backbone, cache=False)
+    chunks = list(iter_features(patches, backbone, batch_size=8, chunk_size=20))
+    assert [start for start, _ in chunks] == [0, 24, 48]  # chunks are whole batches
+    np.testing.assert_array_equal(np.concatenate([c for _, c in chunks]), whole)
+    (cached,) = cache.glob("*.npy")
+    assert not list(cache.glob("*.partial.npy"))
+    np.testing.assert_array_equal(np.load(cached), whole)
+    again = list(iter_features(patches, backbone, chunk_size=30))
+    assert [start for start, _ in again] == [0, 30]
+    np.testing.assert_array_equal(np.concatenate([c for _, c in again]), whole)
+
+
+def test_interrupted_extraction_leaves_no_cache(cache):
+    _, patches = resolve_patches(_tiled_slide(4), size_px=32)
+    stream = iter_features(patches, sd.Backbone(pixel_statistics, dim=DIM), batch_size=4, chunk_size=4)
+    next(stream)
+    stream.close()
+    assert not list(cache.glob("*.npy"))
+
+
+def test_embed_features_in_chunks_equals_at_once(monkeypatch):
+    model = _model_for(sd.Backbone(pixel_statistics, dim=DIM), 32)
+    features = np.random.default_rng(1).normal(100, 30, size=(50, DIM)).astype(np.float32)
+    expected = model.embed_features(features)
+    monkeypatch.setattr(_model, "_CHUNK", 7)
+    found = model.embed_features(features)
+    for a, b in zip(found, expected, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert [a.shape for a in model.embed_features(features[:0])] == [(0, 16), (0, 3)]
+
+
+def _embed_peak(n_side: int) -> tuple[SpatialData, int]:
+    sdata = _tiled_slide(n_side)
+    model = _model_for(sd.Backbone(pixel_statistics, dim=DIM), 32)
+    tracemalloc.start()
+    sd.tl.embed(sdata, model, genes=False, batch_size=16)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return sdata, peak
+
+
+def test_embedding_a_slide_never_holds_all_features(cache, monkeypatch):
+    """tl.embed's peak memory grows with the (n, out_dim) embedding, not with the (n_tiles × 1280) features."""
+    monkeypatch.setattr(_features, "CHUNK_SIZE", 128)
+    _, small = _embed_peak(8)
+    sdata, large = _embed_peak(48)  # 2304 tiles, whose features alone take 11.8 MB
+    table = sdata.tables["table"]
+    embedding = table.obsm["X_spade"]
+    assert embedding.shape == (table.n_obs, 16) and np.isfinite(embedding).all()
+    features_bytes = table.n_obs * DIM * 4
+    assert large - small < features_bytes / 2, (
+        f"peak traced memory grew by {(large - small) / 1e6:.1f} MB from 64 to {table.n_obs} tiles; "
+        f"their features take {features_bytes / 1e6:.1f} MB"
+    )
+    # a second run reads the cache chunk by chunk and gives the same embedding
+    sd.tl.embed(sdata, _model_for(sd.Backbone(pixel_statistics, dim=DIM), 32), genes=False, key_added="X_again")
+    np.testing.assert_array_equal(table.obsm["X_again"], embedding)
