@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from spatialdata import SpatialData
 
-from .._geometry import resolve_geometry
+from .._features import resolve_patches
 from .._patches import SpotPatches
 
 
@@ -49,5 +49,13 @@ def spot_patches(
     >>> patches[0].shape
     (224, 224, 3)
     """
-    geometry = resolve_geometry(sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=mpp)
-    return SpotPatches(sdata.images[geometry.image_key], geometry, size_um=size_um, size_px=size_px)
+    _, patches = resolve_patches(
+        sdata,
+        image_key=image_key,
+        shapes_key=shapes_key,
+        table_key=table_key,
+        size_um=size_um,
+        size_px=size_px,
+        mpp=mpp,
+    )
+    return patches
