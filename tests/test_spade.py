@@ -137,6 +137,7 @@ def test_panel_or_backbone_that_does_not_fit(trained):
     sdata.tables["table"] = table[:, [g for g in table.var_names if g != missing]].copy()
     with pytest.raises(ValueError, match=rf"lacks 1 of the model's .*{missing}"):
         sd.tl.embed(sdata, model, genes=True)
+    sdata.tables["table"].obsm["X_spade_gene"] = np.zeros((sdata.tables["table"].n_obs, 256))  # an earlier run's
     sd.tl.embed(sdata, model)  # genes=None: image side only
     assert "X_spade" in sdata.tables["table"].obsm and "X_spade_gene" not in sdata.tables["table"].obsm
     with pytest.raises(ValueError, match="trained on .*-d features"):

@@ -141,6 +141,10 @@ def embed(
 
     for key, value in outputs.items():
         table.obsm[key] = value
+    if keys["gene"] not in outputs and keys["gene"] in table.obsm and len(rows) == table.n_obs:
+        # a gene-side embedding of an earlier run would no longer match the new image side
+        del table.obsm[keys["gene"]]
+        logger.info("Removed the earlier .obsm[%r]: this run computed no gene-side embedding", keys["gene"])
     table.obs[keys["expert"]] = pd.Categorical(expert, categories=categories)
     table.uns[keys["uns"]] = {
         "params": {
