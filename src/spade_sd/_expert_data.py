@@ -1,0 +1,244 @@
+"""Data plumbing of expert training: spots as tensors, batches within one expert, validation held out by slide."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ._logging import logger
+
+MIN_SLIDES_FOR_SLIDE_VALIDATION = 4
+
+
+class SpotDataset(Dataset):
+    """In-memory (image feature, expression, expert) triples; a list of indices is fetched as one batch."""
+
+    def __init__(self, X: np.ndarray, Y: np.ndarray, expert_idx: np.ndarray) -> None:
+        self.X = torch.as_tensor(np.asarray(X, dtype=np.float32))
+        self.Y = torch.as_tensor(np.asarray(Y, dtype=np.float32))
+        self.expert = torch.as_tensor(np.asarray(expert_idx, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return self.X.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.X[i], self.Y[i], self.expert[i]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # one fancy-indexing per batch instead of per spot; the DataLoader's collate_fn passes it through
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.X[idx], self.Y[idx], self.expert[idx]
+
+
+def _keep_batch(batch: Any) -> Any:
+    return batch
+
+
+class ExpertBatchSampler(Sampler[list[int]]):
+    """Batches that each hold spots of one expert, in a random interleaving of the experts.
+
+    Each epoch, every expert's spots are shuffled (generator seeded by ``(seed, epoch)``) and cut into global
+    batches of ``batch_size * num_replicas`` spots; a batch is trimmed to a multiple of ``num_replicas`` and
+    kept only if it still holds at least 2 spots (and one per process). The batches of all experts are then
+    shuffled together. Under DDP every process builds the same global batches and takes its own equal slice,
+    so at each step all processes train the same expert.
+
+    Parameters
+    ----------
+    expert_idx
+        Expert of each spot of the dataset.
+    batch_size
+        Spots per batch per process.
+    shuffle
+        Shuffle spots and batch order (training); otherwise a fixed order (validation).
+    seed
+        Seed of the shuffling.
+    num_replicas
+        Number of processes.
+    rank
+        This process's rank.
+    """
+
+    def __init__(
+        self,
+        expert_idx: np.ndarray,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if batch_size < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"Invalid batch_size={batch_size}, rank={rank}, num_replicas={num_replicas}.")
+        self.expert_idx = np.asarray(expert_idx)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch = 0
+        self._length = len(self._global_batches(0))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Shuffle as in epoch ``epoch``; without calls, each pass over the sampler counts as the next epoch."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._global_batches(self.epoch)
+        self.epoch += 1
+        for batch in batches:
+            per_process = len(batch) // self.num_replicas
+            yield batch[self.rank * per_process : (self.rank + 1) * per_process].tolist()
+
+    def _global_batches(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        world, size = self.num_replicas, self.batch_size * self.num_replicas
+        batches = []
+        for expert in np.unique(self.expert_idx):
+            idx = np.flatnonzero(self.expert_idx == expert)
+            if self.shuffle:
+                idx = rng.permutation(idx)
+            for start in range(0, len(idx), size):
+                batch = idx[start : start + size]
+                batch = batch[: len(batch) - len(batch) % world]
+                if len(batch) >= max(2, world):
+                    batches.append(batch)
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+
+def split_by_slide(
+    slide: np.ndarray,
+    *,
+    val_slides: Sequence | None = None,
+    val_fraction: float = 0.2,
+    coords: np.ndarray | None = None,
+    min_val_slides: int = MIN_SLIDES_FOR_SLIDE_VALIDATION,
+    seed: int = 0,
+) -> np.ndarray:
+    """Boolean mask of the validation spots, holding out whole slides (or, with few slides, a block of each).
+
+    Parameters
+    ----------
+    slide
+        Slide label of each spot.
+    val_slides
+        Slides to hold out; if ``None``, ``round(val_fraction * n_slides)`` slides (at least 1, at most all but
+        one) are drawn with ``seed``. An empty list or ``val_fraction=0`` means no validation.
+    val_fraction
+        Fraction of slides (or, for blocks, of each slide's extent) to hold out.
+    coords
+        Spot coordinates (n, 2), each slide in its own frame. With fewer than ``min_val_slides`` slides (and
+        ``val_slides`` not given), the spots in the last ``val_fraction`` of every slide's longer axis form a
+        spatially contiguous validation block of that slide. Without coordinates a single slide gets no
+        validation (a warning says so) and early stopping falls back to the training loss.
+    min_val_slides
+        Fewest slides for which whole slides are held out. Holding out one of two or three slides would leave
+        a half or a third of the few hundred spots of small ST studies unseen by the heads (leave-one-section-out
+        on the three olfactory bulb sections trains on two); a block of each slide keeps every slide in training.
+    seed
+        Seed of the slide draw.
+
+    Returns
+    -------
+    Boolean array (n_spots,), True for validation spots.
+    """
+    slide = np.asarray(slide)
+    slides = np.unique(slide)
+    if val_slides is not None:
+        missing = set(np.asarray(val_slides).tolist()) - set(slides.tolist())
+        if missing:
+            raise ValueError(f"val_slides {sorted(missing)} are not among the slides {slides.tolist()}.")
+        mask = np.isin(slide, np.asarray(val_slides))
+        if mask.all():
+            raise ValueError("val_slides holds out every slide; leave at least one slide for training.")
+        return mask
+    if val_fraction <= 0:
+        return np.zeros(slide.shape[0], dtype=bool)
+    if coords is not None and 1 < len(slides) < min_val_slides:
+        return _blocks(slide, np.asarray(coords, dtype=np.float64), val_fraction)
+    if len(slides) > 1:
+        n_val = min(max(1, round(val_fraction * len(slides))), len(slides) - 1)
+        chosen = np.random.default_rng(seed).choice(slides, size=n_val, replace=False)
+        return np.isin(slide, chosen)
+    if coords is None:
+        logger.warning(
+            "Only one slide and no coordinates: training without validation; early stopping and the returned "
+            "weights follow the training loss, which does not measure generalisation."
+        )
+        return np.zeros(slide.shape[0], dtype=bool)
+    logger.warning(
+        "Only one slide: validating on a spatially contiguous block (the last %.0f%% along its longer axis); "
+        "neighbouring spots across the block's border are correlated, so the validation loss is optimistic.",
+        100 * val_fraction,
+    )
+    return _blocks(slide, np.asarray(coords, dtype=np.float64), val_fraction)
+
+
+def _blocks(slide: np.ndarray, coords: np.ndarray, val_fraction: float) -> np.ndarray:
+    """The last ``val_fraction`` of every slide along its longer axis."""
+    mask = np.zeros(slide.shape[0], dtype=bool)
+    for name in np.unique(slide):
+        rows = slide == name
+        xy = coords[rows]
+        axis = int(np.argmax(np.ptp(xy, axis=0)))
+        mask[rows] = xy[:, axis] > np.quantile(xy[:, axis], 1 - val_fraction)
+    return mask
+
+
+class ExpertDataModule(L.LightningDataModule):
+    """Training and validation batches, each from a single expert.
+
+    Parameters
+    ----------
+    X
+        Standardised image features, (n_spots, d).
+    Y
+        Log-normalised expression, (n_spots, n_genes).
+    expert_idx
+        Expert of each spot.
+    val_mask
+        True for validation spots.
+    batch_size
+        Spots per batch per process.
+    seed
+        Seed of the batch shuffling.
+    """
+
+    def __init__(
+        self,
+        X: np.ndarray,
+        Y: np.ndarray,
+        expert_idx: np.ndarray,
+        val_mask: np.ndarray,
+        *,
+        batch_size: int = 128,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.train_set = SpotDataset(X[~val_mask], Y[~val_mask], expert_idx[~val_mask])
+        self.val_set = SpotDataset(X[val_mask], Y[val_mask], expert_idx[val_mask])
+        self.batch_size, self.seed = batch_size, seed
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled single-expert batches; under DDP this process's slice of each global batch."""
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Single-expert validation batches in a fixed order."""
+        return self._loader(self.val_set, shuffle=False)
+
+    def _loader(self, dataset: SpotDataset, *, shuffle: bool) -> DataLoader:
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        sampler = ExpertBatchSampler(
+            dataset.expert.numpy(), self.batch_size, shuffle=shuffle, seed=self.seed, num_replicas=world, rank=rank
+        )
+        # in-memory tensors: worker processes would only add start-up and transfer costs
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=_keep_batch, num_workers=0)
