@@ -52,6 +52,7 @@ _HEAD_PREFIXES = ("head.", "classifier.", "fc.")
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 # A single ONNX protobuf cannot hold more; larger models stay on eager PyTorch
 _ONNX_MAX_BYTES = 2**31 - 1
+_ONNX_CPU_BATCH = 16
 _ONNX_TOLERANCE = 1e-3
 _ENGINES = ("auto", "torch", "onnxruntime")
 
@@ -539,7 +540,16 @@ class Backbone:
                     logger.info("backbone %s: weights changed since the ONNX export, exporting again", self.name)
                 self._session, self._session_state = self._onnx_session(), state
             session, input_name = self._session, self._session.get_inputs()[0].name
-            return lambda x: session.run(None, {input_name: x.contiguous().cpu().numpy()})[0]
+
+            def run(x: torch.Tensor) -> np.ndarray:
+                # onnxruntime's arena grows with the largest batch it ran: small runs keep its peak memory down
+                inputs = x.contiguous().cpu().numpy()
+                parts = range(0, len(inputs), _ONNX_CPU_BATCH)
+                return np.concatenate(
+                    [session.run(None, {input_name: inputs[i : i + _ONNX_CPU_BATCH]})[0] for i in parts]
+                )
+
+            return run
         return self._forward_torch
 
     def _choose_engine(self) -> str:
