@@ -191,6 +191,25 @@ def _rel_error(found: np.ndarray, expected: np.ndarray) -> float:
     return float(np.abs(found - expected).max() / max(np.abs(expected).max(), 1e-30))
 
 
+def tile_elements(x0: np.ndarray, y0: np.ndarray, ids: np.ndarray):
+    """Square 224-px tiles with top-left corners ``(x0, y0)`` as shapes, and the table annotating them."""
+    import geopandas as gpd
+    import pandas as pd
+    import shapely
+    from anndata import AnnData
+    from spatialdata.models import ShapesModel, TableModel
+    from spatialdata.transformations import Identity
+
+    shapes = ShapesModel.parse(
+        gpd.GeoDataFrame(geometry=shapely.box(x0, y0, x0 + TILE_PX, y0 + TILE_PX), index=ids),
+        transformations={"global": Identity()},
+    )
+    obs = pd.DataFrame({"tile_id": ids, "region": pd.Categorical(["tiles"] * len(ids))}, index=ids)
+    table = TableModel.parse(AnnData(obs=obs), region="tiles", region_key="region", instance_key="tile_id")
+    table.uns["spade_sd"] = {"mpp": MPP}
+    return shapes, table
+
+
 def lazy_slide(side_px: int, *, chunk: int = 1024, tiles: bool = True):
     """A lazily generated RGB slide (``side_px`` square at 0.5 µm/px, 4 pyramid levels) and square tiles over it.
 
@@ -198,13 +217,8 @@ def lazy_slide(side_px: int, *, chunk: int = 1024, tiles: bool = True):
     grid that ``sopa.patches`` lays with ``patch_width=224`` when ``side_px`` is a multiple of 224.
     """
     import dask.array as da
-    import geopandas as gpd
-    import pandas as pd
-    import shapely
-    from anndata import AnnData
     from spatialdata import SpatialData
-    from spatialdata.models import Image2DModel, ShapesModel, TableModel
-    from spatialdata.transformations import Identity
+    from spatialdata.models import Image2DModel
 
     def block(block_info=None):
         (y0, y1), (x0, x1) = block_info[None]["array-location"][1:]
@@ -221,13 +235,7 @@ def lazy_slide(side_px: int, *, chunk: int = 1024, tiles: bool = True):
         starts = np.arange(0, side_px - TILE_PX + 1, TILE_PX, dtype=float)
         x0, y0 = (a.ravel() for a in np.meshgrid(starts, starts))
         ids = np.arange(len(x0)).astype(str)
-        shapes = ShapesModel.parse(
-            gpd.GeoDataFrame(geometry=shapely.box(x0, y0, x0 + TILE_PX, y0 + TILE_PX), index=ids),
-            transformations={"global": Identity()},
-        )
-        obs = pd.DataFrame({"tile_id": ids, "region": pd.Categorical(["tiles"] * len(ids))}, index=ids)
-        table = TableModel.parse(AnnData(obs=obs), region="tiles", region_key="region", instance_key="tile_id")
-        table.uns["spade_sd"] = {"mpp": MPP}
+        shapes, table = tile_elements(x0, y0, ids)
         elements |= {"shapes": {"tiles": shapes}, "tables": {"table": table}}
     return SpatialData(**elements)
 
@@ -349,14 +357,8 @@ def memory_child(backbone_name: str, n_tiles: int, side_px: int) -> dict:
     import resource
     import tempfile
 
-    import geopandas as gpd
-    import pandas as pd
-    import shapely
     import torch
-    from anndata import AnnData
     from spatialdata import SpatialData
-    from spatialdata.models import ShapesModel, TableModel
-    from spatialdata.transformations import Identity
 
     import spade_sd as sd
     from spade_sd._clustering import ExpertClustering, FeatureScaler
@@ -371,13 +373,7 @@ def memory_child(backbone_name: str, n_tiles: int, side_px: int) -> dict:
     index = np.arange(first, first + n_tiles)
     x0, y0 = (index % per_row) * TILE_PX, (index // per_row) * TILE_PX
     ids = index.astype(str)
-    shapes = ShapesModel.parse(
-        gpd.GeoDataFrame(geometry=shapely.box(x0, y0, x0 + TILE_PX, y0 + TILE_PX), index=ids),
-        transformations={"global": Identity()},
-    )
-    obs = pd.DataFrame({"tile_id": ids, "region": pd.Categorical(["tiles"] * len(ids))}, index=ids)
-    table = TableModel.parse(AnnData(obs=obs), region="tiles", region_key="region", instance_key="tile_id")
-    table.uns["spade_sd"] = {"mpp": MPP}
+    shapes, table = tile_elements(x0, y0, ids)
     sdata = SpatialData(images=dict(slide.images), shapes={"tiles": shapes}, tables={"table": table})
     if backbone_name == "efficientnet_lite0":
         backbone = sd.Backbone()

@@ -124,28 +124,25 @@ def evaluate(
         if not keep.all():
             logger.info("%s: %d rows without values are left out", rep, int((~keep).sum()))
         x, y, s = X[keep], Y[keep], slide[keep]
-        runs = {
-            "probe": lambda x=x, y=y, s=s, rep=rep: ev.ridge_probe(
-                x, y, s, alpha="hest", genes=panel.genes, label=rep, seed=seed
-            ),
-            "probe_cv": lambda x=x, y=y, s=s, rep=rep: ev.ridge_probe(
-                x, y, s, alpha="cv", genes=panel.genes, label=rep, seed=seed
-            ),
-            "few_shot": lambda x=x, y=y, s=s, rep=rep: ev.few_shot_probe(
-                x, y, s, fraction=fraction, n_repeats=n_repeats, genes=panel.genes, label=rep, seed=seed
-            ),
-            "knn": lambda x=x, y=y, s=s, rep=rep: ev.knn_expression_cv(
-                x, y, s, k=k_neighbors, genes=panel.genes, label=rep
-            ),
-            "classification": lambda x=x, rep=rep, keep=keep: ev.few_shot_classification(
-                x, classes[keep], k=tuple(k_shots), n_repeats=n_repeats, label=rep, seed=seed
-            ),
-        }
         gene_rep = f"{rep}_gene"
-        if all(gene_rep in t.obsm for t in tables):
-            G = _stack(tables, gene_rep)[keep]
-            runs["gene_to_image"] = lambda G=G, x=x, s=s, rep=rep: ev.gene_to_image_recall(G, x, groups=s, label=rep)
+        G = _stack(tables, gene_rep)[keep] if all(gene_rep in t.obsm for t in tables) else None
         for task in tasks:
-            if task in runs:
-                results.append(runs[task]().assign(task=task))
+            if task == "gene_to_image" and G is None:
+                continue  # representations without a gene side
+            if task in ("probe", "probe_cv"):
+                alpha = "hest" if task == "probe" else "cv"
+                result = ev.ridge_probe(x, y, s, alpha=alpha, genes=panel.genes, label=rep, seed=seed)
+            elif task == "few_shot":
+                result = ev.few_shot_probe(
+                    x, y, s, fraction=fraction, n_repeats=n_repeats, genes=panel.genes, label=rep, seed=seed
+                )
+            elif task == "knn":
+                result = ev.knn_expression_cv(x, y, s, k=k_neighbors, genes=panel.genes, label=rep)
+            elif task == "classification":
+                result = ev.few_shot_classification(
+                    x, classes[keep], k=tuple(k_shots), n_repeats=n_repeats, label=rep, seed=seed
+                )
+            else:
+                result = ev.gene_to_image_recall(G, x, groups=s, label=rep)
+            results.append(result.assign(task=task))
     return pd.concat(results, ignore_index=True)
