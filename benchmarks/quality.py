@@ -8,8 +8,12 @@ SPADE model is trained on the other sections (``sd.tl.pretrain``), every section
 - ``probe (hest α)`` / ``probe (cv α)``: HEST ridge probe trained on the training sections, tested on the
   held-out one (α = 100 / (d · n_genes), or tuned by inner leave-one-section-out CV);
 - ``few-shot probe 20%``: the same probe trained on 20 % of the held-out section's spots (repeated draws);
-- ``kNN retrieval``: expression predicted from the 50 most similar training-section spots;
-- ``recall@k``: gene → image retrieval within the held-out section (SPADE only: it has a gene side);
+- ``kNN retrieval``: expression predicted from the 50 training-section spots whose image representations are
+  most similar (cosine; the same for every encoder);
+- ``kNN retrieval (joint)``: BLEEP's retrieval in SPADE's joint space, the held-out image embeddings against the
+  training spots' gene-side embeddings (SPADE only);
+- ``recall@k``: gene → image retrieval within the held-out section (SPADE only: it has a gene side; not scored
+  where the held-out table lacks a panel gene);
 - ``balanced_accuracy@k``: few-shot classification of Leiden expression domains of the held-out section.
 
 Targets are the log1p-normalised top-50 HVGs shared by the data set's sections (``GenePanel``, ``"global"``).
@@ -18,7 +22,9 @@ training, so their fold "model" is the identity.
 
 Run ``python benchmarks/quality.py --out benchmarks/results`` (about 10–20 min on 2 CPU cores, first run
 longer while features are cached). Variants are named on the command line: ``backbone``, ``random_cnn``,
-``morphology`` or ``spade`` followed by pretrain keyword overrides, e.g. ``spade:n_experts=4,loss=clip``.
+``morphology`` or ``spade`` followed by pretrain keyword overrides, e.g. ``spade:n_experts=4,loss=clip``;
+``backbone_slide`` is the backbone's features standardised per section, which is what SPADE's heads see with
+``standardize="slide"``.
 """
 
 from __future__ import annotations
@@ -47,9 +53,10 @@ DATASETS = {
     "mob": (sd.datasets.mouse_olfactory_bulb, ("MOB1", "MOB2", "MOB3")),
     "her2st": (sd.datasets.her2st, ("C2", "C3", "C4", "C5")),
 }
-RAW_ENCODERS = ("backbone", "random_cnn", "morphology")
+RAW_ENCODERS = ("backbone", "backbone_slide", "random_cnn", "morphology")
 DEFAULT_VARIANTS = (
     "backbone",
+    "backbone_slide",
     "random_cnn",
     "morphology",
     "spade:n_experts=1",
@@ -64,6 +71,7 @@ METRIC_ORDER = (
     "probe (cv α)",
     "few-shot probe 20%",
     "kNN retrieval",
+    "kNN retrieval (joint)",
     "recall@10",
     "balanced_accuracy@5",
 )
@@ -88,11 +96,22 @@ def parse_variant(spec: str) -> tuple[str, dict]:
 
 
 def _backbone(kind: str) -> sd.Backbone:
-    if kind == "backbone":
+    if kind in ("backbone", "backbone_slide"):
         return sd.Backbone()
     if kind == "random_cnn":
         return sd.Backbone(None, pretrained=False)
     return sd.Backbone(MorphologyFeatures())
+
+
+def _gene_side(section: Section, model) -> np.ndarray:
+    """The section's gene-side embedding; NaN where its table lacks panel genes (then it is not scored)."""
+    if "X_spade_gene" in section.table.obsm:
+        return section.rep("X_spade_gene")
+    return np.full((section.rows.sum(), model.mixture.config["out_dim"]), np.nan)
+
+
+def _standardised(X: np.ndarray) -> np.ndarray:
+    return (X - X.mean(axis=0)) / np.where(X.std(axis=0) < 1e-6, 1.0, X.std(axis=0))
 
 
 def _spots(table) -> np.ndarray:
@@ -185,7 +204,10 @@ def evaluate_fold(
     frames.append(_named(few, "few-shot probe 20%", task="few_shot"))
     knn = ev.knn_expression(X[test], X[~test], Y[~test], Y[test], k=50, genes=genes, label=label)
     frames.append(_named(knn, "kNN retrieval", task="knn", fold=held_out))
-    if G is not None:
+    if G is not None and np.isfinite(G[~test]).all():
+        joint = ev.knn_expression(X[test], G[~test], Y[~test], Y[test], k=50, genes=genes, label=label)
+        frames.append(_named(joint, "kNN retrieval (joint)", task="knn_joint", fold=held_out))
+    if G is not None and np.isfinite(G[test]).all():
         recall = ev.gene_to_image_recall(G[test], X[test], ks=(1, 5, 10, 50), label=label)
         frames.append(_named(recall, None, task="gene_to_image", fold=held_out))
     classes = ev.few_shot_classification(X[test], domains, k=(1, 5, 10), n_repeats=n_repeats, label=label, seed=seed)
@@ -208,11 +230,13 @@ def run_dataset(dataset: str, variants: list[str], *, patch: dict, n_repeats: in
         kind, kwargs = parse_variant(spec)
         start = time.perf_counter()
         if kind in RAW_ENCODERS:
-            key = f"X_{kind}"
+            key = "X_backbone" if kind == "backbone_slide" else f"X_{kind}"
             for s in sections:
                 if key not in s.table.obsm:
                     sd.tl.features(s.sdata, backbone=_backbone(kind), key_added=key, **patch)
             X = np.concatenate([s.rep(key) for s in sections])
+            if kind == "backbone_slide":  # each section standardised by its own statistics, as SPADE's input
+                X = np.concatenate([_standardised(s.rep(key)) for s in sections])
             for held_out in (s.name for s in sections):
                 frames += evaluate_fold(
                     spec,
@@ -235,9 +259,10 @@ def run_dataset(dataset: str, variants: list[str], *, patch: dict, n_repeats: in
                     options = {"quiet": True, "seed": seed, **patch, **kwargs}
                     model = sd.tl.pretrain(train, **options)
                     for s in sections:
+                        s.table.obsm.pop("X_spade_gene", None)  # never score an earlier fold's gene side
                         sd.tl.embed(s.sdata, model)
                     X = np.concatenate([s.rep("X_spade") for s in sections])
-                    G = np.concatenate([s.rep("X_spade_gene") for s in sections])
+                    G = np.concatenate([_gene_side(s, model) for s in sections])
                     fold = evaluate_fold(
                         label, X, G, Y, section, s_out.name, domains[s_out.name], genes, n_repeats=n_repeats, seed=0
                     )

@@ -9,7 +9,7 @@ from safetensors.numpy import load, save
 from sklearn.metrics import adjusted_rand_score
 from threadpoolctl import threadpool_limits
 
-from spade_sd._clustering import ExpertClustering, FeatureScaler, two_stage_kmeans
+from spade_sd._clustering import ExpertClustering, FeatureScaler, fit_slide_scaler, two_stage_kmeans
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -155,3 +155,17 @@ def test_scaler_standardises_and_roundtrips():
         scaler.transform(X[:, :3])
     with pytest.raises(RuntimeError, match="not fitted"):
         FeatureScaler().transform(X)
+
+
+def test_scaler_fitted_in_chunks_equals_fitted_at_once():
+    X = np.random.default_rng(0).normal(5, 3, size=(100, 7)).astype(np.float32)
+    X[:, 2] = 1.0  # constant: only centred
+    whole, chunked = FeatureScaler().fit(X), FeatureScaler().fit_chunks([X[:33], X[33:90], X[90:]])
+    np.testing.assert_allclose(chunked.mean, whole.mean, rtol=1e-6)
+    np.testing.assert_allclose(chunked.std, whole.std, rtol=1e-5)
+    assert chunked.std[2] == 1.0
+    with pytest.raises(ValueError, match="found 0 patches"):
+        FeatureScaler().fit_chunks([])
+    with pytest.raises(ValueError, match="at least 30 patches of the slide; found 29"):
+        fit_slide_scaler([X[:20], X[20:29]])
+    np.testing.assert_allclose(fit_slide_scaler([X[:40]]).transform(X[:40]).mean(axis=0), 0, atol=1e-5)

@@ -333,3 +333,40 @@ def test_few_slides_validate_on_a_block_of_each():
     whole = split_by_slide(slide, val_fraction=0.2, coords=coords, min_val_slides=3, seed=0)
     assert len(np.unique(slide[whole])) == 1 and not set(slide[whole]) & set(slide[~whole])
     np.testing.assert_array_equal(split_by_slide(slide, val_slides=["b"], coords=coords), slide == "b")
+
+
+def test_warm_started_experts_share_the_generalists_space(data):
+    """Experts started from one generalist stay in a common coordinate system; independently started ones do not."""
+    X, Y, slides, seen, clustering = data
+    _, expert = clustering.assign(X[seen])
+    options = {"n_experts": clustering.n_experts, "max_epochs": 8, "patience": 8, "loss": "clip", "quiet": True}
+    generalist, _ = train_experts(
+        X[seen], Y[seen], np.zeros(seen.sum(), int), slides[seen], **{**options, "n_experts": 1}
+    )
+    warm, history = train_experts(X[seen], Y[seen], expert, slides[seen], init=generalist, **options)
+    cold, _ = train_experts(X[seen], Y[seen], expert, slides[seen], **options)
+
+    def agreement(mixture: ExpertMixture) -> float:
+        # mean cosine similarity of every pair of experts' image embeddings of the same patches
+        with torch.inference_mode():
+            x = torch.from_numpy(X[~seen])
+            out = [F.normalize(head(x), dim=1) for head in mixture.image_heads]
+        pairs = [(a * b).sum(1).mean() for i, a in enumerate(out) for b in out[i + 1 :]]
+        return float(torch.stack(pairs).mean())
+
+    assert agreement(warm) > 0.5 > agreement(cold) + 0.2
+    reset = history["experts_from_generalist"]
+    assert set(reset) <= set(range(clustering.n_experts))
+    for e in reset:  # reset experts hold exactly the generalist's heads
+        for ours, theirs in zip(warm.image_heads[e].parameters(), generalist.image_heads[0].parameters(), strict=True):
+            torch.testing.assert_close(ours, theirs)
+
+
+def test_start_from_needs_a_one_expert_mixture_of_the_same_size():
+    mixture = ExpertMixture(3, 8, 5, out_dim=16)
+    generalist = ExpertMixture(1, 8, 5, out_dim=16)
+    mixture.start_from(generalist)
+    for head in mixture.image_heads:
+        torch.testing.assert_close(head.projection.weight, generalist.image_heads[0].projection.weight)
+    with pytest.raises(ValueError, match="one-expert mixture with out_dim 16; found 3 experts"):
+        mixture.start_from(ExpertMixture(3, 8, 5, out_dim=16))

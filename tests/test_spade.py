@@ -90,7 +90,7 @@ def test_same_seed_same_model_other_seed_differs(trained, morphology):
     model, slides = trained
     again = sd.tl.pretrain(_slides(), backbone=morphology, seed=0, **TRAIN)
     other = sd.tl.pretrain(_slides(), backbone=morphology, seed=1, **TRAIN)
-    X = np.random.default_rng(0).normal(size=(20, morphology.dim)).astype(np.float32) + model.scaler.mean
+    X = np.random.default_rng(0).normal(size=(40, morphology.dim)).astype(np.float32) + model.scaler.mean
     np.testing.assert_array_equal(model.embed_features(X)[0], again.embed_features(X)[0])
     assert again.identity() == model.identity() and other.identity() != model.identity()
 
@@ -222,3 +222,36 @@ def test_groupby_defines_the_stage_one_groups(morphology):
     }
     with pytest.raises(KeyError, match="groupby column 'organ'"):
         sd.tl.pretrain(slides, backbone=morphology, groupby="organ", **TRAIN)
+
+
+def test_slide_standardisation_removes_a_slide_wide_shift(trained, morphology):
+    model, slides = trained
+    assert model.standardize == "slide" and model.config["warm_start"] is True
+    patches = sd.pp.spot_patches(slides[1], **PATCH)
+    X = morphology(patches.read(np.arange(len(patches))))
+    rng = np.random.default_rng(0)
+    shifted = (X * rng.uniform(0.5, 2.0, X.shape[1]) + rng.normal(0, 1, X.shape[1])).astype(np.float32)
+    embedding = model.embed_features(X)[0]
+    # a stain-like change of every feature over the whole slide is undone by the slide's own statistics ...
+    np.testing.assert_allclose(model.embed_features(shifted)[0], embedding, atol=2e-3)
+    # ... and matters when the statistics are not the slide's own
+    other = model.embed_features(shifted, slide_scaler=model.slide_scaler(X))[0]
+    assert np.abs(other - embedding).max() > 0.1
+    # part of a slide embeds like the whole once given the whole slide's statistics
+    part = model.embed_features(X[:10], slide_scaler=model.slide_scaler(X))[0]
+    np.testing.assert_allclose(part, embedding[:10], rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_without_the_cache_equals_the_cached_one(trained):
+    model, slides = trained
+    sd.tl.embed(slides[0], model, cache=False, key_added="X_nocache")
+    table = slides[0].tables["table"]
+    np.testing.assert_allclose(table.obsm["X_nocache"], table.obsm["X_spade"], rtol=1e-5, atol=1e-6)
+
+
+def test_slide_standardisation_refuses_too_few_patches_before_any_work(trained):
+    model, _ = trained
+    small = sd.datasets.synthetic(grid=(5, 5), mpp=1.0, n_genes=150, seed=3)
+    with pytest.raises(ValueError, match="at least 30 patches of the slide; found 25"):
+        sd.tl.embed(small, model)
+    assert "X_spade" not in small.tables["table"].obsm

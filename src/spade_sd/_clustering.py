@@ -9,7 +9,7 @@ patch is routed at inference (see :mod:`spade_sd._routing`).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -20,6 +20,8 @@ from ._logging import logger
 
 N_INIT = 10
 _STD_FLOOR = 1e-6
+# Fewest patches whose statistics standardise a slide (standardize="slide")
+MIN_SLIDE_PATCHES = 30
 
 
 class FeatureScaler:
@@ -50,6 +52,28 @@ class FeatureScaler:
         self.std = np.where(std < _STD_FLOOR, 1.0, std).astype(np.float32)
         return self
 
+    def fit_chunks(self, chunks: Iterable[np.ndarray]) -> FeatureScaler:
+        """Learn the mean and standard deviation of rows arriving in chunks (e.g. a whole slide's tiles); returns ``self``.
+
+        Sums are accumulated in float64, so the result equals :meth:`fit` on the concatenated rows up to rounding,
+        while only one chunk is in memory at a time.
+        """
+        n, total, squares = 0, None, None
+        for chunk in chunks:
+            chunk = _as_2d_float(chunk, "chunk")
+            if total is None:
+                total, squares = np.zeros(chunk.shape[1]), np.zeros(chunk.shape[1])
+            total += chunk.sum(axis=0, dtype=np.float64)
+            squares += np.square(chunk, dtype=np.float64).sum(axis=0)
+            n += len(chunk)
+        if total is None or n == 0:
+            raise ValueError("Cannot fit a FeatureScaler on no rows: found 0 patches.")
+        mean = total / n
+        std = np.sqrt(np.maximum(squares / n - np.square(mean), 0.0))
+        self.mean = mean.astype(np.float32)
+        self.std = np.where(std < _STD_FLOOR, 1.0, std).astype(np.float32)
+        return self
+
     def transform(self, X: np.ndarray) -> np.ndarray:
         """Standardised copy of ``X`` as float32."""
         if self.mean is None or self.std is None:
@@ -73,6 +97,34 @@ class FeatureScaler:
     def from_dict(cls, arrays: dict[str, np.ndarray]) -> FeatureScaler:
         """Rebuild a scaler from the output of :meth:`to_dict`."""
         return cls(mean=np.asarray(arrays["mean"]), std=np.asarray(arrays["std"]))
+
+
+def fit_slide_scaler(chunks: Iterable[np.ndarray]) -> FeatureScaler:
+    """Per-slide standardisation: a :class:`FeatureScaler` fitted on every patch of one slide (rows in chunks).
+
+    Standardising each slide by its own feature statistics removes what shifts a whole slide's features (stain,
+    scanner, section thickness) before clustering, training and embedding. The statistics need enough patches.
+
+    Raises
+    ------
+    ValueError
+        With fewer than ``MIN_SLIDE_PATCHES`` patches.
+    """
+    n_rows = 0
+
+    def counted() -> Iterator[np.ndarray]:
+        nonlocal n_rows
+        for chunk in chunks:
+            n_rows += len(chunk)
+            yield chunk
+
+    scaler = FeatureScaler().fit_chunks(counted())
+    if n_rows < MIN_SLIDE_PATCHES:
+        raise ValueError(
+            f"Per-slide standardisation needs the features of at least {MIN_SLIDE_PATCHES} patches of the slide; "
+            f"found {n_rows}. Embed all of a slide's spots or tiles at once, or train with standardize='global'."
+        )
+    return scaler
 
 
 @dataclass

@@ -105,6 +105,19 @@ class ExpertMixture(nn.Module):
         """Routed expression embedding ``sum_e weights[:, e] * gene_head_e(y)``, (n, out_dim)."""
         return _mix(self.gene_heads, y, weights)
 
+    def start_from(self, generalist: ExpertMixture) -> None:
+        """Copy the heads of a one-expert mixture into every expert (and its CLIP logit scale)."""
+        if generalist.n_experts != 1 or generalist.config["out_dim"] != self.config["out_dim"]:
+            raise ValueError(
+                f"Expected a one-expert mixture with out_dim {self.config['out_dim']}; found "
+                f"{generalist.n_experts} experts with out_dim {generalist.config['out_dim']}."
+            )
+        with torch.no_grad():
+            for image_head, gene_head in zip(self.image_heads, self.gene_heads, strict=True):
+                image_head.load_state_dict(generalist.image_heads[0].state_dict())
+                gene_head.load_state_dict(generalist.gene_heads[0].state_dict())
+            self.logit_scale.copy_(generalist.logit_scale)
+
     def expert_embeddings(self, x: torch.Tensor, y: torch.Tensor, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Image and expression embeddings of one expert's heads, each (n, out_dim)."""
         return self.image_heads[expert](x), self.gene_heads[expert](y)
@@ -269,6 +282,7 @@ def train_experts(
     strategy: str | Any = "auto",
     enable_progress_bar: bool = True,
     quiet: bool = False,
+    init: ExpertMixture | None = None,
     **trainer_kwargs: Any,
 ) -> tuple[ExpertMixture, dict[str, Any]]:
     """Train the image and gene heads of every expert contrastively, in one Lightning run.
@@ -326,6 +340,10 @@ def train_experts(
         Show Lightning's progress bar.
     quiet
         Silence Lightning's banners, model summary and progress bar.
+    init
+        A trained one-expert mixture (the generalist) whose heads start every expert; after training, an expert
+        whose validation spots the generalist's heads fit better (lower loss) gets them back
+        (``history["experts_from_generalist"]``).
     **trainer_kwargs
         Further :class:`lightning.pytorch.Trainer` arguments (``callbacks`` are added to ours; ``logger``
         defaults to none, so nothing is written to disk).
@@ -357,6 +375,8 @@ def train_experts(
     with _lightning_quiet(quiet), _torch_flags_restored():
         L.seed_everything(seed, workers=True, verbose=not quiet)
         mixture = ExpertMixture(n_experts, X_std.shape[1], Y.shape[1], out_dim=out_dim, dropout=dropout)
+        if init is not None:
+            mixture.start_from(init)
         module = ExpertsModule(
             mixture, loss=loss, temperature=temperature, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps
         )
@@ -376,6 +396,10 @@ def train_experts(
         )
         trainer.fit(module, datamodule=data)
     history = _history(trainer, monitor, slide, val_mask, expert_idx, n_experts, untrained)
+    if init is not None:
+        history["experts_from_generalist"] = _keep_generalist_where_better(
+            module.mixture.cpu().eval(), init, X_std[val_mask], Y[val_mask], expert_idx[val_mask], loss, temperature
+        )
     logger.info(
         "Trained %d experts for %d epochs in %.1f s; best %s %.4f at epoch %d",
         n_experts,
@@ -386,6 +410,42 @@ def train_experts(
         history["best_epoch"],
     )
     return module.mixture.cpu().eval(), history
+
+
+def _keep_generalist_where_better(
+    mixture: ExpertMixture,
+    generalist: ExpertMixture,
+    X_val: np.ndarray,
+    Y_val: np.ndarray,
+    expert_val: np.ndarray,
+    loss: LossName,
+    temperature: float,
+) -> list[int]:
+    """Give each expert back the generalist's heads where those have the lower loss on its validation spots.
+
+    An expert then departs from the generalist it started from only where that helped on held-out slides, so
+    on little data the mixture cannot end up worse than the single expert. Returns the experts reset.
+    """
+    reset = []
+    generalist = generalist.cpu().eval()
+    with torch.inference_mode():
+        for e in range(mixture.n_experts):
+            rows = expert_val == e
+            if rows.sum() < 2:
+                continue
+            x, y = torch.from_numpy(X_val[rows]), torch.from_numpy(Y_val[rows])
+            options = {"loss": loss, "temperature": temperature}
+            own = contrastive_loss(*mixture.expert_embeddings(x, y, e), logit_scale=mixture.logit_scale, **options)
+            base = contrastive_loss(
+                *generalist.expert_embeddings(x, y, 0), logit_scale=generalist.logit_scale, **options
+            )
+            if float(base) < float(own):
+                mixture.image_heads[e].load_state_dict(generalist.image_heads[0].state_dict())
+                mixture.gene_heads[e].load_state_dict(generalist.gene_heads[0].state_dict())
+                reset.append(e)
+    if reset:
+        logger.info("Experts %s keep the generalist's heads: they fit their validation spots better", reset)
+    return reset
 
 
 def _validated(

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +162,32 @@ def _open_npy(path: Path, shape: tuple[int, int]):
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": shape}
     np.lib.format.write_array_header_1_0(file, header)
     return file
+
+
+@contextmanager
+def rereadable_features(
+    patches: SpotPatches, backbone, *, batch_size: int = 64, cache: bool = True
+) -> Iterator[Callable[[], Iterator[tuple[int, np.ndarray]]]]:
+    """A function that iterates over the features of every patch, chunk by chunk, as often as it is called.
+
+    The features are computed once, on the first pass: into the cache, or (``cache=False``) into a temporary file
+    that is deleted on leaving the context. Later passes read them back chunk by chunk, so a whole slide's
+    features are never held in memory (e.g. per-slide statistics in one pass, the embedding in the next).
+    """
+    if cache:
+        yield lambda: iter_features(patches, backbone, batch_size=batch_size, cache=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="spade_sd-features-") as folder:
+        path = Path(folder) / "features.npy"
+        chunk_size = -(-CHUNK_SIZE // batch_size) * batch_size
+
+        def passes() -> Iterator[tuple[int, np.ndarray]]:
+            if path.is_file():
+                yield from _chunks_from(path, (len(patches), backbone.dim), CHUNK_SIZE)
+            else:
+                yield from _compute_chunks(patches, backbone, batch_size, chunk_size, path)
+
+        yield passes
 
 
 def extract_features(

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from ._backbones import Backbone
-from ._clustering import ExpertClustering, FeatureScaler
+from ._clustering import ExpertClustering, FeatureScaler, fit_slide_scaler
 from ._experts import ExpertMixture
 from ._genes import GenePanel
 from ._routing import expert_weights
@@ -45,7 +46,7 @@ class SpadeModel:
     panel
         The gene panel of the gene heads.
     scaler
-        Standardisation of the backbone features.
+        Standardisation of the backbone features (after the per-slide one, for ``standardize="slide"``).
     clustering
         Fine centroids and their experts (two-stage k-means).
     mixture
@@ -81,20 +82,60 @@ class SpadeModel:
         """Number of experts."""
         return self.clustering.n_experts
 
-    def standardise(self, features: np.ndarray) -> np.ndarray:
-        """Standardised backbone features, after checking they come from a backbone of the right dimension."""
-        features = np.asarray(features, dtype=np.float32)
+    @property
+    def standardize(self) -> str:
+        """``"slide"``: every slide's features are first standardised by that slide's own statistics; ``"global"``: not."""
+        return self.config.get("standardize", "global")
+
+    def _check_features(self, features: np.ndarray) -> None:
         expected = self.scaler.mean.shape[0]
         if features.ndim != 2 or features.shape[1] != expected:
             raise ValueError(
                 f"The model was trained on {expected}-d features of backbone {self.backbone.name!r}; "
                 f"found features of shape {features.shape}. Compute them with model.backbone."
             )
+
+    def slide_scaler(self, features: np.ndarray | Iterable[np.ndarray]) -> FeatureScaler | None:
+        """The per-slide standardisation fitted on all patches of one slide (``None`` if :attr:`standardize` is "global").
+
+        Parameters
+        ----------
+        features
+            Backbone features of every patch (spots or tiles) of the slide, as one array or as chunks of rows.
+        """
+        if self.standardize != "slide":
+            return None
+        chunks = features
+        if isinstance(features, np.ndarray):
+            chunks = (features[start : start + _CHUNK] for start in range(0, len(features), _CHUNK))
+        return fit_slide_scaler(self._checked(chunk) for chunk in chunks)
+
+    def _checked(self, features: np.ndarray) -> np.ndarray:
+        features = np.asarray(features, dtype=np.float32)
+        self._check_features(features)
+        return features
+
+    def standardise(self, features: np.ndarray, slide_scaler: FeatureScaler | None = None) -> np.ndarray:
+        """Standardised backbone features, after checking they come from a backbone of the right dimension.
+
+        Parameters
+        ----------
+        features
+            Backbone features ``(n, backbone.dim)``.
+        slide_scaler
+            The slide's own standardisation (:meth:`slide_scaler`) for a model with ``standardize="slide"``;
+            ``None`` fits it on ``features``, which must then be all patches of one slide.
+        """
+        features = self._checked(features)
+        if self.standardize == "slide":
+            features = (slide_scaler or self.slide_scaler(features)).transform(features)
         return self.scaler.transform(features)
 
-    def route(self, features: np.ndarray, *, hard: bool = False) -> np.ndarray:
+    def route(
+        self, features: np.ndarray, *, hard: bool = False, slide_scaler: FeatureScaler | None = None
+    ) -> np.ndarray:
         """Expert weights ``(n, n_experts)`` of backbone features (soft: softmax(−d/τ) summed per expert)."""
-        return expert_weights(self.standardise(features), self.clustering, tau=self.tau, hard=hard)
+        return expert_weights(self.standardise(features, slide_scaler), self.clustering, tau=self.tau, hard=hard)
 
     def _heads(self, inputs: np.ndarray, weights: np.ndarray, side: str) -> np.ndarray:
         embed = self.mixture.embed_image if side == "image" else self.mixture.embed_gene
@@ -106,7 +147,9 @@ class SpadeModel:
                 out[start:stop] = embed(torch.from_numpy(inputs[start:stop]), torch.from_numpy(weights[start:stop]))
         return out
 
-    def embed_features(self, features: np.ndarray, *, hard: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def embed_features(
+        self, features: np.ndarray, *, hard: bool = False, slide_scaler: FeatureScaler | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Image-side embedding of backbone features.
 
         Works through the rows in chunks, so ``features`` may be a memory map of a whole slide's tiles: only the
@@ -118,16 +161,21 @@ class SpadeModel:
             Backbone features ``(n, backbone.dim)``.
         hard
             Route each patch to the expert of its nearest fine centroid only.
+        slide_scaler
+            For a model with ``standardize="slide"``: the slide's standardisation (:meth:`slide_scaler`), needed
+            when ``features`` are only part of a slide; ``None`` fits it on ``features`` (a whole slide).
 
         Returns
         -------
         The embedding ``(n, out_dim)`` and the expert weights ``(n, n_experts)``.
         """
         n = len(features)
+        if slide_scaler is None and self.standardize == "slide":
+            slide_scaler = self.slide_scaler(features)
         embedding = np.empty((n, self.mixture.config["out_dim"]), dtype=np.float32)
         weights = np.empty((n, self.n_experts), dtype=np.float32)
         for start in range(0, max(n, 1), _CHUNK):
-            standardised = self.standardise(features[start : start + _CHUNK])
+            standardised = self.standardise(features[start : start + _CHUNK], slide_scaler)
             weights[start : start + _CHUNK] = expert_weights(standardised, self.clustering, tau=self.tau, hard=hard)
             embedding[start : start + _CHUNK] = self._heads(standardised, weights[start : start + _CHUNK], "image")
         return embedding, weights

@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from anndata import AnnData
 
-from ._clustering import FeatureScaler, two_stage_kmeans
+from ._clustering import MIN_SLIDE_PATCHES, FeatureScaler, fit_slide_scaler, two_stage_kmeans
 from ._experts import train_experts
 from ._genes import GenePanel
 from ._logging import logger
@@ -56,6 +56,8 @@ def fit_model(
     seed: int = 0,
     patch_config: dict[str, Any] | None = None,
     train_threads: int | None = 1,
+    standardize: Literal["slide", "global"] = "slide",
+    warm_start: bool = True,
     **training: Any,
 ) -> SpadeModel:
     """Train a SpadeModel on the spots of several slides.
@@ -79,6 +81,11 @@ def fit_model(
         :func:`~spade_sd._routing.default_tau`).
     patch_config
         Patch geometry the features were computed with, recorded in the model.
+    standardize
+        ``"slide"``: standardise each slide's features by its own mean and standard deviation first (see
+        :func:`spade_sd.tl.pretrain`); ``"global"``: only by the training set's.
+    warm_start
+        With several experts, first train one generalist expert on every spot and start each expert from it.
     train_threads
         Torch CPU threads while training the heads (``None``: unchanged). The heads are small (a batch is a few
         dozen MFLOP), so on a CPU extra threads cost more in synchronisation than they gain: measured on this
@@ -91,10 +98,21 @@ def fit_model(
     The trained model.
     """
     start = time.perf_counter()
+    if standardize not in ("slide", "global"):
+        raise ValueError(f'standardize must be "slide" or "global"; found {standardize!r}.')
+    if standardize == "slide":
+        small = {name: len(f) for f, name in zip(features, slides, strict=True) if len(f) < MIN_SLIDE_PATCHES}
+        if small:
+            raise ValueError(
+                f"standardize='slide' needs at least {MIN_SLIDE_PATCHES} spots per slide; found {small}. "
+                "Pass standardize='global' or leave these slides out."
+            )
     if panel is None:
         panel = GenePanel.fit(list(tables), n_top_genes=n_top_genes, flavor=panel_flavor, smoothing=smoothing)
         logger.info("Gene panel: %d genes (%s HVGs over %d slides)", len(panel), panel_flavor, len(tables))
     expression = np.concatenate([panel.transform(table) for table in tables])
+    if standardize == "slide":
+        features = [fit_slide_scaler([np.asarray(f, dtype=np.float32)]).transform(f) for f in features]
     X = np.concatenate(features).astype(np.float32)
     slide = np.concatenate([np.full(len(f), name, dtype=object) for f, name in zip(features, slides, strict=True)])
     group = np.concatenate([np.asarray(g).astype(str) for g in groups])
@@ -111,9 +129,25 @@ def fit_model(
         np.bincount(expert, minlength=clustering.n_experts).tolist(),
     )
     with _torch_threads(train_threads):
+        init, generalist = None, None
+        if warm_start and clustering.n_experts > 1:
+            logger.info("Warm start: training one generalist expert on all %d spots", len(X_std))
+            everyone = np.zeros(len(X_std), dtype=np.int64)
+            init, generalist = train_experts(
+                X_std, expression, everyone, slide.astype(str), n_experts=1, seed=seed, **training
+            )
         mixture, history = train_experts(
-            X_std, expression, expert, slide.astype(str), n_experts=clustering.n_experts, seed=seed, **training
+            X_std,
+            expression,
+            expert,
+            slide.astype(str),
+            n_experts=clustering.n_experts,
+            seed=seed,
+            init=init,
+            **training,
         )
+    if generalist is not None:
+        history["generalist"] = {key: generalist[key] for key in ("epochs", "best_epoch", "best_loss")}
     tau = default_tau(X_std, clustering, scale=tau_scale)
     config = {
         "patches": patch_config or {},
@@ -121,6 +155,8 @@ def fit_model(
         "n_experts_requested": n_experts,
         "n_fine": n_fine,
         "tau_scale": tau_scale,
+        "standardize": standardize,
+        "warm_start": warm_start,
         "seed": seed,
         "slides": list(slides),
         "n_spots": int(len(X)),

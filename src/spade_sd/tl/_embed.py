@@ -20,14 +20,27 @@ def _result_keys(key_added: str) -> dict[str, str]:
 
 
 def _embed_patches(model, patches, *, hard: bool, batch_size: int, cache: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Embedding and expert weights of every patch, streaming the backbone features chunk by chunk."""
-    from .._features import iter_features
+    """Embedding and expert weights of every patch, streaming the backbone features chunk by chunk.
+
+    A model with per-slide standardisation needs the slide's feature statistics first: one pass over the
+    features collects them (computing the features once, into the cache or a temporary file), a second embeds.
+    """
+    from .._features import iter_features, rereadable_features
 
     embedding = np.empty((len(patches), model.mixture.config["out_dim"]), dtype=np.float32)
     weights = np.empty((len(patches), model.n_experts), dtype=np.float32)
-    for start, features in iter_features(patches, model.backbone, batch_size=batch_size, cache=cache):
-        stop = start + len(features)
-        embedding[start:stop], weights[start:stop] = model.embed_features(features, hard=hard)
+    if model.standardize != "slide":
+        for start, features in iter_features(patches, model.backbone, batch_size=batch_size, cache=cache):
+            stop = start + len(features)
+            embedding[start:stop], weights[start:stop] = model.embed_features(features, hard=hard)
+        return embedding, weights
+    with rereadable_features(patches, model.backbone, batch_size=batch_size, cache=cache) as passes:
+        slide_scaler = model.slide_scaler(features for _, features in passes())
+        for start, features in passes():
+            stop = start + len(features)
+            embedding[start:stop], weights[start:stop] = model.embed_features(
+                features, hard=hard, slide_scaler=slide_scaler
+            )
     return embedding, weights
 
 
@@ -86,8 +99,11 @@ def embed(
 
     All outputs are computed before any is written, so a failure leaves the table as it was. Features are
     computed (or read from the cache) and embedded a chunk of patches at a time, so a whole slide's backbone
-    features never sit in memory: peak memory grows only with the ``(n_obs, out_dim)`` outputs.
+    features never sit in memory: peak memory grows only with the ``(n_obs, out_dim)`` outputs. A model trained
+    with ``standardize="slide"`` standardises the features by the statistics of all patches embedded here
+    (a first pass over the features; at least 30 patches), so embed a slide's spots or tiles in one call.
     """
+    from .._clustering import MIN_SLIDE_PATCHES
     from .._features import resolve_patches
     from .._model import SpadeModel
 
@@ -112,6 +128,12 @@ def embed(
         size_px=patches["size_px"],
         mpp=mpp,
     )
+    if model.standardize == "slide" and len(spot_patches) < MIN_SLIDE_PATCHES:
+        raise ValueError(
+            f"The model standardises features per slide, which needs at least {MIN_SLIDE_PATCHES} patches of the "
+            f"slide; found {len(spot_patches)} in {geometry.shapes_key!r}. Embed all of the slide's spots or tiles "
+            "(see sd.pp.tile_image), or use a model trained with standardize='global'."
+        )
     table = sdata.tables[geometry.table_key]
     rows = geometry.table_rows
     spots = table[rows]

@@ -38,6 +38,8 @@ def pretrain(
     n_experts: int = 4,
     n_fine: int | Literal["elbow"] = 16,
     groupby: str | None = None,
+    standardize: Literal["slide", "global"] = "slide",
+    warm_start: bool = True,
     n_top_genes: int = 50,
     panel_flavor: Literal["union", "global"] = "union",
     panel=None,
@@ -88,6 +90,18 @@ def pretrain(
         Stage-1 k-means clusters per group, or ``"elbow"``.
     groupby
         Table ``obs`` column defining the stage-1 groups (e.g. organ); default: one group per slide.
+    standardize
+        ``"slide"`` (default): standardise every slide's backbone features by that slide's own mean and standard
+        deviation before clustering, training and embedding (:func:`spade_sd.tl.embed` then uses the statistics
+        of all the patches it embeds on a slide; at least 30). This removes what shifts a whole slide's features
+        (stain, scanner, thickness): on the olfactory bulb, leave one section out, it raised the SPADE embedding's
+        kNN expression retrieval from 0.340 to 0.365 and the tuned-α probe from 0.353 to 0.371
+        (``docs/quality.md``). ``"global"``: one standardisation learnt on the training spots.
+    warm_start
+        With several experts, first train one generalist expert on all spots and start every expert from its
+        weights. The experts then share one coordinate system, so the routed mixture of their outputs and
+        distances between spots of different experts stay meaningful; without it, 4 experts lost to 1 on the
+        olfactory bulb, with it they match or beat it (``docs/quality.md``).
     n_top_genes, panel_flavor, smoothing
         Gene panel: per-slide top HVGs united over slides (``"union"``, SPADE) or global HVGs (``"global"``);
         optional spot-context smoothing. Ignored when ``panel`` (a fitted :class:`~spade_sd.GenePanel`) is given.
@@ -182,6 +196,8 @@ def pretrain(
         n_experts=n_experts,
         n_fine=n_fine,
         tau_scale=tau_scale,
+        standardize=standardize,
+        warm_start=warm_start,
         seed=seed,
         train_threads=train_threads,
         patch_config={"size_um": size_um, "size_px": size_px},
