@@ -253,7 +253,7 @@ def run_dataset(dataset: str, variants: list[str], *, patch: dict, n_repeats: in
                 )
         else:
             for seed in seeds:
-                label = spec if len(seeds) == 1 else f"{spec}#{seed}"
+                label = spec  # seeds are pooled in the summary (the ``seed`` column keeps them apart)
                 for s_out in sections:
                     train = [s.sdata for s in sections if s is not s_out]
                     options = {"quiet": True, "seed": seed, **patch, **kwargs}
@@ -310,8 +310,8 @@ def write(df: pd.DataFrame, out: Path, tag: str, config: dict) -> pd.DataFrame:
     lines = [
         f"# SPADE quality benchmark ({tag})",
         "",
-        "Leave-one-section-out; mean ± std over held-out sections "
-        "(and over repeated draws for the few-shot tasks). Config: `" + json.dumps(config) + "`",
+        "Leave-one-section-out; mean ± std over held-out sections (and over SPADE training seeds and repeated "
+        "draws for the few-shot tasks). Config: `" + json.dumps(config) + "`",
         "",
     ]
     for dataset, part in table.groupby("dataset", sort=False):
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size-um", type=float, default=112.0, help="patch side in µm (features and SPADE)")
     parser.add_argument("--size-px", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=5, help="draws of the few-shot tasks per section")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="SPADE training seeds")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="SPADE training seeds (pooled)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("spade_sd").setLevel(logging.WARNING)

@@ -81,15 +81,15 @@ def fit_model(
         :func:`~spade_sd._routing.default_tau`).
     patch_config
         Patch geometry the features were computed with, recorded in the model.
+    train_threads
+        Torch CPU threads while training the heads (``None``: unchanged). The heads are small (a batch is a few
+        dozen MFLOP), so on a CPU extra threads cost more in synchronisation than they gain: measured on this
+        project's 2-core machines under load, 40 epochs took 2.2 s with one thread and 48 s with two.
     standardize
         ``"slide"``: standardise each slide's features by its own mean and standard deviation first (see
         :func:`spade_sd.tl.pretrain`); ``"global"``: only by the training set's.
     warm_start
         With several experts, first train one generalist expert on every spot and start each expert from it.
-    train_threads
-        Torch CPU threads while training the heads (``None``: unchanged). The heads are small (a batch is a few
-        dozen MFLOP), so on a CPU extra threads cost more in synchronisation than they gain: measured on this
-        project's 2-core machines under load, 40 epochs took 2.2 s with one thread and 48 s with two.
     **training
         Passed to :func:`~spade_sd._experts.train_experts`.
 

@@ -94,22 +94,21 @@ def pretrain(
         ``"slide"`` (default): standardise every slide's backbone features by that slide's own mean and standard
         deviation before clustering, training and embedding (:func:`spade_sd.tl.embed` then uses the statistics
         of all the patches it embeds on a slide; at least 30). This removes what shifts a whole slide's features
-        (stain, scanner, thickness): on the olfactory bulb, leave one section out, it raised the SPADE embedding's
-        kNN expression retrieval from 0.340 to 0.365 and the tuned-α probe from 0.353 to 0.371
+        (stain, scanner, thickness): on the olfactory bulb, leave one section out over 3 seeds, it raised the
+        SPADE embedding's kNN expression retrieval from 0.339 to 0.371 and the tuned-α probe from 0.350 to 0.369
         (``docs/quality.md``). ``"global"``: one standardisation learnt on the training spots.
     warm_start
         With several experts, first train one generalist expert on all spots and start every expert from its
         weights. The experts then share one coordinate system, so the routed mixture of their outputs and
-        distances between spots of different experts stay meaningful; without it, 4 experts lost to 1 on the
-        olfactory bulb, with it they match or beat it (``docs/quality.md``).
-    n_top_genes, panel_flavor, smoothing
-        Gene panel: per-slide top HVGs united over slides (``"union"``, SPADE) or global HVGs (``"global"``);
-        optional spot-context smoothing. Ignored when ``panel`` (a fitted :class:`~spade_sd.GenePanel`) is given.
+        distances between spots of different experts stay meaningful. An expert whose held-out spots the
+        generalist fits better gets the generalist's heads back. On the olfactory bulb 4 experts went from below
+        1 expert (kNN 0.363 vs 0.371, tuned-α probe 0.357 vs 0.369) to level with it (0.372, 0.368;
+        ``docs/quality.md``).
     loss, temperature
         ``"clip"`` (InfoNCE on normalised embeddings, learnable temperature) or ``"soft_target"`` (the SPADE/BLEEP
         reference's symmetric loss with temperature ``T``). CLIP is the default: in leave-one-section-out on the
-        olfactory bulb it beat the soft-target loss on every metric (HEST probe 0.221 vs 0.210, few-shot 0.188 vs
-        0.141, kNN 0.342 vs 0.315) and matched it on her2st (``docs/quality.md``).
+        olfactory bulb (4 experts, 3 seeds) it beat the soft-target loss on the probes (HEST 0.245 vs 0.224, tuned
+        α 0.368 vs 0.331), few-shot (0.199 vs 0.153) and kNN retrieval (0.372 vs 0.347) (``docs/quality.md``).
     out_dim, dropout
         Embedding dimension and head dropout.
     batch_size, max_epochs, lr, weight_decay, patience
