@@ -44,6 +44,7 @@ os.environ.setdefault("SPADE_SD_DATA_DIR", "/work/shared/data")
 
 import spade_sd as sd
 from spade_sd import _evaluation as ev
+from spade_sd._clustering import FeatureScaler
 from spade_sd._genes import GenePanel
 from spade_sd._morphology import MorphologyFeatures
 
@@ -108,10 +109,6 @@ def _gene_side(section: Section, model) -> np.ndarray:
     if "X_spade_gene" in section.table.obsm:
         return section.rep("X_spade_gene")
     return np.full((section.rows.sum(), model.mixture.config["out_dim"]), np.nan)
-
-
-def _standardised(X: np.ndarray) -> np.ndarray:
-    return (X - X.mean(axis=0)) / np.where(X.std(axis=0) < 1e-6, 1.0, X.std(axis=0))
 
 
 def _spots(table) -> np.ndarray:
@@ -236,7 +233,7 @@ def run_dataset(dataset: str, variants: list[str], *, patch: dict, n_repeats: in
                     sd.tl.features(s.sdata, backbone=_backbone(kind), key_added=key, **patch)
             X = np.concatenate([s.rep(key) for s in sections])
             if kind == "backbone_slide":  # each section standardised by its own statistics, as SPADE's input
-                X = np.concatenate([_standardised(s.rep(key)) for s in sections])
+                X = np.concatenate([FeatureScaler().fit_transform(s.rep(key)) for s in sections])
             for held_out in (s.name for s in sections):
                 frames += evaluate_fold(
                     spec,

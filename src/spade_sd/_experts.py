@@ -105,18 +105,19 @@ class ExpertMixture(nn.Module):
         """Routed expression embedding ``sum_e weights[:, e] * gene_head_e(y)``, (n, out_dim)."""
         return _mix(self.gene_heads, y, weights)
 
-    def start_from(self, generalist: ExpertMixture) -> None:
-        """Copy the heads of a one-expert mixture into every expert (and its CLIP logit scale)."""
+    def start_from(self, generalist: ExpertMixture, experts: Sequence[int] | None = None) -> None:
+        """Copy the heads of a one-expert mixture into ``experts`` (default: every expert, and the CLIP logit scale)."""
         if generalist.n_experts != 1 or generalist.config["out_dim"] != self.config["out_dim"]:
             raise ValueError(
                 f"Expected a one-expert mixture with out_dim {self.config['out_dim']}; found "
                 f"{generalist.n_experts} experts with out_dim {generalist.config['out_dim']}."
             )
         with torch.no_grad():
-            for image_head, gene_head in zip(self.image_heads, self.gene_heads, strict=True):
-                image_head.load_state_dict(generalist.image_heads[0].state_dict())
-                gene_head.load_state_dict(generalist.gene_heads[0].state_dict())
-            self.logit_scale.copy_(generalist.logit_scale)
+            for e in range(self.n_experts) if experts is None else experts:
+                self.image_heads[e].load_state_dict(generalist.image_heads[0].state_dict())
+                self.gene_heads[e].load_state_dict(generalist.gene_heads[0].state_dict())
+            if experts is None:
+                self.logit_scale.copy_(generalist.logit_scale)
 
     def expert_embeddings(self, x: torch.Tensor, y: torch.Tensor, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Image and expression embeddings of one expert's heads, each (n, out_dim)."""
@@ -440,9 +441,8 @@ def _keep_generalist_where_better(
                 *generalist.expert_embeddings(x, y, 0), logit_scale=generalist.logit_scale, **options
             )
             if float(base) < float(own):
-                mixture.image_heads[e].load_state_dict(generalist.image_heads[0].state_dict())
-                mixture.gene_heads[e].load_state_dict(generalist.gene_heads[0].state_dict())
                 reset.append(e)
+    mixture.start_from(generalist, reset)
     if reset:
         logger.info("Experts %s keep the generalist's heads: they fit their validation spots better", reset)
     return reset

@@ -89,7 +89,12 @@ def iter_features(
             logger.info("Reading %d cached %s features from %s", len(patches), backbone.name, path)
             yield from cached
             return
-    yield from _compute_chunks(patches, backbone, batch_size, -(-chunk_size // batch_size) * batch_size, path)
+    yield from _compute_chunks(patches, backbone, batch_size, _whole_batches(chunk_size, batch_size), path)
+
+
+def _whole_batches(chunk_size: int, batch_size: int) -> int:
+    """``chunk_size`` rounded up to whole batches: computed chunks are filled batch by batch."""
+    return -(-chunk_size // batch_size) * batch_size
 
 
 def _read_header(file) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -179,13 +184,12 @@ def rereadable_features(
         return
     with tempfile.TemporaryDirectory(prefix="spade_sd-features-") as folder:
         path = Path(folder) / "features.npy"
-        chunk_size = -(-CHUNK_SIZE // batch_size) * batch_size
 
         def passes() -> Iterator[tuple[int, np.ndarray]]:
             if path.is_file():
                 yield from _chunks_from(path, (len(patches), backbone.dim), CHUNK_SIZE)
             else:
-                yield from _compute_chunks(patches, backbone, batch_size, chunk_size, path)
+                yield from _compute_chunks(patches, backbone, batch_size, _whole_batches(CHUNK_SIZE, batch_size), path)
 
         yield passes
 

@@ -87,14 +87,6 @@ class SpadeModel:
         """``"slide"``: every slide's features are first standardised by that slide's own statistics; ``"global"``: not."""
         return self.config.get("standardize", "global")
 
-    def _check_features(self, features: np.ndarray) -> None:
-        expected = self.scaler.mean.shape[0]
-        if features.ndim != 2 or features.shape[1] != expected:
-            raise ValueError(
-                f"The model was trained on {expected}-d features of backbone {self.backbone.name!r}; "
-                f"found features of shape {features.shape}. Compute them with model.backbone."
-            )
-
     def slide_scaler(self, features: np.ndarray | Iterable[np.ndarray]) -> FeatureScaler | None:
         """The per-slide standardisation fitted on all patches of one slide (``None`` if :attr:`standardize` is "global").
 
@@ -112,7 +104,12 @@ class SpadeModel:
 
     def _checked(self, features: np.ndarray) -> np.ndarray:
         features = np.asarray(features, dtype=np.float32)
-        self._check_features(features)
+        expected = self.scaler.mean.shape[0]
+        if features.ndim != 2 or features.shape[1] != expected:
+            raise ValueError(
+                f"The model was trained on {expected}-d features of backbone {self.backbone.name!r}; "
+                f"found features of shape {features.shape}. Compute them with model.backbone."
+            )
         return features
 
     def standardise(self, features: np.ndarray, slide_scaler: FeatureScaler | None = None) -> np.ndarray:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import pandas as pd
 from spatialdata import SpatialData
@@ -29,13 +31,14 @@ def _embed_patches(model, patches, *, hard: bool, batch_size: int, cache: bool) 
 
     embedding = np.empty((len(patches), model.mixture.config["out_dim"]), dtype=np.float32)
     weights = np.empty((len(patches), model.n_experts), dtype=np.float32)
-    if model.standardize != "slide":
-        for start, features in iter_features(patches, model.backbone, batch_size=batch_size, cache=cache):
-            stop = start + len(features)
-            embedding[start:stop], weights[start:stop] = model.embed_features(features, hard=hard)
-        return embedding, weights
-    with rereadable_features(patches, model.backbone, batch_size=batch_size, cache=cache) as passes:
-        slide_scaler = model.slide_scaler(features for _, features in passes())
+    per_slide = model.standardize == "slide"
+    options = {"batch_size": batch_size, "cache": cache}
+    if per_slide:
+        source = rereadable_features(patches, model.backbone, **options)
+    else:  # one pass: no temporary file even without the cache
+        source = nullcontext(lambda: iter_features(patches, model.backbone, **options))
+    with source as passes:
+        slide_scaler = model.slide_scaler(features for _, features in passes()) if per_slide else None
         for start, features in passes():
             stop = start + len(features)
             embedding[start:stop], weights[start:stop] = model.embed_features(
