@@ -14,7 +14,8 @@ from threadpoolctl import threadpool_limits
 
 from spade_sd._clustering import FeatureScaler, two_stage_kmeans
 from spade_sd._expert_data import ExpertBatchSampler, split_by_slide
-from spade_sd._experts import ExpertMixture, ProjectionHead, train_experts
+from spade_sd._expert_training import train_experts
+from spade_sd._experts import ExpertMixture, ProjectionHead
 from spade_sd._losses import clip_loss, contrastive_loss, soft_target_loss
 from spade_sd._routing import default_tau, expert_weights
 

@@ -145,3 +145,93 @@ def test_embedding_a_slide_never_holds_all_features(cache, monkeypatch):
     # a second run reads the cache chunk by chunk and gives the same embedding
     sd.tl.embed(sdata, _model_for(sd.Backbone(pixel_statistics, dim=DIM), 32), genes=False, key_added="X_again")
     np.testing.assert_array_equal(table.obsm["X_again"], embedding)
+
+
+def test_reader_processes_read_the_same_patches_in_order(cache, mob1):
+    """num_workers > 0 reads batches in DataLoader processes: same patches, same order, same features and cache."""
+    _, patches = resolve_patches(mob1, size_px=64)
+    batches = list(_features.iter_batches(patches, 48, num_workers=2))
+    assert [int(i[0]) for i, _ in batches] == list(range(0, len(patches), 48))
+    np.testing.assert_array_equal(np.concatenate([i for i, _ in batches]), np.arange(len(patches)))
+    np.testing.assert_array_equal(np.concatenate([b for _, b in batches]), patches.read(np.arange(len(patches))))
+    backbone = sd.Backbone(pixel_statistics, dim=DIM)
+    threaded = extract_features(patches, backbone, batch_size=48, cache=False)
+    assert threaded.std(axis=0).max() > 0  # real tissue: patches differ
+    np.testing.assert_array_equal(extract_features(patches, backbone, batch_size=48, num_workers=2), threaded)
+    assert len(list(cache.glob("*.npy"))) == 1 and not list(cache.glob("*.partial.npy"))
+
+
+def test_a_failing_reader_process_raises_and_caches_nothing(cache, mob1, monkeypatch):
+    _, patches = resolve_patches(mob1, size_px=32)
+    read = type(patches).read
+
+    def read_until_64(self, indices, *, scheduler="threads"):
+        if indices[0] >= 64:
+            raise OSError(f"unreadable patches from {indices[0]}")
+        return read(self, indices, scheduler=scheduler)
+
+    monkeypatch.setattr(type(patches), "read", read_until_64)
+    with pytest.raises(OSError, match="unreadable patches from 64"):
+        extract_features(patches, sd.Backbone(pixel_statistics, dim=DIM), batch_size=32, num_workers=2)
+    assert not list(cache.glob("*.npy"))
+
+
+@pytest.mark.parametrize("num_workers", [-1, 1.5, True])
+def test_bad_num_workers_fails_before_any_work(mob1, num_workers):
+    table = mob1.tables["table"]
+    before = set(table.obsm)
+    with pytest.raises(ValueError, match="num_workers must be a non-negative integer"):
+        sd.tl.embed(mob1, _model_for(sd.Backbone(pixel_statistics, dim=DIM), 32), num_workers=num_workers)
+    with pytest.raises(ValueError, match="num_workers must be a non-negative integer"):
+        sd.tl.features(mob1, backbone=sd.Backbone(pixel_statistics, dim=DIM), num_workers=num_workers)
+    assert set(table.obsm) == before
+
+
+def test_embedding_with_a_saved_model_imports_no_training_libraries(tmp_path):
+    """Loading a model and embedding a real slide needs neither Lightning, scikit-learn nor scanpy (~240 MB RSS)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import numpy as np
+        import torch
+        import spade_sd as sd
+        from spade_sd._clustering import ExpertClustering, FeatureScaler
+        from spade_sd._experts import ExpertMixture
+        from spade_sd._genes import GenePanel
+        from spade_sd._model import SpadeModel
+
+        def means(patches):
+            return np.repeat(patches.reshape(len(patches), -1, 3).mean(axis=1, dtype=np.float32), 8, axis=1)[:, :16]
+
+        rng = np.random.default_rng(0)
+        torch.manual_seed(0)
+        backbone = sd.Backbone(means, dim=16)
+        model = SpadeModel(
+            backbone=backbone,
+            panel=GenePanel(genes=["g0"]),
+            scaler=FeatureScaler(np.full(16, 128.0), np.full(16, 40.0)),
+            clustering=ExpertClustering(
+                centroids=rng.normal(size=(4, 16)).astype(np.float32),
+                centroid_expert=np.arange(4) % 2,
+                centroid_group=np.zeros(4, dtype=int),
+                n_experts=2,
+            ),
+            mixture=ExpertMixture(2, 16, 1, out_dim=8),
+            tau=1.0,
+            config={{"patches": {{"size_um": 112.0, "size_px": 32}}}},
+        )
+        model.save({str(tmp_path / "model")!r})
+        loaded = SpadeModel.load({str(tmp_path / "model")!r}, backbone=backbone)
+        sdata = sd.datasets.mouse_olfactory_bulb("MOB1")
+        sd.tl.embed(sdata, loaded, genes=False, cache=False)
+        assert np.isfinite(sdata.tables["table"].obsm["X_spade"]).all()
+        print(sorted(m for m in ("lightning", "sklearn", "scanpy") if m in sys.modules))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -52,7 +52,9 @@ _HEAD_PREFIXES = ("head.", "classifier.", "fc.")
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 # A single ONNX protobuf cannot hold more; larger models stay on eager PyTorch
 _ONNX_MAX_BYTES = 2**31 - 1
-_ONNX_CPU_BATCH = 16
+# onnxruntime runs on the CPU in sub-batches of this many patches: its memory arena grows with the largest run,
+# and ViT-S/16 ran ~5 % faster in 8s than 16s (EfficientNet-Lite0 alike within noise; benchmarks/throughput.py)
+_ONNX_CPU_BATCH = 8
 _ONNX_TOLERANCE = 1e-3
 _ENGINES = ("auto", "torch", "onnxruntime")
 
@@ -418,9 +420,12 @@ class Backbone:
                 out[start : start + len(batch)] = self._checked(np.asarray(self._fn(batch)), len(batch))
             return out
         run = self._runner()
+        # onnxruntime runs small sub-batches (see _ONNX_CPU_BATCH): preprocessing them one at a time keeps the
+        # float32 copies of a whole batch (38 MB for 64 patches of 224 px, several times over) out of memory
+        step = min(self.batch_size, _ONNX_CPU_BATCH) if self._engine_in_use == "onnxruntime" else self.batch_size
         with self._eval(), torch.inference_mode():
-            for start in range(0, len(patches), self.batch_size):
-                batch = patches[start : start + self.batch_size]
+            for start in range(0, len(patches), step):
+                batch = patches[start : start + step]
                 out[start : start + len(batch)] = self._checked(run(self._preprocess(batch)), len(batch))
         return out
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from sklearn.cluster import KMeans
 
 from ._logging import logger
 
@@ -381,7 +380,9 @@ def _elbow_k(X: np.ndarray, max_k: int, seed: int) -> int:
     return int(ks[np.argmax((1 - x) - y)])
 
 
-def _kmeans(X: np.ndarray, k: int, seed: int, sample_weight: np.ndarray | None = None) -> KMeans:
+def _kmeans(X: np.ndarray, k: int, seed: int, sample_weight: np.ndarray | None = None):
+    from sklearn.cluster import KMeans  # imported on use: embedding with a trained model needs no scikit-learn
+
     return KMeans(n_clusters=k, n_init=N_INIT, random_state=seed).fit(X, sample_weight=sample_weight)
 
 

@@ -43,8 +43,56 @@ def _features_cache_dir() -> Path:
     return cache_dir() / "features"
 
 
-def iter_batches(patches: SpotPatches, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(indices, uint8 patches)`` batches in order, the next one read while the caller works on the current."""
+def check_num_workers(num_workers: int) -> int:
+    """``num_workers`` as an int, or a clear error: reader processes, 0 for a reader thread."""
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int | np.integer) or num_workers < 0:
+        raise ValueError(
+            f"num_workers must be a non-negative integer (reader processes; 0 reads in a thread), found "
+            f"{num_workers!r}."
+        )
+    return int(num_workers)
+
+
+class _PatchBatches:
+    """Map-style dataset of whole batches of patches, read synchronously in a reader process."""
+
+    def __init__(self, patches: SpotPatches, batch_size: int) -> None:
+        self.patches, self.batch_size = patches, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.patches) // self.batch_size)
+
+    def __getitem__(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        start = batch * self.batch_size
+        indices = np.arange(start, min(start + self.batch_size, len(self.patches)))
+        return indices, self.patches.read(indices, scheduler="synchronous")
+
+
+def _as_is(item):
+    return item
+
+
+def iter_batches(
+    patches: SpotPatches, batch_size: int, *, num_workers: int = 0
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(indices, uint8 patches)`` batches in order, read ahead while the caller works on the current one.
+
+    ``num_workers=0`` reads the next batch in a thread (dask's threaded scheduler); ``num_workers > 0`` reads
+    batches in that many processes (a :class:`torch.utils.data.DataLoader`, two batches ahead per process), for
+    machines whose cores outnumber what one reader keeps busy, e.g. feeding a GPU.
+    """
+    if check_num_workers(num_workers):
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(
+            _PatchBatches(patches, batch_size),
+            batch_size=None,
+            num_workers=num_workers,
+            collate_fn=_as_is,
+            prefetch_factor=2,
+        )
+        yield from loader
+        return
     starts = range(0, len(patches), batch_size)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spade_sd-read") as reader:
         pending = None
@@ -59,7 +107,13 @@ def iter_batches(patches: SpotPatches, batch_size: int) -> Iterator[tuple[np.nda
 
 
 def iter_features(
-    patches: SpotPatches, backbone, *, batch_size: int = 64, cache: bool = True, chunk_size: int | None = None
+    patches: SpotPatches,
+    backbone,
+    *,
+    batch_size: int = 64,
+    cache: bool = True,
+    chunk_size: int | None = None,
+    num_workers: int = 0,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Features of consecutive patches, chunk by chunk, read from the cache or computed (and appended to it).
 
@@ -76,12 +130,15 @@ def iter_features(
         incrementally and only appears, complete, once every chunk was computed and found finite.
     chunk_size
         Patches per yielded chunk (rounded up to whole batches when computing); default ``CHUNK_SIZE``.
+    num_workers
+        Processes reading patches (see :func:`iter_batches`); 0 reads in a thread.
 
     Yields
     ------
     ``(start, features)``: float32 features ``(n, backbone.dim)`` of patches ``start`` to ``start + n``.
     """
     chunk_size = CHUNK_SIZE if chunk_size is None else int(chunk_size)
+    num_workers = check_num_workers(num_workers)
     path = _features_cache_dir() / f"{cache_key(patches, backbone)}.npy" if cache else None
     if path is not None and path.is_file():
         cached = _read_chunks(path, (len(patches), backbone.dim), chunk_size)
@@ -89,7 +146,8 @@ def iter_features(
             logger.info("Reading %d cached %s features from %s", len(patches), backbone.name, path)
             yield from cached
             return
-    yield from _compute_chunks(patches, backbone, batch_size, _whole_batches(chunk_size, batch_size), path)
+    chunk_size = _whole_batches(chunk_size, batch_size)
+    yield from _compute_chunks(patches, backbone, batch_size, chunk_size, path, num_workers=num_workers)
 
 
 def _whole_batches(chunk_size: int, batch_size: int) -> int:
@@ -127,7 +185,7 @@ def _chunks_from(path: Path, shape: tuple[int, int], chunk_size: int) -> Iterato
 
 
 def _compute_chunks(
-    patches: SpotPatches, backbone, batch_size: int, chunk_size: int, path: Path | None
+    patches: SpotPatches, backbone, batch_size: int, chunk_size: int, path: Path | None, *, num_workers: int = 0
 ) -> Iterator[tuple[int, np.ndarray]]:
     n, dim = len(patches), backbone.dim
     partial = None if path is None else path.with_suffix(f".{os.getpid()}.partial.npy")
@@ -135,7 +193,7 @@ def _compute_chunks(
     try:
         with nullcontext() if partial is None else _open_npy(partial, (n, dim)) as file:
             chunk, chunk_start = np.empty((min(chunk_size, n), dim), dtype=np.float32), 0
-            for indices, batch in iter_batches(patches, batch_size):
+            for indices, batch in iter_batches(patches, batch_size, num_workers=num_workers):
                 chunk[indices - chunk_start] = backbone(batch)
                 filled = int(indices[-1]) + 1 - chunk_start
                 if filled < len(chunk):
@@ -171,7 +229,7 @@ def _open_npy(path: Path, shape: tuple[int, int]):
 
 @contextmanager
 def rereadable_features(
-    patches: SpotPatches, backbone, *, batch_size: int = 64, cache: bool = True
+    patches: SpotPatches, backbone, *, batch_size: int = 64, cache: bool = True, num_workers: int = 0
 ) -> Iterator[Callable[[], Iterator[tuple[int, np.ndarray]]]]:
     """A function that iterates over the features of every patch, chunk by chunk, as often as it is called.
 
@@ -179,8 +237,9 @@ def rereadable_features(
     that is deleted on leaving the context. Later passes read them back chunk by chunk, so a whole slide's
     features are never held in memory (e.g. per-slide statistics in one pass, the embedding in the next).
     """
+    options = {"batch_size": batch_size, "num_workers": num_workers}
     if cache:
-        yield lambda: iter_features(patches, backbone, batch_size=batch_size, cache=True)
+        yield lambda: iter_features(patches, backbone, cache=True, **options)
         return
     with tempfile.TemporaryDirectory(prefix="spade_sd-features-") as folder:
         path = Path(folder) / "features.npy"
@@ -189,13 +248,20 @@ def rereadable_features(
             if path.is_file():
                 yield from _chunks_from(path, (len(patches), backbone.dim), CHUNK_SIZE)
             else:
-                yield from _compute_chunks(patches, backbone, batch_size, _whole_batches(CHUNK_SIZE, batch_size), path)
+                chunk_size = _whole_batches(CHUNK_SIZE, batch_size)
+                yield from _compute_chunks(patches, backbone, batch_size, chunk_size, path, num_workers=num_workers)
 
         yield passes
 
 
 def extract_features(
-    patches: SpotPatches, backbone, *, batch_size: int = 64, cache: bool = True, out: np.ndarray | None = None
+    patches: SpotPatches,
+    backbone,
+    *,
+    batch_size: int = 64,
+    cache: bool = True,
+    out: np.ndarray | None = None,
+    num_workers: int = 0,
 ) -> np.ndarray:
     """Features of every patch, computed in batches or read from the cache.
 
@@ -212,6 +278,8 @@ def extract_features(
     out
         Optional ``(len(patches), backbone.dim)`` float32 array (e.g. a memory map) written chunk by chunk, so
         very many patches never sit in memory at once.
+    num_workers
+        Processes reading patches (see :func:`iter_batches`); 0 reads in a thread.
 
     Returns
     -------
@@ -220,7 +288,8 @@ def extract_features(
     features = out if out is not None else np.empty((len(patches), backbone.dim), dtype=np.float32)
     if features.shape != (len(patches), backbone.dim):
         raise ValueError(f"Expected out of shape {(len(patches), backbone.dim)}, found {features.shape}.")
-    for start, chunk in iter_features(patches, backbone, batch_size=batch_size, cache=cache):
+    chunks = iter_features(patches, backbone, batch_size=batch_size, cache=cache, num_workers=num_workers)
+    for start, chunk in chunks:
         features[start : start + len(chunk)] = chunk
     return features
 
@@ -254,6 +323,7 @@ def spot_features(
     mpp: float | None = None,
     batch_size: int = 64,
     cache: bool = True,
+    num_workers: int = 0,
 ):
     """Resolve the spots of a SpatialData and compute (or read cached) backbone features of their patches.
 
@@ -271,4 +341,4 @@ def spot_features(
         size_px=size_px,
         mpp=mpp,
     )
-    return geometry, extract_features(patches, backbone, batch_size=batch_size, cache=cache)
+    return geometry, extract_features(patches, backbone, batch_size=batch_size, cache=cache, num_workers=num_workers)

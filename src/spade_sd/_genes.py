@@ -12,7 +12,6 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import scanpy as sc
 from anndata import AnnData
 from scipy import sparse
 from scipy.spatial import cKDTree
@@ -319,6 +318,8 @@ def _gene_totals(sample: _Sample, genes: pd.Index) -> np.ndarray:
 def _top_hvgs(logexpr: sparse.csr_matrix | np.ndarray, genes: pd.Index, n_top_genes: int) -> pd.Index:
     if len(genes) <= n_top_genes:
         return genes
+    import scanpy as sc  # imported on use: embedding with a trained model needs no scanpy
+
     hvg = sc.pp.highly_variable_genes(
         AnnData(logexpr, var=pd.DataFrame(index=genes)), n_top_genes=n_top_genes, flavor="seurat", inplace=False
     )

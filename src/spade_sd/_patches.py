@@ -121,13 +121,16 @@ class SpotPatches:
         resized = Image.fromarray(canvas).resize((self.size_px, self.size_px), Image.Resampling.BILINEAR, box=relative)
         return np.asarray(resized)
 
-    def read(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+    def read(self, indices: Sequence[int] | np.ndarray, *, scheduler: str = "threads") -> np.ndarray:
         """Read the patches of several spots in one lazy computation.
 
         Parameters
         ----------
         indices
             Spot positions (in the order of the table's rows).
+        scheduler
+            Dask scheduler of the read: ``"threads"``, or ``"synchronous"`` in reader processes (which are the
+            parallelism themselves).
 
         Returns
         -------
@@ -136,7 +139,7 @@ class SpotPatches:
         indices = np.asarray(indices, dtype=int).reshape(-1)
         boxes = [self._box(i) for i in indices]
         windows = [self._window(box) for box in boxes]
-        (pixels,) = dask.compute([w for w, _ in windows], scheduler="threads")
+        (pixels,) = dask.compute([w for w, _ in windows], scheduler=scheduler)
         out = np.empty((len(indices), self.size_px, self.size_px, 3), dtype=np.uint8)
         for k, (window, (_, covered), box) in enumerate(zip(pixels, windows, boxes, strict=True)):
             out[k] = self._resample(_as_rgb_uint8(np.asarray(window), self._array.dtype), covered, box)

@@ -11,7 +11,7 @@ import numpy as np
 from anndata import AnnData
 
 from ._clustering import MIN_SLIDE_PATCHES, FeatureScaler, fit_slide_scaler, two_stage_kmeans
-from ._experts import train_experts
+from ._expert_training import train_experts
 from ._genes import GenePanel
 from ._logging import logger
 from ._model import SpadeModel
@@ -91,7 +91,7 @@ def fit_model(
     warm_start
         With several experts, first train one generalist expert on every spot and start each expert from it.
     **training
-        Passed to :func:`~spade_sd._experts.train_experts`.
+        Passed to :func:`~spade_sd._expert_training.train_experts`.
 
     Returns
     -------

@@ -21,7 +21,9 @@ def _result_keys(key_added: str) -> dict[str, str]:
     }
 
 
-def _embed_patches(model, patches, *, hard: bool, batch_size: int, cache: bool) -> tuple[np.ndarray, np.ndarray]:
+def _embed_patches(
+    model, patches, *, hard: bool, batch_size: int, cache: bool, num_workers: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Embedding and expert weights of every patch, streaming the backbone features chunk by chunk.
 
     A model with per-slide standardisation needs the slide's feature statistics first: one pass over the
@@ -32,7 +34,7 @@ def _embed_patches(model, patches, *, hard: bool, batch_size: int, cache: bool) 
     embedding = np.empty((len(patches), model.mixture.config["out_dim"]), dtype=np.float32)
     weights = np.empty((len(patches), model.n_experts), dtype=np.float32)
     per_slide = model.standardize == "slide"
-    options = {"batch_size": batch_size, "cache": cache}
+    options = {"batch_size": batch_size, "cache": cache, "num_workers": num_workers}
     if per_slide:
         source = rereadable_features(patches, model.backbone, **options)
     else:  # one pass: no temporary file even without the cache
@@ -60,6 +62,7 @@ def embed(
     genes: bool | None = None,
     batch_size: int = 64,
     cache: bool = True,
+    num_workers: int = 0,
 ) -> None:
     """Embed every spot (or tile) of a slide with a trained SPADE model.
 
@@ -84,6 +87,9 @@ def embed(
         (an error names the missing genes), ``False`` skips it.
     batch_size, cache
         Feature extraction batch size and on-disk feature cache.
+    num_workers
+        Processes reading patches while the backbone encodes (a :class:`torch.utils.data.DataLoader`); 0 reads
+        in a thread, which keeps a CPU backbone busy. Use several on machines with many cores feeding a GPU.
 
     Returns
     -------
@@ -107,7 +113,7 @@ def embed(
     (a first pass over the features; at least 30 patches), so embed a slide's spots or tiles in one call.
     """
     from .._clustering import MIN_SLIDE_PATCHES
-    from .._features import resolve_patches
+    from .._features import check_num_workers, resolve_patches
     from .._model import SpadeModel
 
     if model is None:
@@ -121,6 +127,7 @@ def embed(
         raise TypeError(f"Expected a spade_sd.SpadeModel as model, found {type(model).__name__}.")
     if genes not in (None, True, False):
         raise ValueError(f"genes must be None, True or False; found {genes!r}.")
+    num_workers = check_num_workers(num_workers)
     patches = model.config["patches"]
     geometry, spot_patches = resolve_patches(
         sdata,
@@ -147,7 +154,9 @@ def embed(
             f"(e.g. {missing[:10]}); the gene-side embedding needs them all. Pass genes=False to skip it."
         )
 
-    embedding, weights = _embed_patches(model, spot_patches, hard=hard, batch_size=batch_size, cache=cache)
+    embedding, weights = _embed_patches(
+        model, spot_patches, hard=hard, batch_size=batch_size, cache=cache, num_workers=num_workers
+    )
     keys = _result_keys(key_added)
     outputs = {
         keys["embedding"]: rows_filled(table, rows, embedding, keys["embedding"]),

@@ -19,6 +19,7 @@ def features(
     key_added: str = "X_backbone",
     batch_size: int = 64,
     cache: bool = True,
+    num_workers: int = 0,
 ) -> None:
     """Frozen backbone features of every spot's patch.
 
@@ -42,6 +43,8 @@ def features(
         Patches encoded at a time.
     cache
         Use the on-disk feature cache.
+    num_workers
+        Processes reading patches while the backbone encodes; 0 reads in a thread (see :func:`spade_sd.tl.embed`).
 
     Returns
     -------
@@ -52,8 +55,9 @@ def features(
     ``.uns[key_added]``
         ``params`` (elements, patch geometry, µm per pixel) and ``backbone`` (its configuration and identity).
     """
-    from .._features import spot_features
+    from .._features import check_num_workers, spot_features
 
+    num_workers = check_num_workers(num_workers)
     backbone = as_backbone(backbone)
     geometry, values = spot_features(
         sdata,
@@ -66,6 +70,7 @@ def features(
         mpp=mpp,
         batch_size=batch_size,
         cache=cache,
+        num_workers=num_workers,
     )
     table = sdata.tables[geometry.table_key]
     table.obsm[key_added] = rows_filled(table, geometry.table_rows, values, key_added)

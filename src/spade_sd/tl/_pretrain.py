@@ -59,6 +59,7 @@ def pretrain(
     size_px: int = 224,
     mpp: float | Sequence[float] | None = None,
     feature_batch_size: int = 64,
+    feature_num_workers: int = 0,
     cache: bool = True,
     seed: int = 0,
     train_threads: int | None = 1,
@@ -119,8 +120,9 @@ def pretrain(
         Softness of routing relative to the training features' typical margin between experts.
     size_um, size_px, mpp
         Patch geometry, as in :func:`spade_sd.pp.spot_patches`.
-    feature_batch_size, cache
-        Feature extraction batch size and on-disk cache.
+    feature_batch_size, feature_num_workers, cache
+        Feature extraction batch size, processes reading patches (0: a reader thread; see
+        :func:`spade_sd.tl.embed`) and on-disk cache.
     seed
         Seed of clustering, initialisation and batching: the same seed gives the same model.
     train_threads
@@ -135,9 +137,10 @@ def pretrain(
     The trained :class:`~spade_sd.SpadeModel`; it is also attached to every SpatialData given, so
     :func:`spade_sd.tl.embed` uses it when called without a model.
     """
-    from .._features import spot_features
+    from .._features import check_num_workers, spot_features
     from .._pretraining import fit_model
 
+    check_num_workers(feature_num_workers)
     sdatas = [sdata] if isinstance(sdata, SpatialData) else list(sdata)
     if not sdatas or not all(isinstance(s, SpatialData) for s in sdatas):
         raise TypeError(
@@ -166,6 +169,7 @@ def pretrain(
             mpp=scale,
             batch_size=feature_batch_size,
             cache=cache,
+            num_workers=feature_num_workers,
         )
         table = data.tables[geometry.table_key][geometry.table_rows]
         if groupby is not None and groupby not in table.obs:

@@ -1,0 +1,440 @@
+"""Training the data experts with Lightning (the heads and mixture are in ``_experts``).
+
+Every expert is a pair of projection heads (image, gene) trained only on its own spots, so each batch holds
+spots of a single expert and its negatives are morphologically similar. All experts train in one run: batches of
+different experts are interleaved, and each step updates only that batch's expert.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.strategies import DDPStrategy
+
+from ._expert_data import MIN_SLIDES_FOR_SLIDE_VALIDATION, ExpertDataModule, split_by_slide
+from ._experts import ExpertMixture
+from ._logging import logger
+from ._losses import LOSSES, LossName, contrastive_loss
+
+_LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
+_HISTORY = "history/"
+
+
+class ExpertsModule(L.LightningModule):
+    """Trains every expert of an :class:`ExpertMixture`; each batch updates the heads of its own expert.
+
+    Parameters
+    ----------
+    mixture
+        The heads to train.
+    loss
+        ``"soft_target"`` or ``"clip"``.
+    temperature
+        ``T`` of the soft-target loss.
+    lr
+        Peak learning rate of AdamW.
+    weight_decay
+        AdamW weight decay (not applied to the CLIP logit scale).
+    warmup_steps
+        Linear warm-up steps before the per-step cosine decay to zero.
+    """
+
+    def __init__(
+        self,
+        mixture: ExpertMixture,
+        *,
+        loss: LossName = "soft_target",
+        temperature: float = 1.0,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-2,
+        warmup_steps: int = 0,
+    ) -> None:
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"Unknown loss {loss!r}; choose one of {LOSSES}.")
+        self.mixture = mixture
+        self.loss_name, self.temperature = loss, temperature
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+
+    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y, expert = batch
+        image, gene = self.mixture.expert_embeddings(x, y, int(expert[0]))
+        return contrastive_loss(
+            image, gene, loss=self.loss_name, temperature=self.temperature, logit_scale=self.mixture.logit_scale
+        )
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        """Contrastive loss of one single-expert batch."""
+        loss = self._loss(batch)
+        self.log(
+            "train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch[0]), sync_dist=True
+        )
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        """Contrastive loss of one validation batch."""
+        self.log("val_loss", self._loss(batch), on_epoch=True, prog_bar=True, batch_size=len(batch[0]), sync_dist=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW and a per-step schedule: linear warm-up, then cosine decay to zero."""
+        decayed = [p for name, p in self.mixture.named_parameters() if name != "logit_scale"]
+        # decaying the log inverse temperature would pull the CLIP temperature towards 1
+        groups = [
+            {"params": decayed, "weight_decay": self.weight_decay},
+            {"params": [self.mixture.logit_scale], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=self.lr)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(self.warmup_steps, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def _warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class _BestWeights(L.Callback):
+    """Keeps the weights of the best epoch in memory, restores them at the end, and records the loss curves.
+
+    The curves travel back in ``trainer.callback_metrics``, the channel Lightning also uses to return results
+    from spawned processes.
+    """
+
+    def __init__(self, monitor: str) -> None:
+        self.monitor = monitor
+        self.best, self.best_epoch = math.inf, -1
+        self.state: dict[str, torch.Tensor] | None = None
+        self.curves: dict[str, list[float]] = {"train_loss": [], "val_loss": []}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._record(trainer, pl_module, "val_loss")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._record(trainer, pl_module, "train_loss")
+
+    def _record(self, trainer: L.Trainer, pl_module: L.LightningModule, key: str) -> None:
+        if key not in trainer.callback_metrics:
+            return
+        value = float(trainer.callback_metrics[key])
+        self.curves[key].append(value)
+        if key == self.monitor and value < self.best:
+            self.best, self.best_epoch = value, trainer.current_epoch
+            self.state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.state is not None:
+            pl_module.load_state_dict(self.state)
+        for key, curve in self.curves.items():
+            trainer.callback_metrics[_HISTORY + key] = torch.tensor(curve, dtype=torch.float64)
+        trainer.callback_metrics[_HISTORY + "best_epoch"] = torch.tensor(self.best_epoch)
+        trainer.callback_metrics[_HISTORY + "best_loss"] = torch.tensor(self.best, dtype=torch.float64)
+
+
+def train_experts(
+    X_std: np.ndarray,
+    Y: np.ndarray,
+    expert_idx: np.ndarray,
+    slide: np.ndarray,
+    *,
+    n_experts: int,
+    out_dim: int = 256,
+    loss: LossName = "soft_target",
+    temperature: float = 1.0,
+    batch_size: int = 128,
+    max_epochs: int = 50,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-2,
+    warmup_steps: int = 0,
+    dropout: float = 0.1,
+    patience: int = 10,
+    val_slides: Sequence | None = None,
+    val_fraction: float = 0.2,
+    coords: np.ndarray | None = None,
+    min_val_slides: int = MIN_SLIDES_FOR_SLIDE_VALIDATION,
+    seed: int = 0,
+    accelerator: str = "auto",
+    devices: int | str | Sequence[int] = "auto",
+    num_nodes: int = 1,
+    strategy: str | Any = "auto",
+    enable_progress_bar: bool = True,
+    quiet: bool = False,
+    init: ExpertMixture | None = None,
+    **trainer_kwargs: Any,
+) -> tuple[ExpertMixture, dict[str, Any]]:
+    """Train the image and gene heads of every expert contrastively, in one Lightning run.
+
+    Validation holds out whole slides (:func:`split_by_slide`); training stops early when the monitored loss
+    has not improved for ``patience`` epochs, and the weights of the best epoch are returned.
+
+    Parameters
+    ----------
+    X_std
+        Standardised image features, (n_spots, d).
+    Y
+        Log-normalised expression, (n_spots, n_genes).
+    expert_idx
+        Expert of each spot, in ``0 .. n_experts - 1``.
+    slide
+        Slide (or patient) of each spot, for the validation split.
+    n_experts
+        Number of experts.
+    out_dim
+        Embedding dimension.
+    loss
+        ``"soft_target"`` (SPADE/BLEEP) or ``"clip"`` (InfoNCE, learnable temperature initialised at 0.07).
+    temperature
+        ``T`` of the soft-target loss (fixed at 1 upstream).
+    batch_size
+        Spots per batch per process; under DDP a step's negatives come from all processes.
+    max_epochs
+        Most epochs to train.
+    lr
+        Peak learning rate. Upstream used 1e-4 for 100 epochs over hundreds of thousands of spots; with a few
+        thousand spots (tens of steps per epoch) 1e-3 reaches a trained state within ~50 epochs.
+    weight_decay
+        AdamW weight decay.
+    warmup_steps
+        Linear warm-up steps before the cosine decay.
+    dropout
+        Dropout of the heads.
+    patience
+        Epochs without improvement before stopping.
+    val_slides
+        Slides to validate on; see :func:`split_by_slide` for the default draw and the single-slide fallback.
+    val_fraction
+        Fraction of slides held out when ``val_slides`` is ``None``.
+    coords
+        Spot coordinates, used for validation blocks when there are few slides (see :func:`split_by_slide`).
+    min_val_slides
+        Fewest slides for which whole slides are held out for validation (see :func:`split_by_slide`).
+    seed
+        Seed of initialisation, dropout, batch order and validation draw; training is deterministic.
+    accelerator, devices, num_nodes, strategy
+        Passed to :class:`lightning.pytorch.Trainer`. DDP strategies are told that some parameters get no
+        gradient in a step (each step trains one expert).
+    enable_progress_bar
+        Show Lightning's progress bar.
+    quiet
+        Silence Lightning's banners, model summary and progress bar.
+    init
+        A trained one-expert mixture (the generalist) whose heads start every expert; after training, an expert
+        whose validation spots the generalist's heads fit better (lower loss) gets them back
+        (``history["experts_from_generalist"]``).
+    **trainer_kwargs
+        Further :class:`lightning.pytorch.Trainer` arguments (``callbacks`` are added to ours; ``logger``
+        defaults to none, so nothing is written to disk).
+
+    Returns
+    -------
+    The trained mixture (on CPU, in eval mode) and a history dict: ``epochs`` run, ``monitor``, ``best_epoch``,
+    ``best_loss``, ``best_val_loss`` (``None`` without validation), per-epoch ``train_loss`` and ``val_loss``,
+    ``val_slides``, ``train_spots_per_expert``, ``val_spots_per_expert`` and ``untrained_experts`` (experts with
+    fewer than 2 training spots, whose heads keep their random initialisation).
+    """
+    X_std, Y, expert_idx, slide = _validated(X_std, Y, expert_idx, slide, n_experts)
+    val_mask = split_by_slide(
+        slide, val_slides=val_slides, val_fraction=val_fraction, coords=coords, min_val_slides=min_val_slides, seed=seed
+    )
+    train_counts = np.bincount(expert_idx[~val_mask], minlength=n_experts)
+    untrained = np.flatnonzero(train_counts < 2).tolist()
+    if untrained:
+        logger.warning("Experts %s have fewer than 2 training spots; their heads stay untrained.", untrained)
+    monitor = "val_loss" if val_mask.any() else "train_loss"
+    logger.info(
+        "Training %d experts on %d spots (validation: %d spots), loss=%s",
+        n_experts,
+        int((~val_mask).sum()),
+        int(val_mask.sum()),
+        loss,
+    )
+    start = time.perf_counter()
+    with _lightning_quiet(quiet), _torch_flags_restored():
+        L.seed_everything(seed, workers=True, verbose=not quiet)
+        mixture = ExpertMixture(n_experts, X_std.shape[1], Y.shape[1], out_dim=out_dim, dropout=dropout)
+        if init is not None:
+            mixture.start_from(init)
+        module = ExpertsModule(
+            mixture, loss=loss, temperature=temperature, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps
+        )
+        data = ExpertDataModule(X_std, Y, expert_idx, val_mask, batch_size=batch_size, seed=seed)
+        trainer = _trainer(
+            monitor=monitor,
+            patience=patience,
+            has_validation=bool(val_mask.any()),
+            quiet=quiet,
+            accelerator=accelerator,
+            devices=devices,
+            num_nodes=num_nodes,
+            strategy=strategy,
+            max_epochs=max_epochs,
+            enable_progress_bar=enable_progress_bar and not quiet,
+            **trainer_kwargs,
+        )
+        trainer.fit(module, datamodule=data)
+    history = _history(trainer, monitor, slide, val_mask, expert_idx, n_experts, untrained)
+    if init is not None:
+        history["experts_from_generalist"] = _keep_generalist_where_better(
+            module.mixture.cpu().eval(), init, X_std[val_mask], Y[val_mask], expert_idx[val_mask], loss, temperature
+        )
+    logger.info(
+        "Trained %d experts for %d epochs in %.1f s; best %s %.4f at epoch %d",
+        n_experts,
+        history["epochs"],
+        time.perf_counter() - start,
+        monitor,
+        history["best_loss"],
+        history["best_epoch"],
+    )
+    return module.mixture.cpu().eval(), history
+
+
+def _keep_generalist_where_better(
+    mixture: ExpertMixture,
+    generalist: ExpertMixture,
+    X_val: np.ndarray,
+    Y_val: np.ndarray,
+    expert_val: np.ndarray,
+    loss: LossName,
+    temperature: float,
+) -> list[int]:
+    """Give each expert back the generalist's heads where those have the lower loss on its validation spots.
+
+    An expert then departs from the generalist it started from only where that helped on held-out slides, so
+    on little data the mixture cannot end up worse than the single expert. Returns the experts reset.
+    """
+    reset = []
+    generalist = generalist.cpu().eval()
+    with torch.inference_mode():
+        for e in range(mixture.n_experts):
+            rows = expert_val == e
+            if rows.sum() < 2:
+                continue
+            x, y = torch.from_numpy(X_val[rows]), torch.from_numpy(Y_val[rows])
+            options = {"loss": loss, "temperature": temperature}
+            own = contrastive_loss(*mixture.expert_embeddings(x, y, e), logit_scale=mixture.logit_scale, **options)
+            base = contrastive_loss(
+                *generalist.expert_embeddings(x, y, 0), logit_scale=generalist.logit_scale, **options
+            )
+            if float(base) < float(own):
+                reset.append(e)
+    mixture.start_from(generalist, reset)
+    if reset:
+        logger.info("Experts %s keep the generalist's heads: they fit their validation spots better", reset)
+    return reset
+
+
+def _validated(
+    X: np.ndarray, Y: np.ndarray, expert_idx: np.ndarray, slide: np.ndarray, n_experts: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    X, Y = np.asarray(X, dtype=np.float32), np.asarray(Y, dtype=np.float32)
+    expert_idx, slide = np.asarray(expert_idx, dtype=np.int64), np.asarray(slide)
+    n = X.shape[0]
+    if X.ndim != 2 or Y.ndim != 2 or Y.shape[0] != n or expert_idx.shape != (n,) or slide.shape != (n,):
+        raise ValueError(
+            f"Expected X (n, d), Y (n, n_genes), expert_idx (n,) and slide (n,); found {X.shape}, {Y.shape}, "
+            f"{expert_idx.shape} and {slide.shape}."
+        )
+    if n and (expert_idx.min() < 0 or expert_idx.max() >= n_experts):
+        raise ValueError(f"expert_idx must lie in 0..{n_experts - 1}; found {expert_idx.min()}..{expert_idx.max()}.")
+    if not (np.isfinite(X).all() and np.isfinite(Y).all()):
+        raise ValueError("X and Y must be finite; found NaN or infinite values.")
+    return X, Y, expert_idx, slide
+
+
+def _trainer(*, monitor: str, patience: int, has_validation: bool, quiet: bool, **trainer_kwargs: Any) -> L.Trainer:
+    callbacks = [
+        EarlyStopping(monitor=monitor, patience=patience, mode="min", check_on_train_epoch_end=not has_validation),
+        _BestWeights(monitor),
+        *trainer_kwargs.pop("callbacks", []),
+    ]
+    options = {
+        "deterministic": True,
+        "enable_checkpointing": False,  # the best weights are kept in memory: nothing is written to disk
+        "logger": False,
+        "enable_model_summary": not quiet,
+        "num_sanity_val_steps": 0,
+        **({} if has_validation else {"limit_val_batches": 0}),
+        **trainer_kwargs,
+        "use_distributed_sampler": False,  # ExpertBatchSampler shards the single-expert batches itself
+    }
+    trainer = L.Trainer(callbacks=callbacks, **options)
+    # each step trains one expert, so DDP must not wait for the other experts' gradients; setting it on the
+    # strategy covers strings ("ddp", "ddp_spawn"), strategy objects and what "auto" resolves to alike
+    if isinstance(trainer.strategy, DDPStrategy):
+        trainer.strategy._ddp_kwargs["find_unused_parameters"] = True
+    return trainer
+
+
+def _history(
+    trainer: L.Trainer,
+    monitor: str,
+    slide: np.ndarray,
+    val_mask: np.ndarray,
+    expert_idx: np.ndarray,
+    n_experts: int,
+    untrained: list[int],
+) -> dict[str, Any]:
+    metrics = trainer.callback_metrics
+    curves = {key: metrics[_HISTORY + key].tolist() for key in ("train_loss", "val_loss")}
+    best_loss = float(metrics[_HISTORY + "best_loss"])
+    return {
+        "epochs": len(curves["train_loss"]),
+        "monitor": monitor,
+        "best_epoch": int(metrics[_HISTORY + "best_epoch"]),
+        "best_loss": best_loss,
+        "best_val_loss": best_loss if monitor == "val_loss" else None,
+        **curves,
+        "val_slides": np.unique(slide[val_mask]).tolist(),
+        "train_spots_per_expert": np.bincount(expert_idx[~val_mask], minlength=n_experts).tolist(),
+        "val_spots_per_expert": np.bincount(expert_idx[val_mask], minlength=n_experts).tolist(),
+        "untrained_experts": untrained,
+    }
+
+
+@contextmanager
+def _lightning_quiet(quiet: bool) -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        if not quiet:
+            yield
+            return
+        warnings.filterwarnings("ignore", module="lightning")
+        loggers = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]
+        levels = [log.level for log in loggers]
+        for log in loggers:
+            log.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for log, level in zip(loggers, levels, strict=True):
+                log.setLevel(level)
+
+
+@contextmanager
+def _torch_flags_restored() -> Iterator[None]:
+    # Trainer(deterministic=True) switches torch to deterministic algorithms process-wide; undo that afterwards
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
