@@ -111,6 +111,11 @@ def backbones() -> dict:
     }
 
 
+def _patches_per_measurement(name: str, n: int) -> int:
+    """``n`` for the cheap CNN, half of it (at least 16) for the ViT, ~12× as many FLOPs per patch."""
+    return n if name == "efficientnet_lite0" else max(n // 2, 16)
+
+
 def count_gflops(backbone) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -618,7 +623,7 @@ def main() -> None:
     if "engines" in args.sections:
         rows = []
         for name, make in makers.items():
-            n = args.n if name == "efficientnet_lite0" else max(args.n // 2, 16)
+            n = _patches_per_measurement(name, args.n)
             sizes = (16, args.batch_size) if name == "efficientnet_lite0" else (8, 16)
             rows += engines_section(name, make, n=n, batch_sizes=sizes, compile_=args.compile)
             if "ceiling" in args.sections:  # measured between sections too: other jobs' load comes and goes
@@ -639,7 +644,7 @@ def main() -> None:
         results["flops"] = flops
         results["paired"] = []
         for name, make in makers.items():
-            n = args.n if name == "efficientnet_lite0" else max(args.n // 2, 16)
+            n = _patches_per_measurement(name, args.n)
             results["paired"] += paired_section(name, make, flops[name], n=n, rounds=args.rounds)
     if "pipeline" in args.sections:
         results["pipeline"] = pipeline_section(args.side, batch_size=args.batch_size)
