@@ -11,11 +11,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from ._logging import logger
+
+if TYPE_CHECKING:
+    from sklearn.cluster import KMeans
 
 N_INIT = 10
 _STD_FLOOR = 1e-6
@@ -380,7 +383,7 @@ def _elbow_k(X: np.ndarray, max_k: int, seed: int) -> int:
     return int(ks[np.argmax((1 - x) - y)])
 
 
-def _kmeans(X: np.ndarray, k: int, seed: int, sample_weight: np.ndarray | None = None):
+def _kmeans(X: np.ndarray, k: int, seed: int, sample_weight: np.ndarray | None = None) -> KMeans:
     from sklearn.cluster import KMeans  # imported on use: embedding with a trained model needs no scikit-learn
 
     return KMeans(n_clusters=k, n_init=N_INIT, random_state=seed).fit(X, sample_weight=sample_weight)
