@@ -420,8 +420,9 @@ class Backbone:
                 out[start : start + len(batch)] = self._checked(np.asarray(self._fn(batch)), len(batch))
             return out
         run = self._runner()
-        # onnxruntime runs small sub-batches (see _ONNX_CPU_BATCH): preprocessing them one at a time keeps the
-        # float32 copies of a whole batch (38 MB for 64 patches of 224 px, several times over) out of memory
+        # onnxruntime runs small sub-batches (see _ONNX_CPU_BATCH): its arena grows with the largest run, and
+        # preprocessing them one at a time keeps the float32 copies of a whole batch (38 MB for 64 patches of
+        # 224 px, several times over) out of memory
         step = min(self.batch_size, _ONNX_CPU_BATCH) if self._engine_in_use == "onnxruntime" else self.batch_size
         with self._eval(), torch.inference_mode():
             for start in range(0, len(patches), step):
@@ -547,12 +548,7 @@ class Backbone:
             session, input_name = self._session, self._session.get_inputs()[0].name
 
             def run(x: torch.Tensor) -> np.ndarray:
-                # onnxruntime's arena grows with the largest batch it ran: small runs keep its peak memory down
-                inputs = x.contiguous().cpu().numpy()
-                parts = range(0, len(inputs), _ONNX_CPU_BATCH)
-                return np.concatenate(
-                    [session.run(None, {input_name: inputs[i : i + _ONNX_CPU_BATCH]})[0] for i in parts]
-                )
+                return session.run(None, {input_name: x.contiguous().cpu().numpy()})[0]
 
             return run
         return self._forward_torch
