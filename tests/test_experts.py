@@ -14,7 +14,7 @@ from threadpoolctl import threadpool_limits
 
 from spade_sd._clustering import FeatureScaler, two_stage_kmeans
 from spade_sd._expert_data import ExpertBatchSampler, split_by_slide
-from spade_sd._expert_training import train_experts
+from spade_sd._expert_training import _keep_generalist_where_better, train_experts
 from spade_sd._experts import ExpertMixture, ProjectionHead
 from spade_sd._losses import clip_loss, contrastive_loss, soft_target_loss
 from spade_sd._routing import default_tau, expert_weights
@@ -361,6 +361,30 @@ def test_warm_started_experts_share_the_generalists_space(data):
     for e in reset:  # reset experts hold exactly the generalist's heads
         for ours, theirs in zip(warm.image_heads[e].parameters(), generalist.image_heads[0].parameters(), strict=True):
             torch.testing.assert_close(ours, theirs)
+
+
+def test_experts_that_raise_the_validation_loss_get_the_generalists_heads(data):
+    X, Y, slides, seen, clustering = data
+    _, expert = clustering.assign(X)
+    options = {"max_epochs": 8, "patience": 8, "loss": "clip", "quiet": True}
+    generalist, _ = train_experts(X[seen], Y[seen], np.zeros(seen.sum(), int), slides[seen], n_experts=1, **options)
+    mixture = ExpertMixture(clustering.n_experts, X.shape[1], Y.shape[1], out_dim=256)
+    mixture.start_from(generalist)
+    spoilt = int(np.bincount(expert[~seen]).argmax())
+    with torch.no_grad():  # one expert's image head is spoilt; the others equal the generalist
+        for parameter in mixture.image_heads[spoilt].parameters():
+            parameter.add_(torch.randn_like(parameter))
+    before = [p.clone() for p in mixture.image_heads[spoilt].parameters()]
+    held = ~seen
+    reset = _keep_generalist_where_better(mixture, generalist, X[held], Y[held], expert[held], "clip", 1.0)
+    assert reset == sorted(set(expert[held].tolist()))  # the spoilt one, and the unchanged ones (equal loss)
+    for ours, theirs, spoilt_value in zip(
+        mixture.image_heads[spoilt].parameters(), generalist.image_heads[0].parameters(), before, strict=True
+    ):
+        torch.testing.assert_close(ours, theirs)
+        assert not torch.equal(ours, spoilt_value)
+    # a spoilt expert with no validation spots is not judged, and nothing is reset without validation spots
+    assert _keep_generalist_where_better(mixture, generalist, X[:1], Y[:1], expert[:1], "clip", 1.0) == []
 
 
 def test_start_from_needs_a_one_expert_mixture_of_the_same_size():

@@ -195,11 +195,46 @@ def test_real_data_end_to_end(loader, sections, data_dir):
         table = sdata.tables["table"]
         assert np.isfinite(table.obsm["X_spade"]).all() and np.isfinite(table.obsm["X_spade_gene"]).all()
         assert table.obs["spade_expert"].nunique() == 2
+        singular = np.linalg.svd(table.obsm["X_spade"] - model.subspace.mean, compute_uv=False)
+        assert singular[16] < 1e-4 * singular[0]  # kept in the 16 leading directions of the training spots
         recall = gene_to_image_recall(table.obsm["X_spade_gene"], table.obsm["X_spade"], ks=(10,))
         assert (
             recall.query("metric == 'recall@10'")["value"].mean()
             > recall.query("metric == 'chance@10'")["value"].mean()
         )
+
+
+def test_embeddings_lie_in_the_training_spots_principal_subspace(trained, morphology):
+    model, slides = trained
+    assert model.subspace is not None and model.subspace.n_comps == model.config["n_comps"] == 16
+    for key in ("X_spade", "X_spade_gene"):  # the gene side is kept in the same subspace
+        embedding = np.concatenate([s.tables["table"].obsm[key] for s in slides])
+        singular = np.linalg.svd(embedding - model.subspace.mean, compute_uv=False)
+        assert singular[16] < 1e-4 * singular[0] and singular[15] > 1e-2 * singular[0], key
+    # without the subspace the same seed trains the same heads, whose outputs span many more directions
+    full = sd.tl.pretrain(_slides(), backbone=morphology, seed=0, n_comps=None, **TRAIN)
+    assert full.subspace is None and full.config["n_comps"] is None
+    X = morphology(sd.pp.spot_patches(slides[0], **PATCH).read(np.arange(slides[0].tables["table"].n_obs)))
+    heads = full.embed_features(X)[0]
+    assert np.linalg.matrix_rank(heads - heads.mean(axis=0), tol=1e-3) > 16
+    np.testing.assert_allclose(model.subspace.project(heads), model.embed_features(X)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("n_comps", "out_dim", "message"),
+    [(0, 256, "positive int"), (257, 256, "at most out_dim"), (433, 512, r"training spots \(432\)")],
+)
+def test_bad_n_comps_is_refused_before_training(morphology, n_comps, out_dim, message, caplog):
+    with caplog.at_level(logging.INFO, logger="spade_sd"), pytest.raises(ValueError, match=message):
+        sd.tl.pretrain(_slides(), backbone=morphology, n_comps=n_comps, out_dim=out_dim, **TRAIN)
+    assert "Two-stage clustering" not in caplog.text and "Trained" not in caplog.text
+
+
+@pytest.mark.parametrize("factor", [0, -0.1, True, "0.1"])
+def test_bad_expert_lr_factor_is_refused_before_any_work(morphology, factor, caplog):
+    with caplog.at_level(logging.INFO, logger="spade_sd"), pytest.raises(ValueError, match="expert_lr_factor must"):
+        sd.tl.pretrain(_slides(), backbone=morphology, expert_lr_factor=factor, **TRAIN)
+    assert "Pretraining on" not in caplog.text
 
 
 def test_features_are_written_and_cached(morphology, caplog):
@@ -227,6 +262,7 @@ def test_groupby_defines_the_stage_one_groups(morphology):
 def test_slide_standardisation_removes_a_slide_wide_shift(trained, morphology):
     model, slides = trained
     assert model.standardize == "slide" and model.config["warm_start"] is True
+    assert model.config["expert_lr_factor"] == 0.1 and model.config["lr"] == 1e-3
     patches = sd.pp.spot_patches(slides[1], **PATCH)
     X = morphology(patches.read(np.arange(len(patches))))
     rng = np.random.default_rng(0)

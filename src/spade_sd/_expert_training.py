@@ -234,8 +234,8 @@ def train_experts(
     quiet
         Silence Lightning's banners, model summary and progress bar.
     init
-        A trained one-expert mixture (the generalist) whose heads start every expert; after training, an expert
-        whose validation spots the generalist's heads fit better (lower loss) gets them back
+        A trained one-expert mixture (the generalist) whose heads start every expert; after training, experts get
+        its heads back, one at a time, where that lowers the contrastive loss of the whole validation set
         (``history["experts_from_generalist"]``).
     **trainer_kwargs
         Further :class:`lightning.pytorch.Trainer` arguments (``callbacks`` are added to ours; ``logger``
@@ -314,30 +314,42 @@ def _keep_generalist_where_better(
     loss: LossName,
     temperature: float,
 ) -> list[int]:
-    """Give each expert back the generalist's heads where those have the lower loss on its validation spots.
+    """Give experts back the generalist's heads, one at a time, where that lowers the validation loss.
 
-    An expert then departs from the generalist it started from only where that helped on held-out slides, so
-    on little data the mixture cannot end up worse than the single expert. Returns the experts reset.
+    The loss is that of the whole validation set, every spot embedded by its own expert's heads (or the
+    generalist's, for experts given back), so the negatives come from all experts, as they do when embeddings of
+    different experts are compared. Experts are tried in order and a reset is kept when the loss does not rise.
+    An expert then departs from the generalist it started from only where that helped on held-out spots, so on
+    little data the mixture falls back to the single expert. Returns the experts reset.
     """
-    reset = []
-    generalist = generalist.cpu().eval()
+    if len(X_val) < 2:
+        return []
+    mixture, generalist = mixture.cpu().eval(), generalist.cpu().eval()
+    x, y = torch.from_numpy(X_val), torch.from_numpy(Y_val)
+    options = {"loss": loss, "temperature": temperature, "logit_scale": generalist.logit_scale}
     with torch.inference_mode():
-        for e in range(mixture.n_experts):
-            rows = expert_val == e
-            if rows.sum() < 2:
-                continue
-            x, y = torch.from_numpy(X_val[rows]), torch.from_numpy(Y_val[rows])
-            options = {"loss": loss, "temperature": temperature}
-            own = contrastive_loss(*mixture.expert_embeddings(x, y, e), logit_scale=mixture.logit_scale, **options)
-            base = contrastive_loss(
-                *generalist.expert_embeddings(x, y, 0), logit_scale=generalist.logit_scale, **options
-            )
-            if float(base) < float(own):
-                reset.append(e)
-    mixture.start_from(generalist, reset)
+        shared = generalist.expert_embeddings(x, y, 0)
+        own = {e: mixture.expert_embeddings(x, y, e) for e in np.unique(expert_val).tolist()}
+
+        def validation_loss(reset: set[int]) -> float:
+            image, gene = shared[0].clone(), shared[1].clone()
+            for e, (own_image, own_gene) in own.items():
+                if e not in reset:
+                    rows = torch.from_numpy(expert_val == e)
+                    image[rows], gene[rows] = own_image[rows], own_gene[rows]
+            return float(contrastive_loss(image, gene, **options))
+
+        reset: set[int] = set()
+        best = validation_loss(reset)
+        for e in own:
+            trial = validation_loss(reset | {e})
+            if trial <= best:
+                reset.add(e)
+                best = trial
+    mixture.start_from(generalist, sorted(reset))
     if reset:
-        logger.info("Experts %s keep the generalist's heads: they fit their validation spots better", reset)
-    return reset
+        logger.info("Experts %s keep the generalist's heads: the validation loss is lower with them", sorted(reset))
+    return sorted(reset)
 
 
 def _validated(

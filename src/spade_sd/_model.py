@@ -25,6 +25,7 @@ from ._clustering import ExpertClustering, FeatureScaler, fit_slide_scaler
 from ._experts import ExpertMixture
 from ._genes import GenePanel
 from ._routing import expert_weights
+from ._subspace import EmbeddingSubspace
 
 MODEL_FORMAT = "spade_sd.model/1"
 CONFIG_FILE = "config.json"
@@ -56,6 +57,9 @@ class SpadeModel:
         Routing temperature of soft routing.
     config
         Hyper-parameters (patch geometry, clustering, training) and provenance.
+    subspace
+        The principal subspace of the training spots' image embeddings that every embedding (image and gene side)
+        is projected onto; ``None`` keeps the heads' outputs as they are.
     history
         Training history (epochs, losses, spots per expert).
     """
@@ -67,6 +71,7 @@ class SpadeModel:
     mixture: ExpertMixture
     tau: float
     config: dict[str, Any]
+    subspace: EmbeddingSubspace | None = None
     history: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -75,7 +80,8 @@ class SpadeModel:
     def __repr__(self) -> str:
         return (
             f"SpadeModel(n_experts={self.n_experts}, n_fine={self.clustering.n_fine}, genes={len(self.panel)}, "
-            f"backbone={self.backbone.name!r}, dim={self.mixture.config['out_dim']}, tau={self.tau:.3g})"
+            f"backbone={self.backbone.name!r}, dim={self.mixture.config['out_dim']}, "
+            f"n_comps={None if self.subspace is None else self.subspace.n_comps}, tau={self.tau:.3g})"
         )
 
     @property
@@ -142,7 +148,8 @@ class SpadeModel:
         with torch.inference_mode():
             for start in range(0, len(inputs), _CHUNK):
                 stop = start + _CHUNK
-                out[start:stop] = embed(torch.from_numpy(inputs[start:stop]), torch.from_numpy(weights[start:stop]))
+                heads = embed(torch.from_numpy(inputs[start:stop]), torch.from_numpy(weights[start:stop])).numpy()
+                out[start:stop] = heads if self.subspace is None else self.subspace.project(heads)
         return out
 
     def embed_features(
@@ -201,6 +208,8 @@ class SpadeModel:
         arrays.update({f"scaler.{k}": np.asarray(v) for k, v in self.scaler.to_dict().items()})
         clustering_arrays, clustering_metadata = self.clustering.to_arrays()
         arrays.update({f"clustering.{k}": v for k, v in clustering_arrays.items()})
+        if self.subspace is not None:
+            arrays.update({f"subspace.{k}": v for k, v in self.subspace.to_arrays().items()})
         metadata = {
             "format": MODEL_FORMAT,
             "config": self.config,
@@ -298,7 +307,7 @@ class SpadeModel:
             )
         part = {
             prefix: {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{prefix}.")}
-            for prefix in ("mixture", "scaler", "clustering")
+            for prefix in ("mixture", "scaler", "clustering", "subspace")
         }
         mixture_config = dict(metadata["mixture"])
         mixture = ExpertMixture(
@@ -316,6 +325,7 @@ class SpadeModel:
             mixture=mixture,
             tau=float(metadata["tau"]),
             config=metadata["config"],
+            subspace=EmbeddingSubspace.from_arrays(part["subspace"]) if part["subspace"] else None,
             history=metadata.get("history", {}),
         )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
@@ -15,7 +16,8 @@ from ._expert_training import train_experts
 from ._genes import GenePanel
 from ._logging import logger
 from ._model import SpadeModel
-from ._routing import default_tau
+from ._routing import default_tau, expert_weights
+from ._subspace import EmbeddingSubspace, check_n_comps
 
 
 @contextmanager
@@ -58,6 +60,10 @@ def fit_model(
     train_threads: int | None = 1,
     standardize: Literal["slide", "global"] = "slide",
     warm_start: bool = True,
+    expert_lr_factor: float = 0.1,
+    lr: float = 1e-3,
+    out_dim: int = 256,
+    n_comps: int | None = 16,
     **training: Any,
 ) -> SpadeModel:
     """Train a SpadeModel on the spots of several slides.
@@ -90,6 +96,15 @@ def fit_model(
         :func:`spade_sd.tl.pretrain`); ``"global"``: only by the training set's.
     warm_start
         With several experts, first train one generalist expert on every spot and start each expert from it.
+    expert_lr_factor
+        Experts started from the generalist are trained at ``lr * expert_lr_factor``.
+    lr
+        Peak learning rate (of the generalist, and of experts trained from scratch).
+    out_dim
+        Embedding dimension of the heads.
+    n_comps
+        Keep every embedding in the span of the ``n_comps`` leading principal directions of the training spots'
+        image embeddings (:class:`~spade_sd._subspace.EmbeddingSubspace`); ``None`` keeps all ``out_dim``.
     **training
         Passed to :func:`~spade_sd._expert_training.train_experts`.
 
@@ -107,6 +122,7 @@ def fit_model(
                 f"standardize='slide' needs at least {MIN_SLIDE_PATCHES} spots per slide; found {small}. "
                 "Pass standardize='global' or leave these slides out."
             )
+    check_n_comps(n_comps, out_dim, sum(len(f) for f in features))
     if panel is None:
         panel = GenePanel.fit(list(tables), n_top_genes=n_top_genes, flavor=panel_flavor, smoothing=smoothing)
         logger.info("Gene panel: %d genes (%s HVGs over %d slides)", len(panel), panel_flavor, len(tables))
@@ -134,7 +150,15 @@ def fit_model(
             logger.info("Warm start: training one generalist expert on all %d spots", len(X_std))
             everyone = np.zeros(len(X_std), dtype=np.int64)
             init, generalist = train_experts(
-                X_std, expression, everyone, slide.astype(str), n_experts=1, seed=seed, **training
+                X_std,
+                expression,
+                everyone,
+                slide.astype(str),
+                n_experts=1,
+                seed=seed,
+                out_dim=out_dim,
+                lr=lr,
+                **training,
             )
         mixture, history = train_experts(
             X_std,
@@ -144,6 +168,8 @@ def fit_model(
             n_experts=clustering.n_experts,
             seed=seed,
             init=init,
+            out_dim=out_dim,
+            lr=lr if init is None else lr * expert_lr_factor,
             **training,
         )
     if generalist is not None:
@@ -157,14 +183,16 @@ def fit_model(
         "tau_scale": tau_scale,
         "standardize": standardize,
         "warm_start": warm_start,
+        "expert_lr_factor": expert_lr_factor,
+        "lr": lr,
+        "n_comps": n_comps,
         "seed": seed,
         "slides": list(slides),
         "n_spots": int(len(X)),
         "training": {k: v for k, v in training.items() if isinstance(v, str | int | float | bool | type(None))},
         "versions": _versions(),
     }
-    logger.info("Trained %d experts on %d spots in %.1f s", clustering.n_experts, len(X), time.perf_counter() - start)
-    return SpadeModel(
+    model = SpadeModel(
         backbone=backbone,
         panel=panel,
         scaler=scaler,
@@ -174,6 +202,12 @@ def fit_model(
         config=config,
         history=_json_safe(history),
     )
+    if n_comps is not None:
+        # the heads' own outputs (the model has no subspace yet) on every training spot, routed as embed routes them
+        heads = model._heads(X_std, expert_weights(X_std, clustering, tau=tau), "image")
+        model = replace(model, subspace=EmbeddingSubspace.fit(heads, n_comps))
+    logger.info("Trained %d experts on %d spots in %.1f s", clustering.n_experts, len(X), time.perf_counter() - start)
+    return model
 
 
 def _json_safe(value: Any) -> Any:

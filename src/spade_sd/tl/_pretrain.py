@@ -40,6 +40,7 @@ def pretrain(
     groupby: str | None = None,
     standardize: Literal["slide", "global"] = "slide",
     warm_start: bool = True,
+    expert_lr_factor: float = 0.1,
     n_top_genes: int = 50,
     panel_flavor: Literal["union", "global"] = "union",
     panel=None,
@@ -47,6 +48,7 @@ def pretrain(
     loss: Literal["soft_target", "clip"] = "clip",
     temperature: float = 1.0,
     out_dim: int = 256,
+    n_comps: int | None = 16,
     dropout: float = 0.1,
     batch_size: int = 128,
     max_epochs: int = 50,
@@ -101,20 +103,31 @@ def pretrain(
     warm_start
         With several experts, first train one generalist expert on all spots and start every expert from its
         weights. The experts then share one coordinate system, so the routed mixture of their outputs and
-        distances between spots of different experts stay meaningful. An expert whose held-out spots the
-        generalist fits better gets the generalist's heads back. On the olfactory bulb 4 experts went from below
+        distances between spots of different experts stay meaningful. Experts get the generalist's heads back,
+        one at a time, where that lowers the contrastive loss of the whole validation set. On the olfactory bulb 4 experts went from below
         1 expert (kNN 0.363 vs 0.371, tuned-α probe 0.357 vs 0.369) to level with it (0.372, 0.368;
         ``docs/quality.md``).
+    expert_lr_factor
+        Warm-started experts are trained at ``lr * expert_lr_factor``, so they specialise without leaving the
+        generalist's space on little data. With it (and the whole-validation reset to the generalist), 4 experts
+        went from below 1 expert on her2st (~110 spots per expert; tuned-α probe −0.006, kNN −0.004, paired over
+        4 folds × 3 seeds) to level (+0.000, +0.000), and above it on the olfactory bulb (kNN +0.005, joint kNN
+        +0.012) (``docs/quality.md``).
     loss, temperature
         ``"clip"`` (InfoNCE on normalised embeddings, learnable temperature) or ``"soft_target"`` (the SPADE/BLEEP
         reference's symmetric loss with temperature ``T``). CLIP is the default: in leave-one-section-out on the
         olfactory bulb (4 experts, 3 seeds) it beat the soft-target loss on the probes (HEST 0.245 vs 0.224, tuned
         α 0.368 vs 0.331), few-shot (0.199 vs 0.153) and kNN retrieval (0.372 vs 0.347) (``docs/quality.md``).
     out_dim, dropout
-        Embedding dimension and head dropout. The dimension trades retrieval against probes fitted with little
-        regularisation: on the olfactory bulb (1 expert, 3 folds) 256 gave kNN retrieval 0.369 and a tuned-α ridge
-        probe 0.372, 32 gave 0.349 and 0.346 but the fixed-α HEST probe 0.329 (vs 0.238) and 16 the few-shot probe
-        0.253 (vs 0.192) (``docs/quality.md``).
+        Embedding dimension and head dropout.
+    n_comps
+        After training, keep every embedding (image and gene side) in the span of the ``n_comps`` leading
+        principal directions of the training spots' image embeddings, in the ``out_dim`` coordinates
+        (:attr:`~spade_sd.SpadeModel.subspace`); ``None`` keeps the heads' outputs. The trailing directions add
+        nothing to expression retrieval, but a linear probe fitted with little regularisation or on few spots
+        overfits them. Leave one section out, 3 seeds, 1 expert, ``n_comps=16`` vs ``None`` (``docs/quality.md``):
+        olfactory bulb HEST probe 0.364 vs 0.244, few-shot probe 0.287 vs 0.198, tuned-α probe 0.373 vs 0.369,
+        kNN retrieval 0.371 vs 0.371; her2st HEST probe 0.104 vs 0.029.
     batch_size, max_epochs, lr, weight_decay, patience
         Training (AdamW with a cosine schedule; early stopping after ``patience`` epochs without improvement).
     val_slides
@@ -142,8 +155,12 @@ def pretrain(
     """
     from .._features import check_num_workers, spot_features
     from .._pretraining import fit_model
+    from .._subspace import check_n_comps
 
     check_num_workers(feature_num_workers)
+    check_n_comps(n_comps, out_dim)
+    if isinstance(expert_lr_factor, bool) or not isinstance(expert_lr_factor, int | float) or not expert_lr_factor > 0:
+        raise ValueError(f"expert_lr_factor must be a positive number; found {expert_lr_factor!r}.")
     sdatas = [sdata] if isinstance(sdata, SpatialData) else list(sdata)
     if not sdatas or not all(isinstance(s, SpatialData) for s in sdatas):
         raise TypeError(
@@ -204,10 +221,12 @@ def pretrain(
         tau_scale=tau_scale,
         standardize=standardize,
         warm_start=warm_start,
+        expert_lr_factor=expert_lr_factor,
         seed=seed,
         train_threads=train_threads,
         patch_config={"size_um": size_um, "size_px": size_px},
         out_dim=out_dim,
+        n_comps=n_comps,
         loss=loss,
         temperature=temperature,
         dropout=dropout,

@@ -1,0 +1,67 @@
+"""EmbeddingSubspace: the principal subspace that SPADE's embeddings are kept in."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from spade_sd._subspace import EmbeddingSubspace, check_n_comps
+
+
+def _low_rank_plus_noise(rank: int, dim: int = 32, n: int = 500, noise: float = 0.01, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(rng.normal(size=(dim, rank)))
+    codes = rng.normal(size=(n, rank)) * np.linspace(3, 1, rank)
+    return 5.0 + codes @ basis.T + noise * rng.normal(size=(n, dim)), basis
+
+
+def test_fit_recovers_the_leading_directions():
+    embedding, truth = _low_rank_plus_noise(rank=4)
+    subspace = EmbeddingSubspace.fit(embedding, 4)
+    assert subspace.basis.shape == (32, 4) and subspace.n_comps == 4
+    np.testing.assert_allclose(subspace.basis.T @ subspace.basis, np.eye(4), atol=1e-5)
+    # the fitted span is the planted one: the cosines of the principal angles are all ~1
+    np.testing.assert_allclose(np.linalg.svd(truth.T @ subspace.basis, compute_uv=False), 1, atol=1e-3)
+    np.testing.assert_allclose(subspace.mean, embedding.mean(axis=0), rtol=1e-6)
+
+
+def test_project_keeps_shape_removes_the_rest_and_is_idempotent():
+    embedding, _ = _low_rank_plus_noise(rank=4, noise=0.5)
+    subspace = EmbeddingSubspace.fit(embedding, 4)
+    projected = subspace.project(embedding)
+    assert projected.shape == embedding.shape and projected.dtype == np.float32
+    singular = np.linalg.svd(projected - projected.mean(axis=0), compute_uv=False)
+    assert singular[4] < 1e-4 * singular[0] < singular[3]
+    np.testing.assert_allclose(subspace.project(projected), projected, atol=1e-4)
+    # distances within the subspace are the distances between the kept coordinates
+    coords = (embedding - subspace.mean) @ subspace.basis
+    np.testing.assert_allclose(
+        np.linalg.norm(projected[0] - projected[1]), np.linalg.norm(coords[0] - coords[1]), rtol=1e-4
+    )
+
+
+def test_fit_is_deterministic_and_round_trips_through_arrays():
+    embedding, _ = _low_rank_plus_noise(rank=6)
+    first, again = EmbeddingSubspace.fit(embedding, 6), EmbeddingSubspace.fit(embedding.copy(), 6)
+    np.testing.assert_array_equal(first.basis, again.basis)
+    restored = EmbeddingSubspace.from_arrays(first.to_arrays())
+    np.testing.assert_array_equal(restored.project(embedding), first.project(embedding))
+
+
+@pytest.mark.parametrize(
+    ("n_comps", "message"),
+    [
+        (0, "positive int or None; found 0"),
+        (1.5, "positive int or None; found 1.5"),
+        (True, "positive int or None; found True"),
+        (300, r"at most out_dim \(256\); found 300"),
+        (200, r"at most the number of training spots \(100\); found 200"),
+    ],
+)
+def test_bad_n_comps_is_rejected(n_comps, message):
+    with pytest.raises(ValueError, match=message):
+        check_n_comps(n_comps, 256, 100)
+
+
+def test_none_keeps_everything():
+    check_n_comps(None, 256, 10)
