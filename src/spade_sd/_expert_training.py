@@ -235,7 +235,7 @@ def train_experts(
         Silence Lightning's banners, model summary and progress bar.
     init
         A trained one-expert mixture (the generalist) whose heads start every expert; after training, experts get
-        its heads back, one at a time, where that lowers the contrastive loss of the whole validation set
+        its heads back, one at a time, where that does not raise the contrastive loss of the whole validation set
         (``history["experts_from_generalist"]``).
     **trainer_kwargs
         Further :class:`lightning.pytorch.Trainer` arguments (``callbacks`` are added to ours; ``logger``
@@ -314,7 +314,7 @@ def _keep_generalist_where_better(
     loss: LossName,
     temperature: float,
 ) -> list[int]:
-    """Give experts back the generalist's heads, one at a time, where that lowers the validation loss.
+    """Give experts back the generalist's heads, one at a time, where that does not raise the validation loss.
 
     The loss is that of the whole validation set, every spot embedded by its own expert's heads (or the
     generalist's, for experts given back), so the negatives come from all experts, as they do when embeddings of
@@ -348,7 +348,9 @@ def _keep_generalist_where_better(
                 best = trial
     mixture.start_from(generalist, sorted(reset))
     if reset:
-        logger.info("Experts %s keep the generalist's heads: the validation loss is lower with them", sorted(reset))
+        logger.info(
+            "Experts %s keep the generalist's heads: the validation loss does not rise with them", sorted(reset)
+        )
     return sorted(reset)
 
 

@@ -104,9 +104,9 @@ def pretrain(
         With several experts, first train one generalist expert on all spots and start every expert from its
         weights. The experts then share one coordinate system, so the routed mixture of their outputs and
         distances between spots of different experts stay meaningful. Experts get the generalist's heads back,
-        one at a time, where that lowers the contrastive loss of the whole validation set. On the olfactory bulb 4 experts went from below
-        1 expert (kNN 0.363 vs 0.371, tuned-α probe 0.357 vs 0.369) to level with it (0.372, 0.368;
-        ``docs/quality.md``).
+        one at a time, where that does not raise the contrastive loss of the whole validation set. On the
+        olfactory bulb 4 experts went from below 1 expert (kNN 0.363 vs 0.371, tuned-α probe 0.357 vs 0.369) to
+        level with it (0.372, 0.368; ``docs/quality.md``).
     expert_lr_factor
         Warm-started experts are trained at ``lr * expert_lr_factor``, so they specialise without leaving the
         generalist's space on little data. With it (and the whole-validation reset to the generalist), 4 experts
