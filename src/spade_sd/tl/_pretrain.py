@@ -127,7 +127,10 @@ def pretrain(
         nothing to expression retrieval, but a linear probe fitted with little regularisation or on few spots
         overfits them. Leave one section out, 3 seeds, 1 expert, ``n_comps=16`` vs ``None`` (``docs/quality.md``):
         olfactory bulb HEST probe 0.364 vs 0.244, few-shot probe 0.287 vs 0.198, tuned-α probe 0.373 vs 0.369,
-        kNN retrieval 0.371 vs 0.371; her2st HEST probe 0.104 vs 0.029.
+        kNN retrieval 0.371 vs 0.371; her2st HEST probe 0.104 vs 0.029. Gene → image recall on held-out sections
+        is unchanged (recall@10 0.093 vs 0.094), but within the *training* slides it falls (demo, recall@5: her2st
+        0.50 vs 0.88, olfactory bulb 0.20 vs 0.44): the trailing directions memorise the training spots. Pass
+        ``None`` to retrieve the training spots themselves.
     batch_size, max_epochs, lr, weight_decay, patience
         Training (AdamW with a cosine schedule; early stopping after ``patience`` epochs without improvement).
     val_slides
