@@ -2,7 +2,9 @@
 
 The model owns the backbone it was trained with, the gene panel, the feature standardisation, the two-stage
 clustering, the routing temperature and the experts' heads. It is saved as ``model.safetensors`` (every array)
-plus ``config.json`` (everything else): loading runs no code.
+plus ``config.json`` (everything else): loading runs no code. ``config.json`` records the SHA-256 of the bytes of
+``model.safetensors`` (key ``weights_sha256``), checked on load; models saved before the digest was recorded are
+the older variant of the same format and load unverified.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -24,12 +27,15 @@ from ._backbones import Backbone
 from ._clustering import ExpertClustering, FeatureScaler, fit_slide_scaler
 from ._experts import ExpertMixture
 from ._genes import GenePanel
+from ._logging import logger
 from ._routing import expert_weights
 from ._subspace import EmbeddingSubspace
 
 MODEL_FORMAT = "spade_sd.model/1"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# config.json key of the SHA-256 hex digest of the bytes of model.safetensors
+WEIGHTS_DIGEST = "weights_sha256"
 # Rows standardised, routed and embedded at a time: their float64 and activation temporaries stay ~10 MB
 _CHUNK = 1024
 
@@ -225,34 +231,72 @@ class SpadeModel:
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Save to a folder holding ``model.safetensors`` and ``config.json`` (no pickle).
 
+        ``config.json`` records the SHA-256 digest of the bytes of ``model.safetensors``, which :meth:`load`
+        checks.
+
         Parameters
         ----------
         path
-            Target folder.
+            Target folder; it must not exist unless ``overwrite`` is set. Missing parent folders are created.
         overwrite
-            Replace an existing folder; otherwise an existing path is an error. The folder is written in full
-            next to the target first, so a failure never leaves a half-written model behind.
+            Replace a model saved earlier at ``path``. Only a folder holding exactly ``config.json`` (of a spade_sd
+            model format) and ``model.safetensors`` is replaced; anything else at ``path`` (a file, another folder,
+            a model folder holding other files too, the current directory or one of its parents, a symbolic link)
+            is refused before anything is written.
+
+        Raises
+        ------
+        FileExistsError
+            ``path`` exists and ``overwrite`` is not set, or ``path`` is not a spade_sd model folder.
+        OSError
+            Writing or renaming failed. The replacement is atomic: the new model is written in full into a hidden
+            staging folder beside ``path``, the old folder is renamed aside to a hidden backup, the staging folder
+            is renamed into place and only then is the backup deleted. If the rename into place fails, the backup is
+            renamed back, so either the old or the new model is at ``path``, never neither or a mixture. Staging
+            folders are always removed.
         """
         from safetensors.numpy import save_file
 
         path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+        replacing = path.exists() or path.is_symlink()
+        if replacing:
+            if not overwrite:
+                raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+            _check_replaceable(path)
         arrays, metadata = self._arrays_and_metadata()
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=path.parent))
         try:
             save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, staging / WEIGHTS_FILE)
+            metadata[WEIGHTS_DIGEST] = _sha256(staging / WEIGHTS_FILE)
             (staging / CONFIG_FILE).write_text(json.dumps(metadata, indent=1, default=_json_default))
-            if path.exists():
-                shutil.rmtree(path)
-            staging.replace(path)
+            if not replacing:
+                staging.replace(path)
+                return
+            backup = path.parent / f".{path.name}.backup-{secrets.token_hex(6)}"
+            path.replace(backup)
+            try:
+                staging.replace(path)
+            except BaseException as error:
+                try:
+                    backup.replace(path)
+                except OSError as restore_error:
+                    raise OSError(
+                        f"Could not move the new model into {path} ({error}) nor restore the previous one "
+                        f"({restore_error}); the previous model is kept at {backup}."
+                    ) from error
+                raise
+            _remove_model_folder(backup)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, backbone: Backbone | None = None) -> SpadeModel:
-        """Load a model saved with :meth:`save`.
+        """Load a model saved with :meth:`save`; no code is run (safetensors and JSON only, no pickle).
+
+        The bytes of ``model.safetensors`` are checked against the SHA-256 digest recorded in ``config.json``;
+        a model saved by an older spade_sd without the digest loads with an info message that its weights were not
+        verified.
 
         Parameters
         ----------
@@ -264,10 +308,19 @@ class SpadeModel:
 
         Returns
         -------
-        The model, giving the same embeddings as the saved one.
+        The model, giving the same embeddings (and the same :meth:`identity`) as the saved one.
+
+        Raises
+        ------
+        FileNotFoundError
+            ``config.json`` or ``model.safetensors`` is missing.
+        ValueError
+            ``config.json`` is not valid JSON or of another format; ``model.safetensors`` cannot be read or its
+            digest differs from the recorded one (the file is damaged or belongs to another model); or the backbone
+            is not the one the model was trained on.
         """
         from safetensors import SafetensorError
-        from safetensors.numpy import load_file
+        from safetensors.numpy import load
 
         path = Path(path)
         config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
@@ -284,8 +337,24 @@ class SpadeModel:
                 f"{path} holds model format {found!r}; this spade_sd ({_version()}) reads {MODEL_FORMAT!r}. "
                 "Load it with the spade_sd version that saved it."
             )
+        # the bytes that are hashed are the bytes that are parsed
+        data = weights_path.read_bytes()
+        expected = metadata.get(WEIGHTS_DIGEST)
+        if expected is None:
+            logger.info(
+                "%s records no digest of %s (saved by an older spade_sd): the weights were not verified.",
+                config_path,
+                WEIGHTS_FILE,
+            )
+        else:
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != expected:
+                raise ValueError(
+                    f"{weights_path} does not match {config_path}: SHA-256 {digest[:12]}… found, "
+                    f"{str(expected)[:12]}… expected. The file is damaged or belongs to another model."
+                )
         try:
-            arrays = load_file(weights_path)
+            arrays = load(data)
         except (SafetensorError, OSError, ValueError) as error:
             raise ValueError(f"{weights_path} is damaged and cannot be read: {error}") from error
         return cls._from_saved(metadata, arrays, backbone)
@@ -300,11 +369,18 @@ class SpadeModel:
                 )
             backbone = Backbone(saved["name"])
         if backbone.identity() != saved["identity"]:
-            raise ValueError(
+            message = (
                 f"Backbone {backbone.name!r} (identity {backbone.identity()[:12]}) is not the one the model was "
                 f"trained on ({saved['name']!r}, identity {saved['identity'][:12]}): the embeddings would be "
                 "meaningless. Pass the original backbone."
             )
+            if saved.get("kind") == "callable" or not getattr(backbone, "stable_identity", True):
+                message += (
+                    ' Plain callables must be given a stable identity with Backbone(fn, version="...") (the same '
+                    "version when training and loading): one without version= or a to_config() method has a new identity "
+                    "in every session."
+                )
+            raise ValueError(message)
         part = {
             prefix: {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{prefix}.")}
             for prefix in ("mixture", "scaler", "clustering", "subspace")
@@ -342,3 +418,52 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     raise TypeError(f"Cannot store {type(value).__name__} in the model's config.json.")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse, before anything is written, to replace ``path`` unless it is a folder holding only a saved model."""
+    expected = f"a folder holding only {CONFIG_FILE} (of a spade_sd model) and {WEIGHTS_FILE}"
+    refuse = f"Refusing to replace {path} with overwrite=True: expected {expected}, found"
+    if path.is_symlink():
+        raise FileExistsError(f"{refuse} a symbolic link.")
+    if not path.is_dir():
+        raise FileExistsError(f"{refuse} a file.")
+    resolved, cwd = path.resolve(), Path.cwd().resolve()
+    if not path.name or resolved == cwd or resolved in cwd.parents:
+        raise FileExistsError(f"{refuse} the current directory or one that contains it. Save to a new folder.")
+    entries = sorted(p.name for p in path.iterdir())
+    other = [name for name in entries if name not in (CONFIG_FILE, WEIGHTS_FILE)]
+    if other:
+        shown = ", ".join(other[:10]) + (f" and {len(other) - 10} more" if len(other) > 10 else "")
+        raise FileExistsError(f"{refuse} other entries as well: {shown}. Move them away or save to a new folder.")
+    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if name not in entries]
+    if missing:
+        raise FileExistsError(f"{refuse} no {' or '.join(missing)}: this is not a spade_sd model folder.")
+    config, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+    for file in (config, weights):
+        if file.is_symlink() or not file.is_file():
+            raise FileExistsError(f"{refuse} {file.name} that is not a regular file.")
+    try:
+        found = json.loads(config.read_text()).get("format")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        found = None
+    if not (isinstance(found, str) and found.startswith(MODEL_FORMAT.rsplit("/", 1)[0] + "/")):
+        raise FileExistsError(f"{refuse} a {CONFIG_FILE} of format {found!r}: this is not a spade_sd model folder.")
+
+
+def _remove_model_folder(folder: Path) -> None:
+    """Delete a replaced model's folder: only its two files, then the folder if it is empty."""
+    try:
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            (folder / name).unlink(missing_ok=True)
+        folder.rmdir()
+    except OSError as error:
+        logger.warning("The replaced model was kept at %s: it could not be removed (%s).", folder, error)
