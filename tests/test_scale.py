@@ -24,6 +24,8 @@ from spade_sd._features import extract_features, iter_features, resolve_patches
 from spade_sd._genes import GenePanel
 
 DIM = 1280
+# a plain function's features are cached only under a version (its stable identity)
+VERSION = "pixel_statistics 1"
 TILE_PX = 224  # 112 µm at 0.5 µm/px
 
 
@@ -87,7 +89,7 @@ def cache(tmp_path, monkeypatch):
 
 def test_features_stream_in_chunks_and_cache_incrementally(cache):
     _, patches = resolve_patches(_tiled_slide(7), size_px=32)
-    backbone = sd.Backbone(pixel_statistics, dim=DIM)
+    backbone = sd.Backbone(pixel_statistics, dim=DIM, version=VERSION)
     whole = extract_features(patches, backbone, cache=False)
     chunks = list(iter_features(patches, backbone, batch_size=8, chunk_size=20))
     assert [start for start, _ in chunks] == [0, 24, 48]  # chunks are whole batches
@@ -102,7 +104,7 @@ def test_features_stream_in_chunks_and_cache_incrementally(cache):
 
 def test_interrupted_extraction_leaves_no_cache(cache):
     _, patches = resolve_patches(_tiled_slide(4), size_px=32)
-    stream = iter_features(patches, sd.Backbone(pixel_statistics, dim=DIM), batch_size=4, chunk_size=4)
+    stream = iter_features(patches, sd.Backbone(pixel_statistics, dim=DIM, version=VERSION), batch_size=4, chunk_size=4)
     next(stream)
     stream.close()
     assert not list(cache.glob("*.npy"))
@@ -121,7 +123,7 @@ def test_embed_features_in_chunks_equals_at_once(monkeypatch):
 
 def _embed_peak(n_side: int) -> tuple[SpatialData, int]:
     sdata = _tiled_slide(n_side)
-    model = _model_for(sd.Backbone(pixel_statistics, dim=DIM), 32)
+    model = _model_for(sd.Backbone(pixel_statistics, dim=DIM, version=VERSION), 32)
     tracemalloc.start()
     sd.tl.embed(sdata, model, genes=False, batch_size=16)
     _, peak = tracemalloc.get_traced_memory()
@@ -143,7 +145,9 @@ def test_embedding_a_slide_never_holds_all_features(cache, monkeypatch):
         f"their features take {features_bytes / 1e6:.1f} MB"
     )
     # a second run reads the cache chunk by chunk and gives the same embedding
-    sd.tl.embed(sdata, _model_for(sd.Backbone(pixel_statistics, dim=DIM), 32), genes=False, key_added="X_again")
+    sd.tl.embed(
+        sdata, _model_for(sd.Backbone(pixel_statistics, dim=DIM, version=VERSION), 32), genes=False, key_added="X_again"
+    )
     np.testing.assert_array_equal(table.obsm["X_again"], embedding)
 
 
@@ -154,7 +158,7 @@ def test_reader_processes_read_the_same_patches_in_order(cache, mob1):
     assert [int(i[0]) for i, _ in batches] == list(range(0, len(patches), 48))
     np.testing.assert_array_equal(np.concatenate([i for i, _ in batches]), np.arange(len(patches)))
     np.testing.assert_array_equal(np.concatenate([b for _, b in batches]), patches.read(np.arange(len(patches))))
-    backbone = sd.Backbone(pixel_statistics, dim=DIM)
+    backbone = sd.Backbone(pixel_statistics, dim=DIM, version=VERSION)
     threaded = extract_features(patches, backbone, batch_size=48, cache=False)
     assert threaded.std(axis=0).max() > 0  # real tissue: patches differ
     np.testing.assert_array_equal(extract_features(patches, backbone, batch_size=48, num_workers=2), threaded)
@@ -172,7 +176,7 @@ def test_a_failing_reader_process_raises_and_caches_nothing(cache, mob1, monkeyp
 
     monkeypatch.setattr(type(patches), "read", read_until_64)
     with pytest.raises(OSError, match="unreadable patches from 64"):
-        extract_features(patches, sd.Backbone(pixel_statistics, dim=DIM), batch_size=32, num_workers=2)
+        extract_features(patches, sd.Backbone(pixel_statistics, dim=DIM, version=VERSION), batch_size=32, num_workers=2)
     assert not list(cache.glob("*.npy"))
 
 

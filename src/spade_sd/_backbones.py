@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -57,6 +58,11 @@ _ONNX_MAX_BYTES = 2**31 - 1
 _ONNX_CPU_BATCH = 8
 _ONNX_TOLERANCE = 1e-3
 _ENGINES = ("auto", "torch", "onnxruntime")
+# What nn.Module.__init__ puts in every module's __dict__ (the training flag, parameter, buffer, submodule and hook
+# registries): not part of a module's configuration, so left out of the attributes a module's identity hashes
+_TORCH_BOOKKEEPING = frozenset(vars(nn.Module()))
+_PLAIN_TYPES = (bool, int, float, str, type(None))
+_NOT_PLAIN = object()
 
 
 def _efficientnet_lite0(num_classes: int = 1000, *, pretrained: bool = True, **model_kwargs: Any) -> nn.Module:
@@ -206,6 +212,55 @@ def _num_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _plain(value: Any) -> Any:
+    """``value`` as a hashable plain value (tuples for lists), or ``_NOT_PLAIN`` for anything else."""
+    if isinstance(value, np.generic) and isinstance(value.item(), _PLAIN_TYPES):
+        value = value.item()
+    if isinstance(value, float) and value != value:
+        return "nan"  # equal to itself, so change detection does not see a NaN attribute change on every call
+    if isinstance(value, _PLAIN_TYPES):
+        return value
+    if isinstance(value, tuple | list):
+        items = tuple(_plain(item) for item in value)
+        return _NOT_PLAIN if any(item is _NOT_PLAIN for item in items) else items
+    return _NOT_PLAIN
+
+
+def _module_attributes(module: nn.Module) -> tuple[list[tuple[str, str, Any]], list[tuple[str, torch.Tensor]]]:
+    """The non-parameter state of ``module`` and its submodules that a forward pass may read.
+
+    Parameters
+    ----------
+    module
+        The module to describe.
+
+    Returns
+    -------
+    ``(submodule, attribute, value)`` for every plain attribute (bool, int, float, str, None, numpy scalars and
+    tuples or lists of them) in a submodule's ``__dict__``, and ``("submodule.attribute", tensor)`` for every
+    tensor kept there without being registered as a parameter or buffer, both in sorted order. The training flag
+    and torch's registries (:data:`_TORCH_BOOKKEEPING`) are left out.
+    """
+    plain, tensors = [], []
+    for prefix, submodule in module.named_modules():
+        for key, value in sorted(vars(submodule).items()):
+            if key in _TORCH_BOOKKEEPING:
+                continue
+            if isinstance(value, torch.Tensor):
+                tensors.append((f"{prefix}.{key}", value))
+            elif (found := _plain(value)) is not _NOT_PLAIN:
+                plain.append((prefix, key, found))
+    return plain, tensors
+
+
+def _hash_tensor(digest: Any, key: str, tensor: torch.Tensor) -> None:
+    """Feed a tensor's name, dtype, shape and bytes to ``digest``."""
+    digest.update(f"\n{key} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+    # a uint8 view hashes any dtype (bfloat16 has no numpy equivalent); contiguous() undoes channels-last so the
+    # digest does not depend on memory format
+    digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
 def _stable(value: Any) -> Any:
     # json fallback for model kwargs: classes and functions by qualified name, as repr() contains memory addresses
     if hasattr(value, "__qualname__"):
@@ -271,6 +326,12 @@ class Backbone:
     mean, std
         Per-channel normalisation on the 0..1 scale. Default: the model's data config (timm models), ImageNet's
         for other modules. Not used with plain callables.
+    version
+        For a plain callable or a :class:`torch.nn.Module` only: a label of the code that computes the features,
+        to be changed whenever that code (or anything else that changes its outputs) changes, e.g.
+        ``Backbone(my_features, version="my_features 2")``. It becomes part of :meth:`identity`, which names cached
+        features and is checked when a saved model is loaded. A plain callable without ``version`` and without a
+        ``to_config()`` method has no stable identity (see :attr:`stable_identity`): its features are not cached.
     **model_kwargs
         Passed to :func:`timm.create_model`.
 
@@ -281,6 +342,14 @@ class Backbone:
     threads is left as it is (see :func:`torch.set_num_threads`). The onnxruntime engine re-exports when the
     module's weights have changed since the export, so fine-tuning loops should use ``engine="torch"``.
     Exporting uses the TorchScript-based :func:`torch.onnx.export` (``dynamo=False``), which needs no extra package.
+
+    :meth:`identity` must change whenever the features can, as it names cached features: for torch models it
+    digests the configuration and every state-dict tensor; for a :class:`torch.nn.Module` passed in also every
+    plain attribute (numbers, strings, tuples of them, ...) and unregistered tensor of its submodules, such as an
+    exponent used in ``forward``. Code and other objects are not hashed: pass ``version=`` to tell edits apart.
+    A plain callable is known by its ``version``, else by its class and ``to_config()`` (such as
+    :class:`~spade_sd._morphology.MorphologyFeatures`); a function, lambda or callable object without either
+    could compute anything under its name, so it gets a random identity, unequal to every other.
 
     Examples
     --------
@@ -298,6 +367,7 @@ class Backbone:
     mean: tuple[float, float, float] | None
     std: tuple[float, float, float] | None
     module: nn.Module | None
+    version: str | None
 
     def __init__(
         self,
@@ -312,6 +382,7 @@ class Backbone:
         input_size: int | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        version: str | None = None,
         **model_kwargs: Any,
     ) -> None:
         if engine not in _ENGINES:
@@ -324,6 +395,14 @@ class Backbone:
         self.module = None
 
         source = name_or_module
+        if version is not None:
+            if not isinstance(version, str) or not version:
+                raise TypeError(f"expected version to be a non-empty string, found {version!r}")
+            if source is None or isinstance(source, str):
+                raise ValueError(
+                    "version= applies to a torch.nn.Module or a plain callable; the identity of a packaged or timm "
+                    "model comes from its name, configuration and weights"
+                )
         if source is None or (isinstance(source, str) and source == DEFAULT_BACKBONE):
             if weights is not None:
                 raise ValueError(
@@ -349,6 +428,7 @@ class Backbone:
         if self.kind in ("module", "callable") and (weights is not None or model_kwargs):
             raise ValueError(f"weights= and model kwargs apply to timm names only, found them with a {self.kind}")
         self.model_kwargs = model_kwargs
+        self.version = version
 
         if self.module is None:
             if mean is not None or std is not None:
@@ -381,6 +461,9 @@ class Backbone:
                 dim = self.module.num_features
             self.dim = int(dim if dim is not None else self._probe_dim())
         self._identity: tuple[Any, str] | None = None
+        if not self.stable_identity:
+            # 64 characters like a digest; no other backbone, in this process or another, can have it
+            self._identity = (None, ("unstable-" + secrets.token_hex(32))[:64])
         self._session: ort.InferenceSession | None = None
         self._session_state: Any = None
         self._engine_in_use: str | None = None
@@ -430,24 +513,39 @@ class Backbone:
                 out[start : start + len(batch)] = self._checked(run(self._preprocess(batch)), len(batch))
         return out
 
+    @property
+    def stable_identity(self) -> bool:
+        """Whether :meth:`identity` names what the backbone computes, equally in every process.
+
+        ``False`` only for a plain callable given neither ``version=`` nor a ``to_config()`` method: nothing tells
+        two such functions (two lambdas, an edited function, callable objects with other parameters) apart, so
+        its identity is random and its features are not cached.
+        """
+        return self.kind != "callable" or self.version is not None or hasattr(self._fn, "to_config")
+
     def identity(self) -> str:
-        """Stable digest of the architecture, preprocessing and weights, equal across processes.
+        """Digest of the architecture, preprocessing and weights, equal across processes.
 
         Returns
         -------
-        SHA-256 hex digest of the configuration (name, architecture, input size, normalisation, dim) and of every
-        state-dict tensor's name, dtype, shape and bytes in sorted key order. For plain callables, their
-        qualified name and ``to_config()`` (if they have one) stand in for architecture and weights.
+        SHA-256 hex digest of the configuration (name, architecture, input size, normalisation, dim, ``version``)
+        and of every state-dict tensor's name, dtype, shape and bytes in sorted key order; for a
+        :class:`torch.nn.Module` passed in, also of its submodules' plain attributes and unregistered tensors. For
+        plain callables, their ``version`` or else their qualified name, and ``to_config()`` (if they have one),
+        stand in for architecture and weights. Without :attr:`stable_identity`: ``"unstable-"`` and random hex
+        digits (64 characters), fixed for this instance and equal to no other backbone's identity.
         """
+        if not self.stable_identity:
+            return self._identity[1]
         state = self._state_token()
         if self._identity is None or self._identity[0] != state:
             digest = hashlib.sha256(json.dumps(self._architecture(), sort_keys=True, default=_stable).encode())
             if self.module is not None:
                 for key, tensor in sorted(self.module.state_dict().items()):
-                    digest.update(f"\n{key} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
-                    # a uint8 view hashes any dtype (bfloat16 has no numpy equivalent); contiguous() undoes
-                    # channels-last so the digest does not depend on memory format
-                    digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+                    _hash_tensor(digest, key, tensor)
+            if self.kind == "module":
+                for key, tensor in _module_attributes(self.module)[1]:
+                    _hash_tensor(digest, f"attribute {key}", tensor)
             self._identity = (state, digest.hexdigest())
         return self._identity[1]
 
@@ -473,8 +571,11 @@ class Backbone:
             architecture = f"{type(self.module).__module__}.{type(self.module).__qualname__}\n{self.module!r}"
         else:
             config = self._fn.to_config() if hasattr(self._fn, "to_config") else None
-            architecture = [_stable(self._fn if hasattr(self._fn, "__qualname__") else type(self._fn)), config]
-        return {
+            if self.version is not None:
+                architecture = {"version": self.version, "config": config}
+            else:
+                architecture = [_stable(self._fn if hasattr(self._fn, "__qualname__") else type(self._fn)), config]
+        described = {
             "name": self.name,
             "kind": self.kind,
             "model_kwargs": self.model_kwargs,
@@ -484,14 +585,25 @@ class Backbone:
             "std": self.std,
             "dim": self.dim,
         }
+        # added only where they apply, so that the identities of timm and packaged models stay as they were
+        if self.kind == "module":
+            described["attributes"] = _module_attributes(self.module)[0]
+        if self.version is not None:
+            described["version"] = self.version
+        return described
 
     def _state_token(self) -> Any:
         # Cheap change detector for the cached identity and ONNX session: in-place updates (optimiser steps,
-        # load_state_dict) bump a tensor's version counter, moves and reassignments change its storage.
+        # load_state_dict) bump a tensor's version counter, moves and reassignments change its storage. For a
+        # module passed in, its plain attributes and unregistered tensors count too.
         if self.module is None:
             return None
         tensors = [*self.module.parameters(), *self.module.buffers()]
-        return tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors)
+        plain: list[tuple[str, str, Any]] = []
+        if self.kind == "module":
+            plain, extra = _module_attributes(self.module)
+            tensors += [t for _, t in extra]
+        return tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors), tuple(plain)
 
     def _probe_dim(self) -> int:
         side = self.input_size or 224
@@ -543,8 +655,12 @@ class Backbone:
             state = self._state_token()
             if self._session is None or self._session_state != state:
                 if self._session is not None:
-                    logger.info("backbone %s: weights changed since the ONNX export, exporting again", self.name)
-                self._session, self._session_state = self._onnx_session(), state
+                    logger.info(
+                        "backbone %s: weights or attributes changed since the ONNX export, exporting again", self.name
+                    )
+                # the token is taken after exporting, which runs forward (a module may record things there)
+                self._session = self._onnx_session()
+                self._session_state = self._state_token()
             session, input_name = self._session, self._session.get_inputs()[0].name
 
             def run(x: torch.Tensor) -> np.ndarray:

@@ -6,18 +6,25 @@ cache file as they come, so a whole slide's (n_tiles × dim) features never need
 cached as ``.npy`` files named by a digest of the patches (image content under a sample of spots, every spot
 position, scale and patch geometry) and the backbone (architecture and weights), so a second run with the same
 inputs reads them back, chunk by chunk, instead of recomputing.
+
+Nothing is lost and nothing is served silently: a backbone without a stable identity (a plain function given no
+``version=``) is never cached; a cache file is checked (header, dtype, shape, exact size, every value finite)
+before its first chunk is served, and a damaged one is removed, with a warning, and computed again; partial files
+left by processes killed while writing are removed by the next computation.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -27,6 +34,15 @@ from ._patches import SpotPatches
 CACHE_FORMAT = "spade_sd.features/1"
 # Patches whose features are held at once: 4096 × 1280 float32 is 21 MB
 CHUNK_SIZE = 4096
+# Partial cache files are named <key>.<pid of the writing process>.partial.npy
+_PARTIAL_NAME = re.compile(r"[0-9a-f]+\.(\d+)\.partial\.npy")
+# A partial file last written this many seconds before its pid's process started predates that process (pid reuse)
+_PID_REUSE_SLACK_S = 2.0
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, the partial files' pids alone tell stale ones
+    fcntl = None
 
 
 def cache_key(patches: SpotPatches, backbone) -> str:
@@ -35,6 +51,32 @@ def cache_key(patches: SpotPatches, backbone) -> str:
     for part in (CACHE_FORMAT, patches.fingerprint(), backbone.identity()):
         digest.update(part.encode())
     return digest.hexdigest()
+
+
+def _cache_allowed(backbone, cache: bool) -> bool:
+    """Whether to use the feature cache: asked for, and the backbone's identity names what it computes.
+
+    Parameters
+    ----------
+    backbone
+        A :class:`~spade_sd.Backbone`.
+    cache
+        Whether the caller asked for the cache.
+
+    Returns
+    -------
+    ``cache``, except ``False`` (with one info message saying why and how to cache) for a backbone without
+    :attr:`~spade_sd.Backbone.stable_identity`.
+    """
+    if cache and not backbone.stable_identity:
+        logger.info(
+            "Not caching the features of backbone %r: a plain callable without version= or to_config() has no stable identity, so "
+            "cached features could be served to another function (or an edited one). To cache them, pass "
+            'Backbone(fn, version="...") and change the version whenever the function\'s outputs change.',
+            backbone.name,
+        )
+        return False
+    return cache
 
 
 def _features_cache_dir() -> Path:
@@ -127,7 +169,9 @@ def iter_features(
         Patches read and encoded at a time.
     cache
         Read and write the on-disk cache (``$SPADE_SD_CACHE_DIR/features``). The cache file is written
-        incrementally and only appears, complete, once every chunk was computed and found finite.
+        incrementally and only appears, complete, once every chunk was computed and found finite. A cached file
+        is checked in full before its first chunk is served; a damaged one is removed (with a warning) and the
+        features computed again. Not used, with an info message, for a backbone without a stable identity.
     chunk_size
         Patches per yielded chunk (rounded up to whole batches when computing); default ``CHUNK_SIZE``.
     num_workers
@@ -139,12 +183,15 @@ def iter_features(
     """
     chunk_size = CHUNK_SIZE if chunk_size is None else int(chunk_size)
     num_workers = check_num_workers(num_workers)
+    cache = _cache_allowed(backbone, cache)
     path = _features_cache_dir() / f"{cache_key(patches, backbone)}.npy" if cache else None
     if path is not None and path.is_file():
-        cached = _read_chunks(path, (len(patches), backbone.dim), chunk_size)
-        if cached is not None:
-            logger.info("Reading %d cached %s features from %s", len(patches), backbone.name, path)
-            yield from cached
+        shape = (len(patches), backbone.dim)
+        file = _open_checked(path, shape, chunk_size)
+        if file is not None:
+            with file:
+                logger.info("Reading %d cached %s features from %s", len(patches), backbone.name, path)
+                yield from _rows(file, path, shape, chunk_size)
             return
     chunk_size = _whole_batches(chunk_size, batch_size)
     yield from _compute_chunks(patches, backbone, batch_size, chunk_size, path, num_workers=num_workers)
@@ -156,32 +203,180 @@ def _whole_batches(chunk_size: int, batch_size: int) -> int:
 
 
 def _read_header(file) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Shape, Fortran order and dtype of a ``.npy`` file, leaving it at the first data byte.
+
+    Raises
+    ------
+    ValueError
+        If the file does not start with a ``.npy`` header numpy can read (also for an empty file).
+    """
     version = np.lib.format.read_magic(file)
     if version == (1, 0):
         return np.lib.format.read_array_header_1_0(file)
-    return np.lib.format.read_array_header_2_0(file)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(file)
+    raise ValueError(f".npy format version {version} is not one this package writes")
 
 
-def _read_chunks(path: Path, shape: tuple[int, int], chunk_size: int) -> Iterator[tuple[int, np.ndarray]] | None:
-    """Chunks of a cached ``.npy`` read with plain file reads (a memory map would count toward resident memory)."""
-    with path.open("rb") as file:
+def _open_checked(path: Path, shape: tuple[int, int], chunk_size: int) -> BinaryIO | None:
+    """A cached ``.npy`` opened at its first row if it is sound, else ``None`` after removing it with a warning.
+
+    Sound means: a float32 ``.npy`` header of ``shape`` in C order, exactly as many bytes as that promises, and
+    only finite values, checked by reading it ``chunk_size`` rows at a time, so memory stays bounded and no chunk
+    is served from a file later found damaged.
+
+    Parameters
+    ----------
+    path
+        The cache file.
+    shape
+        The expected ``(n_patches, dim)``.
+    chunk_size
+        Rows read at a time while checking.
+
+    Returns
+    -------
+    The open binary file, positioned at the first row (the caller closes it), or ``None``.
+    """
+    identity, problem = None, None
+    try:
+        file = path.open("rb")
+    except OSError as err:
+        problem = f"cannot be opened: {err}"
+    else:
+        try:
+            identity = os.fstat(file.fileno())
+            problem = _problem(file, path, shape, chunk_size)
+        except OSError as err:
+            problem = f"cannot be read: {err}"
+        if problem is None:
+            return file
+        file.close()
+    logger.warning("The feature cache %s is damaged (%s); removing it and computing the features again.", path, problem)
+    try:
+        found = path.stat()
+        # another process may have put a sound file there meanwhile (by an atomic rename): leave that one
+        if identity is None or (found.st_dev, found.st_ino) == (identity.st_dev, identity.st_ino):
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        logger.warning("Could not remove the damaged feature cache %s: %s", path, err)
+    return None
+
+
+def _problem(file: BinaryIO, path: Path, shape: tuple[int, int], chunk_size: int) -> str | None:
+    """What is wrong with an open cached ``.npy`` (``None`` if nothing), leaving it at its first row."""
+    try:
         found, fortran, dtype = _read_header(file)
+    except (ValueError, EOFError, SyntaxError, TypeError) as err:
+        return f"not a readable .npy file: {err}"
     if found != shape or fortran or dtype != np.float32:
-        logger.warning(
-            "Ignoring cached features of shape %s (%s) at %s: expected %s float32", found, dtype, path, shape
-        )
-        return None
-    return _chunks_from(path, shape, chunk_size)
+        order = " in Fortran order" if fortran else ""
+        return f"holds {dtype} of shape {found}{order}, expected float32 of shape {shape}"
+    offset = file.tell()
+    size, expected = os.fstat(file.fileno()).st_size, offset + shape[0] * shape[1] * 4
+    if size != expected:
+        return f"{'truncated: ' if size < expected else ''}{size} bytes, expected {expected}"
+    for start, chunk in _rows(file, path, shape, chunk_size):
+        finite = np.isfinite(chunk).all(axis=1)
+        if not finite.all():
+            return f"non-finite features in {np.count_nonzero(~finite)} rows from row {start + np.argmin(finite)}"
+    file.seek(offset)
+    return None
+
+
+def _rows(file: BinaryIO, path: Path, shape: tuple[int, int], chunk_size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, rows)`` chunks of float32 rows read with plain file reads from the current position.
+
+    A memory map would count toward resident memory.
+    """
+    for start in range(0, shape[0], chunk_size):
+        chunk = np.empty((min(chunk_size, shape[0] - start), shape[1]), dtype=np.float32)
+        if file.readinto(memoryview(chunk).cast("B")) != chunk.nbytes:
+            raise OSError(f"The feature cache {path} is truncated; delete it to recompute the features.")
+        yield start, chunk
 
 
 def _chunks_from(path: Path, shape: tuple[int, int], chunk_size: int) -> Iterator[tuple[int, np.ndarray]]:
     with path.open("rb") as file:
         _read_header(file)
-        for start in range(0, shape[0], chunk_size):
-            chunk = np.empty((min(chunk_size, shape[0] - start), shape[1]), dtype=np.float32)
-            if file.readinto(memoryview(chunk).cast("B")) != chunk.nbytes:
-                raise OSError(f"The feature cache {path} is truncated; delete it to recompute the features.")
-            yield start, chunk
+        yield from _rows(file, path, shape, chunk_size)
+
+
+def _writer_gone(pid: int, modified: float) -> bool:
+    """Whether the process that wrote a partial file, last modified at ``modified``, no longer runs.
+
+    Parameters
+    ----------
+    pid
+        The process id in the file's name.
+    modified
+        The file's modification time (seconds since the epoch).
+
+    Returns
+    -------
+    ``True`` if no process has that pid (or only a zombie), or (on Linux) the process now holding it started
+    after the file was last written, so the pid was reused; ``False`` when unsure.
+    """
+    if pid < 1:
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return True
+    except PermissionError:  # alive, owned by another user
+        pass
+    except OSError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(
+            float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime ")
+        )
+        fields = stat[stat.rindex(")") + 2 :].split()
+        state, started = fields[0], boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):  # not Linux, or the process just ended
+        return False
+    return state in ("Z", "X") or modified < started - _PID_REUSE_SLACK_S
+
+
+def _remove_stale_partials(folder: Path) -> None:
+    """Remove partial cache files whose writing process was killed (``kill -9``, a crash, a power cut).
+
+    A partial file is stale when :func:`_writer_gone` says its pid's process is gone, and nobody holds the
+    advisory lock a writer keeps on it (a live writer elsewhere, e.g. on another machine sharing the folder, may
+    carry a pid that is free here). The partial of a live process writing now is never removed.
+    """
+    if os.name != "posix" or not folder.is_dir():
+        return
+    removed = []
+    for partial in folder.glob("*.partial.npy"):
+        match = _PARTIAL_NAME.fullmatch(partial.name)
+        try:
+            if match is None or not _writer_gone(int(match[1]), partial.stat().st_mtime):
+                continue
+            with partial.open("rb") as file:
+                if fcntl is not None:
+                    try:
+                        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # a live writer holds it
+                    except OSError:
+                        pass  # no locks on this file system: the pid alone decides
+                partial.unlink()
+            removed.append(partial.name)
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            logger.warning("Could not remove the stale partial feature file %s: %s", partial, err)
+    if removed:
+        logger.info(
+            "Removed %d partial feature file(s) in %s left by processes that no longer run: %s",
+            len(removed),
+            folder,
+            ", ".join(sorted(removed)),
+        )
 
 
 def _compute_chunks(
@@ -189,6 +384,8 @@ def _compute_chunks(
 ) -> Iterator[tuple[int, np.ndarray]]:
     n, dim = len(patches), backbone.dim
     partial = None if path is None else path.with_suffix(f".{os.getpid()}.partial.npy")
+    if partial is not None:
+        _remove_stale_partials(path.parent)
     start_time = time.perf_counter()
     try:
         with nullcontext() if partial is None else _open_npy(partial, (n, dim)) as file:
@@ -219,9 +416,18 @@ def _compute_chunks(
 
 
 def _open_npy(path: Path, shape: tuple[int, int]):
-    """A ``.npy`` file of float32 ``shape`` opened for appending its rows in order."""
+    """A ``.npy`` file of float32 ``shape`` opened for appending its rows in order.
+
+    The file is exclusively locked (advisory, released on closing or when the process dies) so that
+    :func:`_remove_stale_partials` in other processes leaves it alone.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     file = path.open("wb")
+    if fcntl is not None:
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # no locks on this file system, or a thread of this process writes the same file
+            pass
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": shape}
     np.lib.format.write_array_header_1_0(file, header)
     return file
@@ -233,12 +439,13 @@ def rereadable_features(
 ) -> Iterator[Callable[[], Iterator[tuple[int, np.ndarray]]]]:
     """A function that iterates over the features of every patch, chunk by chunk, as often as it is called.
 
-    The features are computed once, on the first pass: into the cache, or (``cache=False``) into a temporary file
-    that is deleted on leaving the context. Later passes read them back chunk by chunk, so a whole slide's
-    features are never held in memory (e.g. per-slide statistics in one pass, the embedding in the next).
+    The features are computed once, on the first pass: into the cache, or (``cache=False``, or a backbone without
+    a stable identity) into a temporary file that is deleted on leaving the context. Later passes read them back
+    chunk by chunk, so a whole slide's features are never held in memory (e.g. per-slide statistics in one pass,
+    the embedding in the next).
     """
     options = {"batch_size": batch_size, "num_workers": num_workers}
-    if cache:
+    if _cache_allowed(backbone, cache):
         yield lambda: iter_features(patches, backbone, cache=True, **options)
         return
     with tempfile.TemporaryDirectory(prefix="spade_sd-features-") as folder:
@@ -274,7 +481,7 @@ def extract_features(
     batch_size
         Patches read and encoded at a time.
     cache
-        Read and write the on-disk cache (``$SPADE_SD_CACHE_DIR/features``).
+        Read and write the on-disk cache (``$SPADE_SD_CACHE_DIR/features``); see :func:`iter_features`.
     out
         Optional ``(len(patches), backbone.dim)`` float32 array (e.g. a memory map) written chunk by chunk, so
         very many patches never sit in memory at once.
