@@ -15,7 +15,7 @@ from spade_sd.datasets._registry import fetch, registry
 def test_registry_lists_every_file_of_the_shared_registry(data_dir):
     listed = re.findall(r"\| (\w+) \| `([^`]+)` \| \d+ \| `([0-9a-f]{64})`", (data_dir / "REGISTRY.md").read_text())
     entries = registry()
-    assert len(entries) == len(listed) == 45
+    assert len(entries) == len(listed) == 48  # her2st, stutility_mob, scmuscle_visium, deepspot_xenium
     for dataset, path, sha256 in listed:
         entry = entries[f"{dataset}/{path}"]
         assert entry.sha256 == sha256 and entry.url.startswith("https://") and entry.url.endswith(path)
