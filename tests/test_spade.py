@@ -230,9 +230,11 @@ def test_bad_n_comps_is_refused_before_training(morphology, n_comps, out_dim, me
     assert "Two-stage clustering" not in caplog.text and "Trained" not in caplog.text
 
 
-@pytest.mark.parametrize("factor", [0, -0.1, True, "0.1"])
-def test_bad_expert_lr_factor_is_refused_before_any_work(morphology, factor, caplog):
-    with caplog.at_level(logging.INFO, logger="spade_sd"), pytest.raises(ValueError, match="expert_lr_factor must"):
+@pytest.mark.parametrize(
+    ("factor", "error"), [(0, ValueError), (-0.1, ValueError), (True, TypeError), ("0.1", TypeError)]
+)
+def test_bad_expert_lr_factor_is_refused_before_any_work(morphology, factor, error, caplog):
+    with caplog.at_level(logging.INFO, logger="spade_sd"), pytest.raises(error, match="expert_lr_factor must"):
         sd.tl.pretrain(_slides(), backbone=morphology, expert_lr_factor=factor, **TRAIN)
     assert "Pretraining on" not in caplog.text
 

@@ -235,6 +235,28 @@ def _named_tables(tables: AnnData | Sequence[AnnData]) -> list[tuple[str, AnnDat
     return [(_table_name(table, i), table) for i, table in enumerate(tables)]
 
 
+def check_expression_tables(
+    named_tables: Sequence[tuple[str, AnnData]], *, layer: str | None = None, panel: GenePanel | None = None
+) -> None:
+    """Check tables before any work: raw counts, unique gene names, and genes shared by all (or covering ``panel``).
+
+    Parameters
+    ----------
+    named_tables
+        ``(name, table)`` pairs; names appear in the messages.
+    layer
+        Layer holding raw counts; ``None`` uses ``X``.
+    panel
+        A fitted panel every table must cover; ``None``: the tables must share at least one gene.
+    """
+    for name, table in named_tables:
+        _check_table(table, name, layer)
+        if panel is not None:
+            panel._check_covers(table, name)
+    if panel is None:
+        _shared_genes([_Sample(name, None, table.var_names) for name, table in named_tables])
+
+
 def _check_table(table: AnnData, name: str, layer: str | None) -> None:
     duplicated = table.var_names[table.var_names.duplicated()].unique()
     if len(duplicated):
@@ -247,8 +269,10 @@ def _check_table(table: AnnData, name: str, layer: str | None) -> None:
 
 
 def _counts_matrix(table: AnnData, layer: str | None, name: str) -> sparse.csr_matrix | np.ndarray:
-    if layer is not None and layer not in table.layers:
-        raise KeyError(f"Table {name!r} has no layer {layer!r}; available layers: {sorted(table.layers)}.")
+    # the layers of an AnnData view without layers list a None key
+    layers = sorted(key for key in table.layers.keys() if key is not None)
+    if layer is not None and layer not in layers:
+        raise KeyError(f"Table {name!r} has no layer {layer!r}; available layers: {layers}.")
     matrix = table.X if layer is None else table.layers[layer]
     if matrix is None:
         raise ValueError(f"Table {name!r} has no X; pass layer= with the name of a layer of raw counts.")
@@ -266,6 +290,11 @@ def _check_raw_counts(matrix: sparse.csr_matrix | np.ndarray, name: str, layer: 
             raise ValueError(f"Table {name!r} {where} has negative values; GenePanel needs raw counts.")
         if integral:
             continue
+        if not np.isfinite(chunk).all():
+            raise ValueError(
+                f"Table {name!r} {where} holds NaN or infinite values; GenePanel needs raw counts "
+                "(non-negative integers)."
+            )
         fractional = chunk[chunk != np.round(chunk)]
         if fractional.size:
             raise ValueError(

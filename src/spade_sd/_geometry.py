@@ -15,6 +15,8 @@ from spatialdata import SpatialData
 from spatialdata.transformations import get_transformation
 from xarray import DataArray, DataTree
 
+from ._validation import check_mpp, check_number
+
 # Spot diameters of technologies whose tables spade_sd recognises without a user-given scale.
 SPOT_DIAMETER_UM = {"Visium": 55.0, "legacy_ST": 100.0}
 
@@ -74,9 +76,26 @@ def _available(kind: str, names: list[str]) -> str:
     return f"available {kind}: {sorted(names)}" if names else f"this SpatialData has no {kind}"
 
 
+_ELEMENT_KINDS = ("images", "labels", "points", "shapes", "tables")
+_SPOTS_AS_SHAPES = (
+    "spade_sd reads spots from shapes: circles (points with a 'radius' column) or polygons. Make them with "
+    "spatialdata.models.ShapesModel.parse, e.g. from cell centres with a radius"
+)
+
+
+def _element_kind(sdata: SpatialData, name: str) -> str | None:
+    return next((kind for kind in _ELEMENT_KINDS if name in getattr(sdata, kind)), None)
+
+
 def _check_key(sdata: SpatialData, kind: str, key: str | None) -> None:
+    if key is not None and not isinstance(key, str):
+        raise TypeError(f"{kind[:-1]}_key must be a string naming one of the {kind}; found {key!r}.")
     names = list(getattr(sdata, kind))
     if key is not None and key not in names:
+        other = _element_kind(sdata, key)
+        if other is not None:
+            hint = f" {_SPOTS_AS_SHAPES}." if kind == "shapes" and other in ("points", "labels") else ""
+            raise ValueError(f"{key!r} is a {other[:-1]} element, not {kind}; {_available(kind, names)}.{hint}")
         raise KeyError(f"{kind[:-1]} {key!r} is not in the SpatialData; {_available(kind, names)}.")
 
 
@@ -84,6 +103,20 @@ def _annotated_regions(table: AnnData) -> list[str]:
     attrs = table.uns.get("spatialdata_attrs", {})
     region = attrs.get("region", [])
     return [region] if isinstance(region, str) else list(region)
+
+
+def _what_tables_annotate(sdata: SpatialData, tables: list[str]) -> str:
+    if not tables:
+        return "this SpatialData has no tables"
+    described = []
+    for name in tables:
+        regions = _annotated_regions(sdata.tables[name])
+        kinds = [
+            f"{kind[:-1]} {region!r}" if (kind := _element_kind(sdata, region)) else f"{region!r} (not in it)"
+            for region in regions
+        ]
+        described.append(f"table {name!r} annotates {', '.join(kinds) if kinds else 'nothing'}")
+    return "; ".join(described)
 
 
 def _coordinate_systems(element) -> set[str]:
@@ -122,13 +155,19 @@ def resolve_elements(
     tables = [table_key] if table_key is not None else list(sdata.tables)
     annotating = {name: [r for r in _annotated_regions(sdata.tables[name]) if r in sdata.shapes] for name in tables}
     if table_key is not None and not annotating[table_key]:
-        regions = _annotated_regions(sdata.tables[table_key])
         raise ValueError(
-            f"Table {table_key!r} annotates no shapes element (its regions: {regions}); "
-            f"{_available('shapes', list(sdata.shapes))}. Parse it with TableModel.parse(region=<shapes name>, ...)."
+            f"Table {table_key!r} annotates no shapes element ({_what_tables_annotate(sdata, [table_key])}); "
+            f"{_available('shapes', list(sdata.shapes))}. {_SPOTS_AS_SHAPES}, and annotate them with "
+            "TableModel.parse(region=<shapes name>, ...)."
         )
     if shapes_key is None:
         annotated = sorted({r for regions in annotating.values() for r in regions})
+        if not annotated:
+            raise ValueError(
+                f"No table annotates a shapes element ({_what_tables_annotate(sdata, tables)}); "
+                f"{_available('shapes', list(sdata.shapes))}. {_SPOTS_AS_SHAPES}, and annotate them with "
+                "TableModel.parse(region=<shapes name>, ...)."
+            )
         shapes_key = _choose("shapes", annotated, "shapes_key", "shapes elements annotated by a table")
     if table_key is None:
         table_key = _choose(
@@ -218,7 +257,8 @@ def _centres_and_radius(shapes, instances: pd.Index) -> tuple[np.ndarray, np.nda
 def _known_spot_diameter(table: AnnData) -> tuple[float | None, str]:
     meta = table.uns.get("spade_sd", {})
     if "spot_diameter_um" in meta:
-        return float(meta["spot_diameter_um"]), "the table's uns['spade_sd']['spot_diameter_um']"
+        field = "the table's uns['spade_sd']['spot_diameter_um']"
+        return check_number(field, meta["spot_diameter_um"], minimum=0, exclusive_minimum=True, unit="µm"), field
     technology = meta.get("technology")
     if technology is None and "spatial" in table.uns:
         libraries = table.uns["spatial"].values()
@@ -231,17 +271,19 @@ def _known_spot_diameter(table: AnnData) -> tuple[float | None, str]:
 
 def _resolve_mpp(mpp: float | None, table: AnnData, radius: np.ndarray, table_key: str) -> tuple[float, str]:
     if mpp is not None:
-        if not np.isfinite(mpp) or mpp <= 0:
-            raise ValueError(f"mpp must be a positive number of µm per pixel, found {mpp!r}.")
-        return float(mpp), "the mpp argument"
+        return check_mpp("mpp", mpp), "the mpp argument"
     meta = table.uns.get("spade_sd", {})
     if "mpp" in meta:
-        return float(meta["mpp"]), "the table's uns['spade_sd']['mpp']"
+        field = "the table's uns['spade_sd']['mpp']"
+        return check_mpp(field, meta["mpp"]), field
     diameter, source = _known_spot_diameter(table)
     if diameter is not None:
         if not np.isfinite(radius).all() or (radius <= 0).any():
             raise ValueError(f"Spots of table {table_key!r} need positive radii to derive µm per pixel from {source}.")
-        return diameter / (2 * float(np.median(radius))), f"{source} and the circles' radius"
+        derived = diameter / (2 * float(np.median(radius)))
+        return check_mpp(f"the µm per pixel derived from {source} and the circles' radius", derived), (
+            f"{source} and the circles' radius"
+        )
     raise ValueError(
         f"The physical scale is unknown: table {table_key!r} records no spot diameter or technology "
         f"(uns['spade_sd'] has {sorted(meta)}), and no mpp was given. Pass mpp= (µm per pixel of the image's "

@@ -16,9 +16,15 @@ from PIL import Image
 from xarray import DataArray
 
 from ._geometry import SpotGeometry, image_levels
+from ._validation import check_patch_geometry
 
 WHITE = 255
 FINGERPRINT_SPOTS = 16
+# The most pixels a patch window may span on the level it is read from (a 4096² uint8 RGB window is 48 MiB): more
+# means an implausible scale (e.g. mpp=1e-9) or patch size, which would otherwise allocate gigabytes per patch
+MAX_WINDOW_PX = 4096
+# Channel names that say which colour a channel holds (spatialdata images carry them in the ``c`` coordinate)
+_COLOUR_NAMES = {"r": "r", "red": "r", "g": "g", "green": "g", "b": "b", "blue": "b", "a": "a", "alpha": "a"}
 
 
 def choose_level(geometry: SpotGeometry, size_um: float, size_px: int) -> int:
@@ -46,6 +52,30 @@ def _as_rgb_uint8(window: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.ascontiguousarray(window.transpose(1, 2, 0))
 
 
+def rgb_channel_order(level: DataArray) -> np.ndarray | None:
+    """Indices that put an image's channels in RGB(A) order, from their names; ``None`` keeps the stored order.
+
+    Images whose ``c`` coordinate names colours (``r``/``red``, ``g``, ``b``, ``a``/``alpha``, any case), such as
+    ``["b", "g", "r"]``, are reordered; images without colour names (e.g. the default ``[0, 1, 2]``) are read as
+    stored. Names of which only some are colours are an error.
+    """
+    if "c" not in level.coords:
+        return None
+    names = [str(name).strip().lower() for name in level.coords["c"].values]
+    colours = [_COLOUR_NAMES.get(name) for name in names]
+    if not any(colours):
+        return None
+    wanted = ["r", "g", "b", "a"][: len(names)] if len(names) in (3, 4) else None
+    if wanted is None or sorted(c for c in colours if c) != sorted(wanted):
+        raise ValueError(
+            f"The image's channel names {[str(name) for name in level.coords['c'].values]} name colours, but not exactly "
+            f"{'red, green, blue (and alpha)' if wanted is None else ', '.join(wanted)}; expected an RGB or RGBA "
+            "image whose channels are named r, g, b (a) in any order, or left unnamed."
+        )
+    order = np.array([colours.index(c) for c in wanted])
+    return None if np.array_equal(order, np.arange(len(order))) else order
+
+
 def check_image(level: DataArray) -> None:
     """Reject images spade_sd cannot read as RGB, before any work."""
     dtype, channels = level.dtype, level.sizes.get("c", 1)
@@ -56,6 +86,7 @@ def check_image(level: DataArray) -> None:
             f"Expected an RGB (3 channels), RGBA (4) or grey (1) H&E image, found {channels} channels "
             f"({list(level.coords['c'].values) if 'c' in level.coords else ''}); select three channels first."
         )
+    rgb_channel_order(level)
     if not (dtype == np.uint8 or np.issubdtype(dtype, np.floating)):
         raise ValueError(f"Expected a uint8 (or float in [0, 1]) image, found dtype {dtype}; convert it to uint8.")
 
@@ -79,16 +110,22 @@ class SpotPatches:
     """
 
     def __init__(self, image, geometry: SpotGeometry, *, size_um: float = 112.0, size_px: int = 224) -> None:
-        if not size_um > 0 or int(size_px) != size_px or size_px < 1:
-            raise ValueError(f"Expected size_um > 0 and a positive integer size_px, found {size_um!r}, {size_px!r}.")
+        self.size_um, self.size_px = check_patch_geometry(size_um, size_px)
         self.geometry = geometry
-        self.size_um = float(size_um)
-        self.size_px = int(size_px)
         self.level = choose_level(geometry, self.size_um, self.size_px)
         self._array = image_levels(image)[self.level]
         check_image(self._array)
+        self._channels = rgb_channel_order(self._array)
         self.mpp_level = geometry.mpp * np.asarray(geometry.level_downsample[self.level])
         self.window_px = self.size_um / self.mpp_level  # (x, y): a level's two factors can differ by a rounding
+        if self.window_px.max() > MAX_WINDOW_PX:
+            raise ValueError(
+                f"A {self.size_um:g} µm patch spans {self.window_px.max():.0f} px on pyramid level {self.level} "
+                f"({self.mpp_level.max():.3g} µm per pixel, the coarsest level fine enough for {self.size_px} px), "
+                f"with {geometry.mpp:.3g} µm per full-resolution pixel from {geometry.mpp_source}; at most "
+                f"{MAX_WINDOW_PX} px are read per patch. "
+                "Check the scale (mpp=) and size_um, or add coarser pyramid levels to the image."
+            )
         self._centres = geometry.centers_at(self.level)
 
     def __len__(self) -> int:
@@ -142,7 +179,8 @@ class SpotPatches:
         (pixels,) = dask.compute([w for w, _ in windows], scheduler=scheduler)
         out = np.empty((len(indices), self.size_px, self.size_px, 3), dtype=np.uint8)
         for k, (window, (_, covered), box) in enumerate(zip(pixels, windows, boxes, strict=True)):
-            out[k] = self._resample(_as_rgb_uint8(np.asarray(window), self._array.dtype), covered, box)
+            window = np.asarray(window) if self._channels is None else np.asarray(window)[self._channels]
+            out[k] = self._resample(_as_rgb_uint8(window, self._array.dtype), covered, box)
         return out
 
     def fingerprint(self) -> str:

@@ -49,6 +49,7 @@ def fit_model(
     backbone,
     *,
     panel: GenePanel | None = None,
+    layer: str | None = None,
     n_top_genes: int = 50,
     panel_flavor: str = "union",
     smoothing: float = 0.0,
@@ -82,6 +83,8 @@ def fit_model(
         The backbone that computed the features.
     panel
         A fitted gene panel to reuse; otherwise one is fitted (``n_top_genes``, ``panel_flavor``, ``smoothing``).
+    layer
+        Layer of the tables holding raw counts; ``None`` uses ``X``.
     n_experts, n_fine, tau_scale, seed
         Clustering and routing (see :func:`~spade_sd._clustering.two_stage_kmeans`,
         :func:`~spade_sd._routing.default_tau`).
@@ -124,9 +127,11 @@ def fit_model(
             )
     check_n_comps(n_comps, out_dim, sum(len(f) for f in features))
     if panel is None:
-        panel = GenePanel.fit(list(tables), n_top_genes=n_top_genes, flavor=panel_flavor, smoothing=smoothing)
-        logger.info("Gene panel: %d genes (%s HVGs over %d slides)", len(panel), panel_flavor, len(tables))
-    expression = np.concatenate([panel.transform(table) for table in tables])
+        panel = GenePanel.fit(
+            list(tables), n_top_genes=n_top_genes, flavor=panel_flavor, smoothing=smoothing, layer=layer
+        )
+    logger.info("Expression from %s", "X" if layer is None else f"layers[{layer!r}]")
+    expression = np.concatenate([panel.transform(table, layer=layer) for table in tables])
     if standardize == "slide":
         features = [fit_slide_scaler([np.asarray(f, dtype=np.float32)]).transform(f) for f in features]
     X = np.concatenate(features).astype(np.float32)
@@ -186,6 +191,7 @@ def fit_model(
         "expert_lr_factor": expert_lr_factor,
         "lr": lr,
         "n_comps": n_comps,
+        "layer": layer,
         "seed": seed,
         "slides": list(slides),
         "n_spots": int(len(X)),
@@ -202,12 +208,28 @@ def fit_model(
         config=config,
         history=_json_safe(history),
     )
+    # the heads' own outputs (the model has no subspace yet) on every training spot, routed as embed routes them
+    weights = expert_weights(X_std, clustering, tau=tau)
+    heads = model._heads(X_std, weights, "image")
+    _check_finite(heads, model._heads(expression, weights, "gene"), tau)
     if n_comps is not None:
-        # the heads' own outputs (the model has no subspace yet) on every training spot, routed as embed routes them
-        heads = model._heads(X_std, expert_weights(X_std, clustering, tau=tau), "image")
         model = replace(model, subspace=EmbeddingSubspace.fit(heads, n_comps))
     logger.info("Trained %d experts on %d spots in %.1f s", clustering.n_experts, len(X), time.perf_counter() - start)
     return model
+
+
+def _check_finite(image: np.ndarray, gene: np.ndarray, tau: float) -> None:
+    """Refuse a model whose training spots' embeddings (or routing temperature) are not finite."""
+    bad = {
+        "image embeddings": int((~np.isfinite(image).all(axis=1)).sum()),
+        "gene embeddings": int((~np.isfinite(gene).all(axis=1)).sum()),
+    }
+    if any(bad.values()) or not np.isfinite(tau):
+        found = ", ".join(f"{n} of {len(image)} {what}" for what, n in bad.items() if n) or f"routing tau {tau}"
+        raise FloatingPointError(
+            f"Training diverged: the trained model gives non-finite values ({found}). Nothing was returned; "
+            "lower lr, raise temperature, or check the input features and counts."
+        )
 
 
 def _json_safe(value: Any) -> Any:

@@ -7,11 +7,14 @@ import pandas as pd
 from spatialdata import SpatialData
 
 from .._logging import logger
+from .._validation import check_bool, check_int, check_key
 from ._common import ATTACHED_MODELS, rows_filled
 
 
 def _result_keys(key_added: str) -> dict[str, str]:
-    stem = key_added.removeprefix("X_")
+    stem = check_key("key_added", key_added).removeprefix("X_")
+    if not stem:
+        raise ValueError(f"key_added must name something after the 'X_' prefix; found {key_added!r}.")
     return {
         "embedding": key_added,
         "weights": f"{key_added}_weights",
@@ -19,6 +22,20 @@ def _result_keys(key_added: str) -> dict[str, str]:
         "expert": f"{stem}_expert",
         "uns": stem,
     }
+
+
+def _panel_expression(model, spots, layer: str | None, table_key: str) -> tuple[np.ndarray | None, str | None]:
+    """The spots' expression over the model's panel, or why the gene side cannot be embedded."""
+    missing = [g for g in model.panel.genes if g not in spots.var_names]
+    if missing:
+        return None, (
+            f"table {table_key!r} lacks {len(missing)} of the model's {len(model.panel)} panel genes "
+            f"(e.g. {missing[:10]})"
+        )
+    try:
+        return model.panel.transform(spots, layer=layer), None
+    except (KeyError, ValueError) as error:  # not raw counts, NaN, duplicated genes, no such layer, ...
+        return None, str(error).strip("\"'")
 
 
 def _embed_patches(
@@ -60,6 +77,7 @@ def embed(
     key_added: str = "X_spade",
     hard: bool = False,
     genes: bool | None = None,
+    layer: str | None = None,
     batch_size: int = 64,
     cache: bool = True,
     num_workers: int = 0,
@@ -83,8 +101,12 @@ def embed(
     hard
         Route each patch to a single expert (the nearest fine centroid's) instead of the soft mixture.
     genes
-        Add the gene-side embedding: ``None`` when the table holds every panel gene, ``True`` requires it
-        (an error names the missing genes), ``False`` skips it.
+        Add the gene-side embedding: ``None`` when the table holds raw counts of every panel gene (otherwise the
+        gene side is skipped with an info message saying why; the image side is always embedded), ``True``
+        requires it (an error says what is missing, before any patch is read), ``False`` skips it.
+    layer
+        Layer of the table holding raw counts for the gene side; ``None`` uses ``X``. Recorded in
+        ``.uns['spade']['params']['expression']``.
     batch_size, cache
         Feature extraction batch size and on-disk feature cache.
     num_workers
@@ -116,18 +138,26 @@ def embed(
     from .._features import check_num_workers, resolve_patches
     from .._model import SpadeModel
 
+    keys = _result_keys(key_added)
+    if genes not in (None, True, False):
+        raise ValueError(f"genes must be None, True or False; found {genes!r}.")
+    check_bool("hard", hard)
+    check_bool("cache", cache)
+    check_int("batch_size", batch_size, minimum=1)
+    num_workers = check_num_workers(num_workers)
+    if layer is not None:
+        check_key("layer", layer)
     if model is None:
         model = ATTACHED_MODELS.get(sdata)
         if model is None:
             from ._pretrain import pretrain
 
             logger.info("No model given or attached to this SpatialData: training one on it with tl.pretrain")
-            model = pretrain(sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=mpp)
+            model = pretrain(
+                sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=mpp, layer=layer
+            )
     if not isinstance(model, SpadeModel):
         raise TypeError(f"Expected a spade_sd.SpadeModel as model, found {type(model).__name__}.")
-    if genes not in (None, True, False):
-        raise ValueError(f"genes must be None, True or False; found {genes!r}.")
-    num_workers = check_num_workers(num_workers)
     patches = model.config["patches"]
     geometry, spot_patches = resolve_patches(
         sdata,
@@ -147,26 +177,30 @@ def embed(
     table = sdata.tables[geometry.table_key]
     rows = geometry.table_rows
     spots = table[rows]
-    missing = [g for g in model.panel.genes if g not in spots.var_names]
-    if genes and missing:
-        raise ValueError(
-            f"Table {geometry.table_key!r} lacks {len(missing)} of the model's {len(model.panel)} panel genes "
-            f"(e.g. {missing[:10]}); the gene-side embedding needs them all. Pass genes=False to skip it."
-        )
+    expression, gene_problem = (
+        (None, "genes=False") if genes is False else _panel_expression(model, spots, layer, geometry.table_key)
+    )
+    if genes and gene_problem:
+        raise ValueError(f"No gene-side embedding possible: {gene_problem}. Pass genes=False to skip it.")
+    if genes is None and gene_problem:
+        logger.info("No gene-side embedding (the image side is embedded as usual): %s", gene_problem)
 
     embedding, weights = _embed_patches(
         model, spot_patches, hard=hard, batch_size=batch_size, cache=cache, num_workers=num_workers
     )
-    keys = _result_keys(key_added)
     outputs = {
-        keys["embedding"]: rows_filled(table, rows, embedding, keys["embedding"]),
-        keys["weights"]: rows_filled(table, rows, weights, keys["weights"]),
+        keys["embedding"]: embedding,
+        keys["weights"]: weights,
     }
-    if genes is not False and not missing:
-        gene_embedding = model.embed_expression(model.panel.transform(spots), weights)
-        outputs[keys["gene"]] = rows_filled(table, rows, gene_embedding, keys["gene"])
-    elif genes is None:
-        logger.info("Table %r lacks %d panel genes: no gene-side embedding", geometry.table_key, len(missing))
+    if expression is not None:
+        outputs[keys["gene"]] = model.embed_expression(expression, weights)
+    bad = {key: int((~np.isfinite(value).all(axis=1)).sum()) for key, value in outputs.items()}
+    if any(bad.values()):
+        raise FloatingPointError(
+            f"The embedding holds non-finite values ({bad} rows of {len(rows)}); nothing was written to table "
+            f"{geometry.table_key!r}. Check the backbone's features and the model."
+        )
+    outputs = {key: rows_filled(table, rows, value, key) for key, value in outputs.items()}
     expert = np.full(table.n_obs, None, dtype=object)
     if keys["expert"] in table.obs and len(rows) < table.n_obs:
         expert[:] = table.obs[keys["expert"]].astype(object).to_numpy()
@@ -187,6 +221,7 @@ def embed(
             "hard": hard,
             "tau": model.tau,
             "mpp": geometry.mpp,
+            "expression": "none" if expression is None else ("X" if layer is None else f"layers[{layer!r}]"),
             **patches,
         },
         "model": {"identity": model.identity(), "n_experts": model.n_experts, "backbone": model.backbone.to_config()},

@@ -9,6 +9,7 @@ from anndata import AnnData
 from spatialdata import SpatialData
 
 from .._logging import logger
+from .._validation import check_int, check_key, check_number, check_seed
 
 TASKS = ("probe", "probe_cv", "few_shot", "knn", "gene_to_image", "classification")
 
@@ -96,11 +97,23 @@ def evaluate(
     from .. import _evaluation as ev
     from .._genes import GenePanel
 
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     unknown = sorted(set(tasks) - set(TASKS))
-    if unknown:
-        raise ValueError(f"Unknown tasks {unknown}; choose from {list(TASKS)}.")
-    reps = [use_rep] if isinstance(use_rep, str) else list(use_rep)
+    if unknown or not tasks:
+        raise ValueError(f"Unknown tasks {unknown or tasks}; choose from {list(TASKS)}.")
+    check_int("n_top_genes", n_top_genes, minimum=1)
+    check_number("fraction", fraction, minimum=0, maximum=1, exclusive_minimum=True, exclusive_maximum=True)
+    check_int("k_neighbors", k_neighbors, minimum=1)
+    k_shots = [check_int("k_shots", k, minimum=1) for k in ([k_shots] if isinstance(k_shots, int) else k_shots)]
+    check_int("n_repeats", n_repeats, minimum=1)
+    check_seed(seed)
+    check_key("slide_key", slide_key)
+    reps = [check_key("use_rep", use_rep)] if isinstance(use_rep, str) else [check_key("use_rep", r) for r in use_rep]
     tables = _tables(data, table_key)
+    if labels is not None and "classification" in tasks:
+        lacking = [i for i, t in enumerate(tables) if check_key("labels", labels) not in t.obs]
+        if lacking:
+            raise KeyError(f"labels column {labels!r} is not in .obs of tables {lacking}.")
     representations = {rep: _stack(tables, rep) for rep in reps}
     slide = _slides(tables, slide_key)
     panel = GenePanel.fit(tables, n_top_genes=n_top_genes, flavor="global")

@@ -3,6 +3,7 @@ from __future__ import annotations
 from spatialdata import SpatialData
 
 from .._logging import logger
+from .._validation import check_bool, check_int, check_key
 from ._common import as_backbone, rows_filled
 
 
@@ -57,6 +58,9 @@ def features(
     """
     from .._features import check_num_workers, spot_features
 
+    check_key("key_added", key_added)
+    check_int("batch_size", batch_size, minimum=1)
+    check_bool("cache", cache)
     num_workers = check_num_workers(num_workers)
     backbone = as_backbone(backbone)
     geometry, values = spot_features(

@@ -1,13 +1,29 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+from anndata import AnnData
 from spatialdata import SpatialData
 
+from .._genes import check_expression_tables
 from .._logging import logger
+from .._validation import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_key,
+    check_number,
+    check_patch_geometry,
+    check_seed,
+)
 from ._common import ATTACHED_MODELS, as_backbone, slide_name
+
+STANDARDIZE = ("slide", "global")
+PANEL_FLAVORS = ("union", "global")
+LOSSES = ("soft_target", "clip")
 
 
 def _per_slide(value, n: int, name: str) -> list:
@@ -17,6 +33,100 @@ def _per_slide(value, n: int, name: str) -> list:
     if len(value) != n:
         raise ValueError(f"{name} must be one value or one per SpatialData ({n}); found {len(value)}.")
     return value
+
+
+@dataclass(frozen=True)
+class _Slide:
+    """One training slide, resolved before any patch is read: its name, spots' table rows and lazy patches."""
+
+    name: str
+    table: AnnData
+    patches: Any
+
+
+def _resolve_slides(
+    sdatas: list[SpatialData],
+    image_key,
+    shapes_key,
+    table_key,
+    mpp,
+    *,
+    size_um: float,
+    size_px: int,
+    groupby: str | None,
+) -> list[_Slide]:
+    """Every slide's elements, scale and patches (nothing read yet), with a clear error for the first bad one."""
+    from .._features import resolve_patches
+
+    n = len(sdatas)
+    keys = zip(
+        _per_slide(image_key, n, "image_key"),
+        _per_slide(shapes_key, n, "shapes_key"),
+        _per_slide(table_key, n, "table_key"),
+        _per_slide(mpp, n, "mpp"),
+        strict=True,
+    )
+    slides = []
+    for data, (image, shapes, table_name, scale) in zip(sdatas, keys, strict=True):
+        geometry, patches = resolve_patches(
+            data, image_key=image, shapes_key=shapes, table_key=table_name, size_um=size_um, size_px=size_px, mpp=scale
+        )
+        table = data.tables[geometry.table_key][geometry.table_rows]
+        if groupby is not None and groupby not in table.obs:
+            raise KeyError(
+                f"groupby column {groupby!r} is not in table {geometry.table_key!r}; it has {list(table.obs)}."
+            )
+        slides.append(_Slide(slide_name(table, geometry.shapes_key), table, patches))
+    return slides
+
+
+def _check_val_slides(val_slides: Sequence[str] | None, names: list[str]) -> None:
+    if val_slides is None:
+        return
+    if isinstance(val_slides, str) or not isinstance(val_slides, Sequence):
+        raise TypeError(f"val_slides must be a list of slide names or None; found {val_slides!r}.")
+    unknown = sorted(set(map(str, val_slides)) - set(names))
+    if unknown or not val_slides:
+        raise ValueError(f"val_slides must name some of the slides {names}; found {list(val_slides)}.")
+    if set(map(str, val_slides)) == set(names):
+        raise ValueError(f"val_slides holds every slide ({names}): no slide would be left to train on.")
+
+
+def _check_training_options(**options: Any) -> None:
+    """Every scalar option of :func:`pretrain`: a clear error naming the first bad one, before any work."""
+    from .._genes import GenePanel
+    from .._subspace import check_n_comps
+
+    o = options
+    check_int("n_experts", o["n_experts"], minimum=1)
+    if o["n_fine"] != "elbow":
+        if isinstance(o["n_fine"], str):
+            raise ValueError(f"n_fine must be a positive integer or 'elbow'; found {o['n_fine']!r}.")
+        check_int("n_fine", o["n_fine"], minimum=1)
+    check_choice("standardize", o["standardize"], STANDARDIZE)
+    check_choice("panel_flavor", o["panel_flavor"], PANEL_FLAVORS)
+    check_choice("loss", o["loss"], LOSSES)
+    for name in ("warm_start", "cache", "quiet"):
+        check_bool(name, o[name])
+    check_number("expert_lr_factor", o["expert_lr_factor"], minimum=0, exclusive_minimum=True)
+    check_int("n_top_genes", o["n_top_genes"], minimum=1)
+    if o["panel"] is not None and not isinstance(o["panel"], GenePanel):
+        raise TypeError(f"panel must be a spade_sd.GenePanel or None; found {type(o['panel']).__name__}.")
+    check_number("smoothing", o["smoothing"], minimum=0, maximum=1)
+    check_number("temperature", o["temperature"], minimum=0, exclusive_minimum=True)
+    check_int("out_dim", o["out_dim"], minimum=1)
+    check_n_comps(o["n_comps"], o["out_dim"])
+    check_number("dropout", o["dropout"], minimum=0, maximum=1, exclusive_maximum=True)
+    check_int("batch_size", o["batch_size"], minimum=2)  # a contrastive batch needs negatives
+    check_int("max_epochs", o["max_epochs"], minimum=1)
+    check_number("lr", o["lr"], minimum=0, exclusive_minimum=True)
+    check_number("weight_decay", o["weight_decay"], minimum=0)
+    check_int("patience", o["patience"], minimum=0)
+    check_number("tau_scale", o["tau_scale"], minimum=0, exclusive_minimum=True)
+    check_int("feature_batch_size", o["feature_batch_size"], minimum=1)
+    check_seed(o["seed"])
+    if o["train_threads"] is not None:
+        check_int("train_threads", o["train_threads"], minimum=1)
 
 
 def _unique(names: list[str]) -> list[str]:
@@ -41,6 +151,7 @@ def pretrain(
     standardize: Literal["slide", "global"] = "slide",
     warm_start: bool = True,
     expert_lr_factor: float = 0.1,
+    layer: str | None = None,
     n_top_genes: int = 50,
     panel_flavor: Literal["union", "global"] = "union",
     panel=None,
@@ -78,6 +189,10 @@ def pretrain(
     clustered in two stages (k-means within each group, then over all fine centroids → ``n_experts``); each
     expert's image and gene heads are trained contrastively on its own spots, all experts in one Lightning run,
     validating on held-out slides with early stopping.
+
+    Every argument, every key and every table (raw counts without NaN or negative values, unique gene names, genes
+    shared by all slides or covering ``panel``) is checked before the first patch is read: bad input fails at once,
+    with a message naming what was expected and what was found.
 
     Parameters
     ----------
@@ -156,66 +271,76 @@ def pretrain(
     The trained :class:`~spade_sd.SpadeModel`; it is also attached to every SpatialData given, so
     :func:`spade_sd.tl.embed` uses it when called without a model.
     """
-    from .._features import check_num_workers, spot_features
+    from .._features import check_num_workers, extract_features
     from .._pretraining import fit_model
-    from .._subspace import check_n_comps
 
     check_num_workers(feature_num_workers)
-    check_n_comps(n_comps, out_dim)
-    if isinstance(expert_lr_factor, bool) or not isinstance(expert_lr_factor, int | float) or not expert_lr_factor > 0:
-        raise ValueError(f"expert_lr_factor must be a positive number; found {expert_lr_factor!r}.")
+    _check_training_options(
+        n_experts=n_experts,
+        n_fine=n_fine,
+        standardize=standardize,
+        warm_start=warm_start,
+        expert_lr_factor=expert_lr_factor,
+        n_top_genes=n_top_genes,
+        panel_flavor=panel_flavor,
+        panel=panel,
+        smoothing=smoothing,
+        loss=loss,
+        temperature=temperature,
+        out_dim=out_dim,
+        n_comps=n_comps,
+        dropout=dropout,
+        batch_size=batch_size,
+        max_epochs=max_epochs,
+        lr=lr,
+        weight_decay=weight_decay,
+        patience=patience,
+        tau_scale=tau_scale,
+        feature_batch_size=feature_batch_size,
+        cache=cache,
+        seed=seed,
+        train_threads=train_threads,
+        quiet=quiet,
+    )
+    size_um, size_px = check_patch_geometry(size_um, size_px)
+    if groupby is not None:
+        check_key("groupby", groupby)
+    if layer is not None:
+        check_key("layer", layer)
     sdatas = [sdata] if isinstance(sdata, SpatialData) else list(sdata)
     if not sdatas or not all(isinstance(s, SpatialData) for s in sdatas):
         raise TypeError(
             f"Expected a SpatialData or a non-empty list of them; found {type(sdata).__name__} "
             f"holding {sorted({type(s).__name__ for s in sdatas})}."
         )
-    n = len(sdatas)
-    keys = zip(
-        _per_slide(image_key, n, "image_key"),
-        _per_slide(shapes_key, n, "shapes_key"),
-        _per_slide(table_key, n, "table_key"),
-        _per_slide(mpp, n, "mpp"),
-        strict=True,
-    )
     backbone = as_backbone(backbone)
-    features, tables, names, groups, centres = [], [], [], [], []
-    for data, (image, shapes, table_name, scale) in zip(sdatas, keys, strict=True):
-        geometry, values = spot_features(
-            data,
-            backbone,
-            image_key=image,
-            shapes_key=shapes,
-            table_key=table_name,
-            size_um=size_um,
-            size_px=size_px,
-            mpp=scale,
-            batch_size=feature_batch_size,
-            cache=cache,
-            num_workers=feature_num_workers,
+    slides = _resolve_slides(
+        sdatas, image_key, shapes_key, table_key, mpp, size_um=size_um, size_px=size_px, groupby=groupby
+    )
+    names = _unique([slide.name for slide in slides])
+    _check_val_slides(val_slides, names)
+    check_expression_tables(
+        [(name, slide.table) for name, slide in zip(names, slides, strict=True)], layer=layer, panel=panel
+    )
+    features = [
+        extract_features(
+            slide.patches, backbone, batch_size=feature_batch_size, cache=cache, num_workers=feature_num_workers
         )
-        table = data.tables[geometry.table_key][geometry.table_rows]
-        if groupby is not None and groupby not in table.obs:
-            raise KeyError(
-                f"groupby column {groupby!r} is not in table {geometry.table_key!r}; it has {list(table.obs)}."
-            )
-        name = slide_name(table, geometry.shapes_key)
-        features.append(values)
-        centres.append(geometry.centers)
-        tables.append(table)
-        names.append(name)
-        groups.append(table.obs[groupby].to_numpy() if groupby is not None else np.full(len(values), name))
-    names = _unique(names)
+        for slide in slides
+    ]
     if groupby is None:
-        groups = [np.full(len(g), name) for g, name in zip(groups, names, strict=True)]
-    logger.info("Pretraining on %d slides (%s), %d spots", n, ", ".join(names), sum(map(len, features)))
+        groups = [np.full(len(slide.table), name) for slide, name in zip(slides, names, strict=True)]
+    else:
+        groups = [slide.table.obs[groupby].to_numpy() for slide in slides]
+    logger.info("Pretraining on %d slides (%s), %d spots", len(slides), ", ".join(names), sum(map(len, features)))
     model = fit_model(
         features,
-        tables,
+        [slide.table for slide in slides],
         names,
         groups,
         backbone,
         panel=panel,
+        layer=layer,
         n_top_genes=n_top_genes,
         panel_flavor=panel_flavor,
         smoothing=smoothing,
@@ -239,7 +364,9 @@ def pretrain(
         weight_decay=weight_decay,
         patience=patience,
         val_slides=val_slides,
-        coords=np.concatenate(centres),  # a single slide validates on a spatial block of itself
+        coords=np.concatenate(
+            [slide.patches.geometry.centers for slide in slides]
+        ),  # a single slide validates on a spatial block of itself
         accelerator=accelerator,
         devices=devices,
         num_nodes=num_nodes,
