@@ -65,3 +65,12 @@ def test_bad_n_comps_is_rejected(n_comps, message):
 
 def test_none_keeps_everything():
     check_n_comps(None, 256, 10)
+
+
+def test_a_fitted_subspace_projects_exactly_like_its_saved_copy():
+    rng = np.random.default_rng(0)
+    embedding = rng.normal(size=(300, 256)).astype(np.float32)
+    subspace = EmbeddingSubspace.fit(embedding, 16)
+    copy = EmbeddingSubspace.from_arrays({k: np.array(v) for k, v in subspace.to_arrays().items()})
+    assert subspace.basis.flags.c_contiguous
+    np.testing.assert_array_equal(subspace.project(embedding), copy.project(embedding))

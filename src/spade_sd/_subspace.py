@@ -56,7 +56,9 @@ class EmbeddingSubspace:
         # a deterministic sign per direction (largest loading positive), so equal inputs give equal bases
         basis = vt[:n_comps].T
         basis *= np.sign(basis[np.abs(basis).argmax(axis=0), np.arange(n_comps)])
-        return cls(mean.astype(np.float32), basis.astype(np.float32))
+        # C order, as a reloaded copy has: a transposed (Fortran-order) basis takes another BLAS path, whose
+        # rounding made a model's embeddings differ from its reloaded copy's by ~1e-6
+        return cls(mean.astype(np.float32), np.ascontiguousarray(basis, dtype=np.float32))
 
     def project(self, embedding: np.ndarray) -> np.ndarray:
         """``mean + (embedding − mean) · basis · basisᵀ``: same shape, coordinates and distances within the subspace."""
