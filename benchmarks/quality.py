@@ -3,7 +3,7 @@
 Leave-one-section-out on the mouse olfactory bulb (MOB1–3) and on her2st (C2–C5). For each held-out section a
 SPADE model is trained on the other sections (``sd.tl.pretrain``), every section is embedded with it
 (``sd.tl.embed``), and the held-out section is scored with the array-level evaluations of
-:mod:`spade_sd._evaluation`:
+:mod:`spade_sd.metrics`:
 
 - ``probe (hest α)`` / ``probe (cv α)``: HEST ridge probe trained on the training sections, tested on the
   held-out one (α = 100 / (d · n_genes), or tuned by inner leave-one-section-out CV);
@@ -43,10 +43,10 @@ os.environ.setdefault("SPADE_SD_CACHE_DIR", str(Path(__file__).resolve().parents
 os.environ.setdefault("SPADE_SD_DATA_DIR", "/work/shared/data")
 
 import spade_sd as sd
-from spade_sd import _evaluation as ev
-from spade_sd._clustering import FeatureScaler
-from spade_sd._genes import GenePanel
-from spade_sd._morphology import MorphologyFeatures
+from spade_sd import metrics as ev
+from spade_sd.encoders.morphology import MorphologyFeatures
+from spade_sd.model.clustering import FeatureScaler
+from spade_sd.spots.genes import GenePanel
 
 log = logging.getLogger("quality")
 
@@ -149,7 +149,7 @@ def _named(df: pd.DataFrame, metric: str | None, **columns) -> pd.DataFrame:
 
 
 def held_out_probe(X, Y, section, held_out, *, alpha, genes, label, seed) -> pd.DataFrame:
-    """The fold ``held_out`` of :func:`~spade_sd._evaluation.ridge_probe`, without fitting the other folds.
+    """The fold ``held_out`` of :func:`~spade_sd.metrics.ridge_probe`, without fitting the other folds.
 
     Same fit as ``ridge_probe(X, Y, section, ...)`` restricted to that fold (scaler → PCA → ridge on the other
     sections; ``alpha="cv"`` tuned by inner leave-one-section-out CV over them). The other folds' probes would be

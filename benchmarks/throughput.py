@@ -16,7 +16,7 @@ jobs share the cores (the load average is recorded before and after). Sections:
     Patches/s of the public ``Backbone()`` (default engine and eager PyTorch), each timing between two ceiling
     measurements: the fraction of the ceiling per round, robust to load that changes during a run.
 ``pipeline``
-    Patches/s of :func:`spade_sd._features.extract_features` on tiles of a lazily generated slide, with the reader
+    Patches/s of :func:`spade_sd.encoders.features.extract_features` on tiles of a lazily generated slide, with the reader
     thread (reading overlaps encoding) and without it (read, then encode), per engine.
 ``sopa``
     :func:`sopa.patches.compute_embeddings` with the same backbone on the same slide and tiles.
@@ -140,7 +140,7 @@ def engines_section(name: str, make, *, n: int, batch_sizes: tuple[int, ...], co
     import onnxruntime as ort
     import torch
 
-    from spade_sd._backbones import _cache_dir
+    from spade_sd.encoders.backbone import _cache_dir
 
     rng = np.random.default_rng(0)
     patches = rng.integers(0, 256, (n, TILE_PX, TILE_PX, 3), dtype=np.uint8)
@@ -312,8 +312,8 @@ def lazy_slide(side_px: int, *, chunk: int = 1024, tiles: bool = True):
 
 
 def tile_patches(sdata):
-    from spade_sd._geometry import resolve_geometry
-    from spade_sd._patches import SpotPatches
+    from spade_sd.spots.geometry import resolve_geometry
+    from spade_sd.spots.patches import SpotPatches
 
     geometry = resolve_geometry(sdata)
     return SpotPatches(sdata.images[geometry.image_key], geometry, size_um=TILE_UM, size_px=TILE_PX)
@@ -322,7 +322,7 @@ def tile_patches(sdata):
 def pipeline_section(side_px: int, *, batch_size: int) -> list[dict]:
     """extract_features on every tile of a slide: reader thread vs. read-then-encode, per engine."""
     from spade_sd import Backbone
-    from spade_sd._features import extract_features
+    from spade_sd.encoders.features import extract_features
 
     patches = tile_patches(lazy_slide(side_px))
     n = len(patches)
@@ -369,7 +369,7 @@ def sopa_section(side_px: int, *, batch_size: int) -> list[dict]:
     import torch
 
     from spade_sd import Backbone
-    from spade_sd._features import extract_features
+    from spade_sd.encoders.features import extract_features
 
     backbone = Backbone(engine="torch", batch_size=batch_size)
 
@@ -432,10 +432,10 @@ def memory_child(backbone_name: str, n_tiles: int, side_px: int) -> dict:
     from spatialdata import SpatialData
 
     import spade_sd as sd
-    from spade_sd._clustering import ExpertClustering, FeatureScaler
-    from spade_sd._experts import ExpertMixture
-    from spade_sd._genes import GenePanel
-    from spade_sd._model import SpadeModel
+    from spade_sd.model.clustering import ExpertClustering, FeatureScaler
+    from spade_sd.model.heads import ExpertMixture
+    from spade_sd.model.spade_model import SpadeModel
+    from spade_sd.spots.genes import GenePanel
 
     os.environ.setdefault("SPADE_SD_CACHE_DIR", tempfile.mkdtemp(prefix="spade_sd-bench-"))
     slide = lazy_slide(side_px, tiles=False)

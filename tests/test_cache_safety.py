@@ -15,10 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-from spade_sd import _features
-from spade_sd._backbones import Backbone
-from spade_sd._features import cache_key, extract_features, iter_features, rereadable_features, resolve_patches
-from spade_sd._morphology import MorphologyFeatures
+from spade_sd.encoders import features as _features
+from spade_sd.encoders.backbone import Backbone
+from spade_sd.encoders.features import cache_key, extract_features, iter_features, rereadable_features, resolve_patches
+from spade_sd.encoders.morphology import MorphologyFeatures
 
 NOT_CACHED = "no stable identity"
 
@@ -208,7 +208,7 @@ def test_partials_of_killed_processes_are_removed(features_dir, patches, means, 
                 f"""
                 import os, signal
                 from pathlib import Path
-                from spade_sd._features import _open_npy
+                from spade_sd.encoders.features import _open_npy
                 file = _open_npy(Path({str(features_dir)!r}) / f"{{'a' * 40}}.{{os.getpid()}}.partial.npy", (9, 3))
                 file.write(b"\\0" * 12)
                 file.flush()

@@ -9,7 +9,7 @@ from safetensors.numpy import load, save
 from sklearn.metrics import adjusted_rand_score
 from threadpoolctl import threadpool_limits
 
-from spade_sd._clustering import ExpertClustering, FeatureScaler, fit_slide_scaler, two_stage_kmeans
+from spade_sd.model.clustering import ExpertClustering, FeatureScaler, fit_slide_scaler, two_stage_kmeans
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import spade_sd as sd
-from spade_sd._evaluation import summarize
-from spade_sd._morphology import MorphologyFeatures
+from spade_sd.encoders.morphology import MorphologyFeatures
+from spade_sd.metrics import summarize
 
 PATCH = {"size_um": 64.0, "size_px": 64}
 FAST = {"n_repeats": 2, "k_shots": (1, 3)}

@@ -17,7 +17,7 @@ from sklearn.metrics import adjusted_rand_score
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from spade_sd import _evaluation as ev
+from spade_sd import metrics as ev
 from spade_sd.pl._benchmark import benchmark
 
 MOB_DIR = Path("/work/shared/data/stutility_mob/inst/extdata/counts")

@@ -12,12 +12,12 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 
-from spade_sd._clustering import FeatureScaler, two_stage_kmeans
-from spade_sd._expert_data import ExpertBatchSampler, split_by_slide
-from spade_sd._expert_training import _keep_generalist_where_better, train_experts
-from spade_sd._experts import ExpertMixture, ProjectionHead
-from spade_sd._losses import clip_loss, contrastive_loss, soft_target_loss
-from spade_sd._routing import default_tau, expert_weights
+from spade_sd.model.clustering import FeatureScaler, two_stage_kmeans
+from spade_sd.model.heads import ExpertMixture, ProjectionHead
+from spade_sd.model.routing import default_tau, expert_weights
+from spade_sd.training.data import ExpertBatchSampler, split_by_slide
+from spade_sd.training.experts import _keep_generalist_where_better, train_experts
+from spade_sd.training.losses import clip_loss, contrastive_loss, soft_target_loss
 
 
 @pytest.fixture(autouse=True, scope="module")

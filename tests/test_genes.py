@@ -9,8 +9,8 @@ import pytest
 import scanpy as sc
 from scipy import sparse
 
-from spade_sd._genes import GenePanel
 from spade_sd.datasets._synthetic import synthetic
+from spade_sd.spots.genes import GenePanel
 
 MOB = Path("/work/shared/data/stutility_mob/inst/extdata/counts")
 

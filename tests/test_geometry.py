@@ -10,7 +10,7 @@ from spatialdata.models import Image2DModel, ShapesModel, TableModel
 from spatialdata.transformations import Identity, Scale
 
 import spade_sd as sd
-from spade_sd._geometry import resolve_geometry
+from spade_sd.spots.geometry import resolve_geometry
 
 
 def _image(system: str = "global"):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import spade_sd as sd
-from spade_sd._morphology import MorphologyFeatures
+from spade_sd.encoders.morphology import MorphologyFeatures
 
 TRAIN = {
     "n_experts": 2,

@@ -5,7 +5,7 @@ import pytest
 from skimage.color import rgb2hed
 from skimage.draw import disk
 
-from spade_sd._morphology import MorphologyFeatures, _lbp_histogram, _rgb2hed
+from spade_sd.encoders.morphology import MorphologyFeatures, _lbp_histogram, _rgb2hed
 
 PINK = (230, 150, 200)  # eosin-stained stroma
 PURPLE = (90, 60, 150)  # haematoxylin-stained nucleus

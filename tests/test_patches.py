@@ -14,7 +14,7 @@ from spatialdata.transformations import Affine, Identity, Scale, Sequence, Trans
 from xarray import DataArray, Dataset, DataTree
 
 import spade_sd as sd
-from spade_sd._patches import choose_level
+from spade_sd.spots.patches import choose_level
 
 # Level-0 pixel centres of the spots; even, so that they stay integers at pyramid level 1.
 PIXELS = np.array([[40, 60], [100, 50], [180, 140], [6, 4], [236, 196]])

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-from spade_sd._clustering import ExpertClustering, FeatureScaler, two_stage_kmeans
-from spade_sd._routing import confidence, default_tau, expert_weights
+from spade_sd.model.clustering import ExpertClustering, FeatureScaler, two_stage_kmeans
+from spade_sd.model.routing import confidence, default_tau, expert_weights
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +92,6 @@ def test_single_expert_and_empty_input():
 
 
 def test_routing_and_clustering_do_not_import_torch():
-    code = "import sys, spade_sd._routing, spade_sd._clustering; assert 'torch' not in sys.modules"
+    code = "import sys, spade_sd.model.routing, spade_sd.model.clustering; assert 'torch' not in sys.modules"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)

@@ -17,11 +17,12 @@ from spatialdata.models import Image2DModel, ShapesModel, TableModel
 from spatialdata.transformations import Identity
 
 import spade_sd as sd
-from spade_sd import _features, _model
-from spade_sd._clustering import ExpertClustering, FeatureScaler
-from spade_sd._experts import ExpertMixture
-from spade_sd._features import extract_features, iter_features, resolve_patches
-from spade_sd._genes import GenePanel
+from spade_sd.encoders import features as _features
+from spade_sd.encoders.features import extract_features, iter_features, resolve_patches
+from spade_sd.model import spade_model as _model
+from spade_sd.model.clustering import ExpertClustering, FeatureScaler
+from spade_sd.model.heads import ExpertMixture
+from spade_sd.spots.genes import GenePanel
 
 DIM = 1280
 # a plain function's features are cached only under a version (its stable identity)
@@ -203,10 +204,10 @@ def test_embedding_with_a_saved_model_imports_no_training_libraries(tmp_path):
         import numpy as np
         import torch
         import spade_sd as sd
-        from spade_sd._clustering import ExpertClustering, FeatureScaler
-        from spade_sd._experts import ExpertMixture
-        from spade_sd._genes import GenePanel
-        from spade_sd._model import SpadeModel
+        from spade_sd.model.clustering import ExpertClustering, FeatureScaler
+        from spade_sd.model.heads import ExpertMixture
+        from spade_sd.spots.genes import GenePanel
+        from spade_sd.model.spade_model import SpadeModel
 
         def means(patches):
             return np.repeat(patches.reshape(len(patches), -1, 3).mean(axis=1, dtype=np.float32), 8, axis=1)[:, :16]

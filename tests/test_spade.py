@@ -11,8 +11,8 @@ import scanpy as sc
 from sklearn.metrics import adjusted_rand_score
 
 import spade_sd as sd
-from spade_sd._evaluation import gene_to_image_recall
-from spade_sd._morphology import MorphologyFeatures
+from spade_sd.encoders.morphology import MorphologyFeatures
+from spade_sd.metrics import gene_to_image_recall
 
 PATCH = {"size_um": 64.0, "size_px": 64}
 TRAIN = {"n_experts": 4, "n_fine": 8, "max_epochs": 40, "quiet": True, **PATCH}

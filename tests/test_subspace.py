@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spade_sd._subspace import EmbeddingSubspace, check_n_comps
+from spade_sd.model.subspace import EmbeddingSubspace, check_n_comps
 
 
 def _low_rank_plus_noise(rank: int, dim: int = 32, n: int = 500, noise: float = 0.01, seed: int = 0):

@@ -15,9 +15,9 @@ from spatialdata.transformations import Identity, Scale, Sequence, Translation, 
 from xarray import DataArray, Dataset, DataTree
 
 import spade_sd as sd
-from spade_sd._geometry import image_levels, resolve_geometry
-from spade_sd._tiles import tile_grid, tissue_fraction
 from spade_sd.pp._tile_image import tile_image
+from spade_sd.spots.geometry import image_levels, resolve_geometry
+from spade_sd.spots.tiles import tile_grid, tissue_fraction
 
 MPP = 0.5
 SIZE_UM = 32.0

@@ -7,9 +7,9 @@ import pytest
 from spatialdata import SpatialData
 from spatialdata.models import Image2DModel
 
-from spade_sd._geometry import resolve_geometry
-from spade_sd._tiles import level_downsample, tissue_mask
 from spade_sd.pp import tile_image
+from spade_sd.spots.geometry import resolve_geometry
+from spade_sd.spots.tiles import level_downsample, tissue_mask
 
 # Crops of the real slides, checked by eye and against the spots under tissue: (level, (y0, y1), (x0, x1)).
 # her2st C2 at level 4 (~11 µm/px, 619 × 579 px): the tumour's interior, the slide's top-left corner (glass with the

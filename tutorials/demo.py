@@ -6,6 +6,8 @@ its own model — then embeds every spot, clusters the embedding with Leiden, an
 the SpatialData objects to the output folder, with a short summary.
 
 Run with ``python tutorials/demo.py --out demo_output`` (data from ``SPADE_SD_DATA_DIR`` or downloaded).
+``--quick`` runs the same pipeline on a smaller workload — her2st C2–C3 and MOB1–2, at most 3 epochs — to check
+the demo's code path in a few minutes (as CI does); its numbers are not the demo's results.
 """
 
 from __future__ import annotations
@@ -22,20 +24,27 @@ import scanpy as sc
 from sklearn.metrics import adjusted_rand_score
 
 import spade_sd as sd
-from spade_sd._evaluation import expression_domains, gene_to_image_recall
+from spade_sd.metrics import expression_domains, gene_to_image_recall
 
 DATASETS = {
     "her2st": (sd.datasets.her2st, ["C2", "C3", "C4", "C5"]),
     "mouse_olfactory_bulb": (sd.datasets.mouse_olfactory_bulb, ["MOB1", "MOB2", "MOB3"]),
 }
+# --quick: the same pipeline on fewer sections and epochs, a check of the code path rather than a result
+QUICK_SECTIONS = {"her2st": ["C2", "C3"], "mouse_olfactory_bulb": ["MOB1", "MOB2"]}
+QUICK_MAX_EPOCHS = 3
 
 
-def run(name: str, out: Path, seed: int) -> dict:
+def run(name: str, out: Path, seed: int, quick: bool = False) -> dict:
     """Pretrain on one data set's sections, embed and cluster them, write outputs and return a summary."""
     loader, sections = DATASETS[name]
+    training = {}
+    if quick:
+        sections = QUICK_SECTIONS[name]
+        training["max_epochs"] = QUICK_MAX_EPOCHS
     start = time.perf_counter()
     slides = [loader(section) for section in sections]
-    model = sd.tl.pretrain(slides, n_experts=4, seed=seed, quiet=True)
+    model = sd.tl.pretrain(slides, n_experts=4, seed=seed, quiet=True, **training)
     model.save(out / f"{name}_model", overwrite=True)
     summary = {"model": repr(model), "epochs": model.history.get("epochs"), "slides": {}}
     for section, sdata in zip(sections, slides, strict=True):
@@ -80,6 +89,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("demo_output"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smaller workload (her2st C2–C3, MOB1–2, at most {QUICK_MAX_EPOCHS} epochs): checks the code path in "
+        "a few minutes; the numbers are not the demo's results",
+    )
     args = parser.parse_args()
     matplotlib.use("Agg")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -87,7 +102,8 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    summary = {name: run(name, args.out, args.seed) for name in DATASETS}
+    summary = {name: run(name, args.out, args.seed, quick=args.quick) for name in DATASETS}
+    summary["quick"] = args.quick
     summary["total_seconds"] = round(time.perf_counter() - start, 1)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))

@@ -24,7 +24,7 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from spade_sd._logging import logger
+from spade_sd.utils.logging import logger
 
 Alpha = Literal["hest", "cv"] | float
 

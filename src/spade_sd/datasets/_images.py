@@ -16,8 +16,8 @@ import numpy as np
 import xarray as xr
 from xarray import DataTree
 
-from .._logging import logger
-from ._registry import cache_dir
+from spade_sd.utils.logging import logger
+from spade_sd.utils.settings import settings
 
 CHUNK = 1024
 MIN_COARSEST_SIDE = 256
@@ -52,7 +52,7 @@ def _halved(pixels: np.ndarray) -> np.ndarray:
 
 def _decoded_levels(path: Path, sha256: str) -> list[np.ndarray]:
     """Memory maps of every pyramid level's RGB pixels (y, x, c), decoding into the cache on first use."""
-    folder = cache_dir() / "decoded" / sha256
+    folder = settings.cache_dir / "decoded" / sha256
     level0 = folder / "scale0.npy"
     if not level0.is_file():
         from PIL import Image

@@ -17,9 +17,9 @@ import pandas as pd
 from scipy import sparse
 from spatialdata import SpatialData
 
-from .._logging import logger
-from ._images import multiscale_from_file
-from ._registry import fetch, registry
+from spade_sd.datasets._images import multiscale_from_file
+from spade_sd.datasets._registry import fetch, registry
+from spade_sd.utils.logging import logger
 
 LEGACY_ST_SPOT_DIAMETER_UM = 100.0
 VISIUM_SPOT_DIAMETER_UM = 55.0

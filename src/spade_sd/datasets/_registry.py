@@ -13,8 +13,7 @@ from functools import cache
 from importlib.resources import files
 from pathlib import Path
 
-DATA_DIR_ENV = "SPADE_SD_DATA_DIR"
-CACHE_DIR_ENV = "SPADE_SD_CACHE_DIR"
+from spade_sd.utils.settings import DATA_DIR_ENV, settings
 
 
 @dataclass(frozen=True)
@@ -36,15 +35,6 @@ def registry() -> dict[str, RegistryEntry]:
         key, sha256, size, url = line.split()
         entries[key] = RegistryEntry(sha256=sha256, size=int(size), url=url)
     return entries
-
-
-def cache_dir() -> Path:
-    """The folder for downloads and derived files (``SPADE_SD_CACHE_DIR``, else the user's cache)."""
-    if CACHE_DIR_ENV in os.environ:
-        return Path(os.environ[CACHE_DIR_ENV])
-    import pooch
-
-    return Path(pooch.os_cache("spade_sd"))
 
 
 def _sha256(path: Path) -> str:
@@ -73,13 +63,13 @@ def fetch(key: str, data_dir: str | os.PathLike | None = None) -> Path:
         raise KeyError(f"{key!r} is not a registered data file; registered files start with {sorted(entries)[:3]}…")
     entry = entries[key]
     if data_dir is None:
-        data_dir = os.environ.get(DATA_DIR_ENV)
+        data_dir = settings.data_dir
     if data_dir is not None:
         path = Path(data_dir) / key
         if not path.is_file():
             raise FileNotFoundError(
                 f"Data file {key!r} was sought at {path} (data_dir={str(data_dir)!r}) and is not there. "
-                f"Point data_dir or {DATA_DIR_ENV} at a folder laid out like <dataset>/<path>, "
+                f"Point data_dir or {DATA_DIR_ENV} (spade_sd.settings.data_dir) at a folder laid out like <dataset>/<path>, "
                 f"or unset both to download it from {entry.url}."
             )
         found = _sha256(path)
@@ -93,5 +83,5 @@ def fetch(key: str, data_dir: str | os.PathLike | None = None) -> Path:
     import pooch
 
     # Keep the upstream folder layout so that readers of a layout (Space Ranger's) work on the downloaded copy.
-    target = cache_dir() / "data" / key
+    target = settings.cache_dir / "data" / key
     return Path(pooch.retrieve(entry.url, known_hash=f"sha256:{entry.sha256}", fname=target.name, path=target.parent))

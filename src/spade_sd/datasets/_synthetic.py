@@ -24,7 +24,7 @@ from spatialdata.models import Image2DModel, ShapesModel, TableModel
 from spatialdata.transformations import Identity
 from xarray import DataTree
 
-from spade_sd._logging import logger
+from spade_sd.utils.logging import logger
 
 _TILE = 1024
 _SEEDS_PER_TYPE = 2

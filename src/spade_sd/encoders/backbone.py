@@ -21,7 +21,6 @@ from typing import Any, Literal
 
 import numpy as np
 import onnxruntime as ort
-import pooch
 import safetensors.torch
 import timm
 import torch
@@ -29,7 +28,8 @@ import torch.nn.functional as F
 from timm.data import resolve_data_config
 from torch import nn
 
-from ._logging import logger
+from spade_sd.utils.logging import logger
+from spade_sd.utils.settings import settings
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -203,11 +203,6 @@ def _create_timm(name: str, *, pretrained: bool, weights: Path | None, model_kwa
     return model
 
 
-def _cache_dir() -> Path:
-    """Where exported ONNX models are kept: ``$SPADE_SD_CACHE_DIR``, else the user cache directory."""
-    return Path(os.environ.get("SPADE_SD_CACHE_DIR") or pooch.os_cache("spade_sd"))
-
-
 def _num_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -300,7 +295,7 @@ class Backbone:
         - a :class:`torch.nn.Module` taking normalised ``(batch, 3, input_size, input_size)`` float images and
           returning ``(batch, dim)`` or ``(batch, dim, ...)``, whose trailing axes are averaged.
         - any other callable mapping uint8 ``(batch, height, width, 3)`` patches to a ``(batch, dim)`` array,
-          such as :class:`~spade_sd._morphology.MorphologyFeatures`; it receives the patches unnormalised.
+          such as :class:`~spade_sd.encoders.morphology.MorphologyFeatures`; it receives the patches unnormalised.
     pretrained
         For a timm name without ``weights``: download the pretrained weights (else random initialisation).
     weights
@@ -348,7 +343,7 @@ class Backbone:
     plain attribute (numbers, strings, tuples of them, ...) and unregistered tensor of its submodules, such as an
     exponent used in ``forward``. Code and other objects are not hashed: pass ``version=`` to tell edits apart.
     A plain callable is known by its ``version``, else by its class and ``to_config()`` (such as
-    :class:`~spade_sd._morphology.MorphologyFeatures`); a function, lambda or callable object without either
+    :class:`~spade_sd.encoders.morphology.MorphologyFeatures`); a function, lambda or callable object without either
     could compute anything under its name, so it gets a random identity, unequal to every other.
 
     Examples
@@ -699,7 +694,7 @@ class Backbone:
         size = sum(t.numel() * t.element_size() for t in self.module.state_dict().values())
         if size > _ONNX_MAX_BYTES:
             raise ValueError(f"the model's {size / 2**30:.1f} GiB of weights exceed ONNX's 2 GiB single-file limit")
-        path = _cache_dir() / "onnx" / f"{self.identity()}.onnx"
+        path = settings.cache_dir / "onnx" / f"{self.identity()}.onnx"
         if not path.is_file():
             self._export_onnx(path)
         options = ort.SessionOptions()

@@ -28,8 +28,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from ._logging import logger
-from ._patches import SpotPatches
+from spade_sd.spots.patches import SpotPatches
+from spade_sd.utils.logging import logger
+from spade_sd.utils.settings import settings
 
 CACHE_FORMAT = "spade_sd.features/1"
 # Patches whose features are held at once: 4096 × 1280 float32 is 21 MB
@@ -80,9 +81,7 @@ def _cache_allowed(backbone, cache: bool) -> bool:
 
 
 def _features_cache_dir() -> Path:
-    from .datasets._registry import cache_dir
-
-    return cache_dir() / "features"
+    return settings.cache_dir / "features"
 
 
 def check_num_workers(num_workers: int) -> int:
@@ -511,8 +510,8 @@ def resolve_patches(
     size_px: int = 224,
     mpp: float | None = None,
 ):
-    """The :class:`~spade_sd._geometry.SpotGeometry` of a SpatialData's spots and their lazy :class:`SpotPatches`."""
-    from ._geometry import resolve_geometry
+    """The :class:`~spade_sd.spots.geometry.SpotGeometry` of a SpatialData's spots and their lazy :class:`SpotPatches`."""
+    from spade_sd.spots.geometry import resolve_geometry
 
     geometry = resolve_geometry(sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=mpp)
     return geometry, SpotPatches(sdata.images[geometry.image_key], geometry, size_um=size_um, size_px=size_px)
@@ -536,7 +535,7 @@ def spot_features(
 
     Returns
     -------
-    The :class:`~spade_sd._geometry.SpotGeometry` and the float32 features ``(n_spots, backbone.dim)`` in the
+    The :class:`~spade_sd.spots.geometry.SpotGeometry` and the float32 features ``(n_spots, backbone.dim)`` in the
     order of ``geometry.table_rows``.
     """
     geometry, patches = resolve_patches(

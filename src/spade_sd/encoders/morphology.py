@@ -94,7 +94,7 @@ class MorphologyFeatures:
     Examples
     --------
     >>> import numpy as np
-    >>> from spade_sd._morphology import MorphologyFeatures
+    >>> from spade_sd.encoders.morphology import MorphologyFeatures
     >>> features = MorphologyFeatures()
     >>> features(np.full((2, 64, 64, 3), 255, dtype=np.uint8)).shape
     (2, 37)

@@ -3,7 +3,7 @@
 Stage 1 clusters the features of each group (an organ, a slide) into fine centroids, so that every group is
 represented even when groups differ in size; stage 2 clusters all fine centroids into ``n_experts`` coarse
 clusters. A spot belongs to the expert of its nearest fine centroid, over all groups, which is also how a new
-patch is routed at inference (see :mod:`spade_sd._routing`).
+patch is routed at inference (see :mod:`spade_sd.model.routing`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from ._logging import logger
+from spade_sd.utils.logging import logger
 
 if TYPE_CHECKING:
     from sklearn.cluster import KMeans

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._clustering import ExpertClustering
+from spade_sd.model.clustering import ExpertClustering
 
 DEFAULT_TAU_SCALE = 0.25
 _CHUNK = 65_536

@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._backbones import Backbone
-from ._clustering import ExpertClustering, FeatureScaler, fit_slide_scaler
-from ._experts import ExpertMixture
-from ._genes import GenePanel
-from ._logging import logger
-from ._routing import expert_weights
-from ._subspace import EmbeddingSubspace
+from spade_sd.encoders.backbone import Backbone
+from spade_sd.model.clustering import ExpertClustering, FeatureScaler, fit_slide_scaler
+from spade_sd.model.heads import ExpertMixture
+from spade_sd.model.routing import expert_weights
+from spade_sd.model.subspace import EmbeddingSubspace
+from spade_sd.spots.genes import GenePanel
+from spade_sd.utils.logging import logger
 
 MODEL_FORMAT = "spade_sd.model/1"
 CONFIG_FILE = "config.json"
@@ -407,9 +407,9 @@ class SpadeModel:
 
 
 def _version() -> str:
-    from . import __version__
+    from importlib.metadata import version
 
-    return __version__
+    return version("spade_sd")
 
 
 def _json_default(value: Any) -> Any:

@@ -1,6 +1,6 @@
 """Plots: expert clusters over the H&E, encoder comparisons."""
 
-from ._benchmark import benchmark
-from ._experts import experts
+from spade_sd.pl._benchmark import benchmark
+from spade_sd.pl._experts import experts
 
 __all__ = ["benchmark", "experts"]

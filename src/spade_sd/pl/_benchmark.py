@@ -12,7 +12,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from spade_sd._evaluation import summarize
+from spade_sd.metrics import summarize
 
 _CHANCE_PREFIX = "chance@"
 _SUMMARY_COLUMNS = {"encoder", "metric", "mean", "std"}
@@ -82,7 +82,7 @@ def benchmark(
     Parameters
     ----------
     df
-        Output of the evaluations (several encoders concatenated), or its :func:`~spade_sd._evaluation.summarize`
+        Output of the evaluations (several encoders concatenated), or its :func:`~spade_sd.metrics.summarize`
         output. Per-gene scores are averaged over genes first, then over folds / repeats.
     metric
         Metric(s) to show; default all of them. ``chance@k`` rows (from gene → image recall) become a dashed

@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Circle, Patch
 from spatialdata import SpatialData
 
-from .._geometry import image_levels, resolve_geometry
+from spade_sd.spots.geometry import image_levels, resolve_geometry
 
 MAX_DISPLAY_SIDE = 2000
 

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from spatialdata import SpatialData
 
-from .._features import resolve_patches
-from .._patches import SpotPatches
+from spade_sd.encoders.features import resolve_patches
+from spade_sd.spots.patches import SpotPatches
 
 
 def spot_patches(
@@ -38,7 +38,7 @@ def spot_patches(
 
     Returns
     -------
-    A :class:`~spade_sd._patches.SpotPatches`: ``len(ds)`` spots in the table's row order, ``ds[i]`` a uint8
+    A :class:`~spade_sd.spots.patches.SpotPatches`: ``len(ds)`` spots in the table's row order, ``ds[i]`` a uint8
     ``(size_px, size_px, 3)`` array, ``ds.read(indices)`` a batch; usable as a torch ``Dataset``.
 
     Examples

@@ -4,11 +4,11 @@ import time
 
 from spatialdata import SpatialData
 
-from spade_sd._geometry import _check_key, _choose, image_levels
-from spade_sd._logging import logger
-from spade_sd._patches import check_image
-from spade_sd._tiles import make_tiles
-from spade_sd._validation import SIZE_UM_RANGE, check_bool, check_int, check_key, check_mpp, check_number
+from spade_sd.spots.geometry import _check_key, _choose, image_levels
+from spade_sd.spots.patches import check_image
+from spade_sd.spots.tiles import make_tiles
+from spade_sd.utils.logging import logger
+from spade_sd.utils.validation import SIZE_UM_RANGE, check_bool, check_int, check_key, check_mpp, check_number
 
 ELEMENT_KINDS = ("images", "labels", "points", "shapes", "tables")
 

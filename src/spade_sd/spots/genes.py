@@ -16,7 +16,7 @@ from anndata import AnnData
 from scipy import sparse
 from scipy.spatial import cKDTree
 
-from spade_sd._logging import logger
+from spade_sd.utils.logging import logger
 
 _FLAVORS = ("union", "global")
 _CHECK_CHUNK = 10_000_000
@@ -172,9 +172,9 @@ class GenePanel:
 
     def to_dict(self) -> dict[str, Any]:
         """The panel as a JSON-able dictionary (with the spade_sd version that wrote it)."""
-        from spade_sd import __version__
+        from importlib.metadata import version
 
-        return {**asdict(self), "spade_sd_version": __version__}
+        return {**asdict(self), "spade_sd_version": version("spade_sd")}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GenePanel:

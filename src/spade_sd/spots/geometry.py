@@ -15,7 +15,7 @@ from spatialdata import SpatialData
 from spatialdata.transformations import get_transformation
 from xarray import DataArray, DataTree
 
-from ._validation import check_mpp, check_number
+from spade_sd.utils.validation import check_mpp, check_number
 
 # Spot diameters of technologies whose tables spade_sd recognises without a user-given scale.
 SPOT_DIAMETER_UM = {"Visium": 55.0, "legacy_ST": 100.0}

@@ -15,8 +15,8 @@ import numpy as np
 from PIL import Image
 from xarray import DataArray
 
-from ._geometry import SpotGeometry, image_levels
-from ._validation import check_patch_geometry
+from spade_sd.spots.geometry import SpotGeometry, image_levels
+from spade_sd.utils.validation import check_patch_geometry
 
 WHITE = 255
 FINGERPRINT_SPOTS = 16

@@ -25,7 +25,7 @@ from spatialdata.models import ShapesModel, TableModel
 from spatialdata.transformations import get_transformation
 from xarray import DataArray
 
-from ._geometry import (
+from spade_sd.spots.geometry import (
     _affine,
     _annotated_regions,
     _coordinate_systems,
@@ -33,7 +33,7 @@ from ._geometry import (
     image_levels,
     resolve_geometry,
 )
-from ._patches import _as_rgb_uint8, rgb_channel_order
+from spade_sd.spots.patches import _as_rgb_uint8, rgb_channel_order
 
 # The tissue mask has pixels of at most size_um / 4, so a tile spans at least 4 × 4 of them.
 MASK_PIXELS_PER_TILE = 4

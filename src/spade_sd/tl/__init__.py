@@ -1,8 +1,8 @@
 """Tools: backbone features, SPADE pretraining and embedding."""
 
-from ._embed import embed
-from ._evaluate import evaluate
-from ._features import features
-from ._pretrain import pretrain
+from spade_sd.tl._embed import embed
+from spade_sd.tl._evaluate import evaluate
+from spade_sd.tl._features import features
+from spade_sd.tl._pretrain import pretrain
 
 __all__ = ["embed", "evaluate", "features", "pretrain"]

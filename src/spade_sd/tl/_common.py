@@ -14,14 +14,14 @@ ATTACHED_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 @cache
 def _default_backbone():
-    from .._backbones import Backbone
+    from spade_sd.encoders.backbone import Backbone
 
     return Backbone()
 
 
 def as_backbone(backbone):
     """A :class:`~spade_sd.Backbone` from ``None`` (the offline default), a Backbone, or its constructor input."""
-    from .._backbones import Backbone
+    from spade_sd.encoders.backbone import Backbone
 
     if backbone is None:
         return _default_backbone()

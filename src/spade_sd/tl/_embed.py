@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 from spatialdata import SpatialData
 
-from .._logging import logger
-from .._validation import check_bool, check_int, check_key
-from ._common import ATTACHED_MODELS, rows_filled
+from spade_sd.tl._common import ATTACHED_MODELS, rows_filled
+from spade_sd.utils.logging import logger
+from spade_sd.utils.validation import check_bool, check_int, check_key
 
 
 def _result_keys(key_added: str) -> dict[str, str]:
@@ -46,7 +46,7 @@ def _embed_patches(
     A model with per-slide standardisation needs the slide's feature statistics first: one pass over the
     features collects them (computing the features once, into the cache or a temporary file), a second embeds.
     """
-    from .._features import iter_features, rereadable_features
+    from spade_sd.encoders.features import iter_features, rereadable_features
 
     embedding = np.empty((len(patches), model.mixture.config["out_dim"]), dtype=np.float32)
     weights = np.empty((len(patches), model.n_experts), dtype=np.float32)
@@ -134,9 +134,9 @@ def embed(
     with ``standardize="slide"`` standardises the features by the statistics of all patches embedded here
     (a first pass over the features; at least 30 patches), so embed a slide's spots or tiles in one call.
     """
-    from .._clustering import MIN_SLIDE_PATCHES
-    from .._features import check_num_workers, resolve_patches
-    from .._model import SpadeModel
+    from spade_sd.encoders.features import check_num_workers, resolve_patches
+    from spade_sd.model.clustering import MIN_SLIDE_PATCHES
+    from spade_sd.model.spade_model import SpadeModel
 
     keys = _result_keys(key_added)
     if genes not in (None, True, False):
@@ -150,7 +150,7 @@ def embed(
     if model is None:
         model = ATTACHED_MODELS.get(sdata)
         if model is None:
-            from ._pretrain import pretrain
+            from spade_sd.tl._pretrain import pretrain
 
             logger.info("No model given or attached to this SpatialData: training one on it with tl.pretrain")
             model = pretrain(

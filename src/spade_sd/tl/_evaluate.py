@@ -8,8 +8,8 @@ import pandas as pd
 from anndata import AnnData
 from spatialdata import SpatialData
 
-from .._logging import logger
-from .._validation import check_int, check_key, check_number, check_seed
+from spade_sd.utils.logging import logger
+from spade_sd.utils.validation import check_int, check_key, check_number, check_seed
 
 TASKS = ("probe", "probe_cv", "few_shot", "knn", "gene_to_image", "classification")
 
@@ -92,10 +92,10 @@ def evaluate(
     -------
     A tidy DataFrame with one row per encoder, task, fold or repeat and gene or metric (columns ``encoder``,
     ``task``, ``metric``, ``value`` and task-specific ones); summarise with
-    :func:`spade_sd._evaluation.summarize` or plot with :func:`spade_sd.pl.benchmark`.
+    :func:`spade_sd.metrics.summarize` or plot with :func:`spade_sd.pl.benchmark`.
     """
-    from .. import _evaluation as ev
-    from .._genes import GenePanel
+    from spade_sd import metrics as ev
+    from spade_sd.spots.genes import GenePanel
 
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     unknown = sorted(set(tasks) - set(TASKS))

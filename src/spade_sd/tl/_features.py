@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from spatialdata import SpatialData
 
-from .._logging import logger
-from .._validation import check_bool, check_int, check_key
-from ._common import as_backbone, rows_filled
+from spade_sd.tl._common import as_backbone, rows_filled
+from spade_sd.utils.logging import logger
+from spade_sd.utils.validation import check_bool, check_int, check_key
 
 
 def features(
@@ -56,7 +56,7 @@ def features(
     ``.uns[key_added]``
         ``params`` (elements, patch geometry, µm per pixel) and ``backbone`` (its configuration and identity).
     """
-    from .._features import check_num_workers, spot_features
+    from spade_sd.encoders.features import check_num_workers, spot_features
 
     check_key("key_added", key_added)
     check_int("batch_size", batch_size, minimum=1)

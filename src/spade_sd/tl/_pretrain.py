@@ -8,9 +8,10 @@ import numpy as np
 from anndata import AnnData
 from spatialdata import SpatialData
 
-from .._genes import check_expression_tables
-from .._logging import logger
-from .._validation import (
+from spade_sd.spots.genes import check_expression_tables
+from spade_sd.tl._common import ATTACHED_MODELS, as_backbone, slide_name
+from spade_sd.utils.logging import logger
+from spade_sd.utils.validation import (
     check_bool,
     check_choice,
     check_int,
@@ -19,7 +20,6 @@ from .._validation import (
     check_patch_geometry,
     check_seed,
 )
-from ._common import ATTACHED_MODELS, as_backbone, slide_name
 
 STANDARDIZE = ("slide", "global")
 PANEL_FLAVORS = ("union", "global")
@@ -56,7 +56,7 @@ def _resolve_slides(
     groupby: str | None,
 ) -> list[_Slide]:
     """Every slide's elements, scale and patches (nothing read yet), with a clear error for the first bad one."""
-    from .._features import resolve_patches
+    from spade_sd.encoders.features import resolve_patches
 
     n = len(sdatas)
     keys = zip(
@@ -94,8 +94,8 @@ def _check_val_slides(val_slides: Sequence[str] | None, names: list[str]) -> Non
 
 def _check_training_options(**options: Any) -> None:
     """Every scalar option of :func:`pretrain`: a clear error naming the first bad one, before any work."""
-    from .._genes import GenePanel
-    from .._subspace import check_n_comps
+    from spade_sd.model.subspace import check_n_comps
+    from spade_sd.spots.genes import GenePanel
 
     o = options
     check_int("n_experts", o["n_experts"], minimum=1)
@@ -271,8 +271,8 @@ def pretrain(
     The trained :class:`~spade_sd.SpadeModel`; it is also attached to every SpatialData given, so
     :func:`spade_sd.tl.embed` uses it when called without a model.
     """
-    from .._features import check_num_workers, extract_features
-    from .._pretraining import fit_model
+    from spade_sd.encoders.features import check_num_workers, extract_features
+    from spade_sd.training.fit import fit_model
 
     check_num_workers(feature_num_workers)
     _check_training_options(

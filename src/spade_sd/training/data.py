@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ._logging import logger
+from spade_sd.utils.logging import logger
 
 MIN_SLIDES_FOR_SLIDE_VALIDATION = 4
 

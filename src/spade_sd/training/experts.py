@@ -21,10 +21,10 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.strategies import DDPStrategy
 
-from ._expert_data import MIN_SLIDES_FOR_SLIDE_VALIDATION, ExpertDataModule, split_by_slide
-from ._experts import ExpertMixture
-from ._logging import logger
-from ._losses import LOSSES, LossName, contrastive_loss
+from spade_sd.model.heads import ExpertMixture
+from spade_sd.training.data import MIN_SLIDES_FOR_SLIDE_VALIDATION, ExpertDataModule, split_by_slide
+from spade_sd.training.losses import LOSSES, LossName, contrastive_loss
+from spade_sd.utils.logging import logger
 
 _LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
 _HISTORY = "history/"

@@ -11,13 +11,13 @@ from typing import Any, Literal
 import numpy as np
 from anndata import AnnData
 
-from ._clustering import MIN_SLIDE_PATCHES, FeatureScaler, fit_slide_scaler, two_stage_kmeans
-from ._expert_training import train_experts
-from ._genes import GenePanel
-from ._logging import logger
-from ._model import SpadeModel
-from ._routing import default_tau, expert_weights
-from ._subspace import EmbeddingSubspace, check_n_comps
+from spade_sd.model.clustering import MIN_SLIDE_PATCHES, FeatureScaler, fit_slide_scaler, two_stage_kmeans
+from spade_sd.model.routing import default_tau, expert_weights
+from spade_sd.model.spade_model import SpadeModel
+from spade_sd.model.subspace import EmbeddingSubspace, check_n_comps
+from spade_sd.spots.genes import GenePanel
+from spade_sd.training.experts import train_experts
+from spade_sd.utils.logging import logger
 
 
 @contextmanager
@@ -86,8 +86,8 @@ def fit_model(
     layer
         Layer of the tables holding raw counts; ``None`` uses ``X``.
     n_experts, n_fine, tau_scale, seed
-        Clustering and routing (see :func:`~spade_sd._clustering.two_stage_kmeans`,
-        :func:`~spade_sd._routing.default_tau`).
+        Clustering and routing (see :func:`~spade_sd.model.clustering.two_stage_kmeans`,
+        :func:`~spade_sd.model.routing.default_tau`).
     patch_config
         Patch geometry the features were computed with, recorded in the model.
     train_threads
@@ -107,9 +107,9 @@ def fit_model(
         Embedding dimension of the heads.
     n_comps
         Keep every embedding in the span of the ``n_comps`` leading principal directions of the training spots'
-        image embeddings (:class:`~spade_sd._subspace.EmbeddingSubspace`); ``None`` keeps all ``out_dim``.
+        image embeddings (:class:`~spade_sd.model.subspace.EmbeddingSubspace`); ``None`` keeps all ``out_dim``.
     **training
-        Passed to :func:`~spade_sd._expert_training.train_experts`.
+        Passed to :func:`~spade_sd.training.experts.train_experts`.
 
     Returns
     -------
