@@ -43,9 +43,9 @@ os.environ.setdefault("SPADE_SD_CACHE_DIR", str(Path(__file__).resolve().parents
 os.environ.setdefault("SPADE_SD_DATA_DIR", "/work/shared/data")
 
 import spade_sd as sd
-from spade_sd import metrics as ev
+from spade_sd import metrics
 from spade_sd.encoders.morphology import MorphologyFeatures
-from spade_sd.model.clustering import FeatureScaler
+from spade_sd.model.standardization import FeatureScaler
 from spade_sd.spots.genes import GenePanel
 
 log = logging.getLogger("quality")
@@ -157,12 +157,12 @@ def held_out_probe(X, Y, section, held_out, *, alpha, genes, label, seed) -> pd.
     probe time on MOB.
     """
     test = section == held_out
-    prediction, alpha_used = ev._fit_predict(
+    prediction, alpha_used = metrics._fit_predict(
         X[~test], Y[~test], X[test], groups=section[~test], alpha=alpha, n_components=256, alphas=None, seed=seed
     )
-    r = ev._pearson_per_gene(Y[test], prediction)
+    r = metrics._pearson_per_gene(Y[test], prediction)
     sizes = {"n_train": int((~test).sum()), "n_test": int(test.sum()), "alpha": alpha_used}
-    return ev._gene_frame(label, np.asarray(genes), r, replicate={"fold": held_out}, **sizes)
+    return metrics._gene_frame(label, np.asarray(genes), r, replicate={"fold": held_out}, **sizes)
 
 
 def evaluate_fold(
@@ -190,31 +190,33 @@ def evaluate_fold(
         key = (label, alpha)
         if probes is not None:
             if key not in probes:  # fold-independent features: one LOSO run holds every fold
-                probes[key] = ev.ridge_probe(X, Y, section, alpha=alpha, genes=genes, label=label, seed=seed)
+                probes[key] = metrics.ridge_probe(X, Y, section, alpha=alpha, genes=genes, label=label, seed=seed)
             probe = probes[key][probes[key]["fold"] == held_out]
         else:
             probe = held_out_probe(X, Y, section, held_out, alpha=alpha, genes=genes, label=label, seed=seed)
         frames.append(_named(probe, metric, task=f"probe_{alpha}"))
-    few = ev.few_shot_probe(
+    few = metrics.few_shot_probe(
         X, Y, section, test_slide=held_out, fraction=0.2, n_repeats=n_repeats, genes=genes, label=label, seed=seed
     )
     frames.append(_named(few, "few-shot probe 20%", task="few_shot"))
-    knn = ev.knn_expression(X[test], X[~test], Y[~test], Y[test], k=50, genes=genes, label=label)
+    knn = metrics.knn_expression(X[test], X[~test], Y[~test], Y[test], k=50, genes=genes, label=label)
     frames.append(_named(knn, "kNN retrieval", task="knn", fold=held_out))
     if G is not None and np.isfinite(G[~test]).all():
-        joint = ev.knn_expression(X[test], G[~test], Y[~test], Y[test], k=50, genes=genes, label=label)
+        joint = metrics.knn_expression(X[test], G[~test], Y[~test], Y[test], k=50, genes=genes, label=label)
         frames.append(_named(joint, "kNN retrieval (joint)", task="knn_joint", fold=held_out))
     if G is not None and np.isfinite(G[test]).all():
-        recall = ev.gene_to_image_recall(G[test], X[test], ks=(1, 5, 10, 50), label=label)
+        recall = metrics.gene_to_image_recall(G[test], X[test], ks=(1, 5, 10, 50), label=label)
         frames.append(_named(recall, None, task="gene_to_image", fold=held_out))
-    classes = ev.few_shot_classification(X[test], domains, k=(1, 5, 10), n_repeats=n_repeats, label=label, seed=seed)
+    classes = metrics.few_shot_classification(
+        X[test], domains, k=(1, 5, 10), n_repeats=n_repeats, label=label, seed=seed
+    )
     frames.append(_named(classes, None, task="classification", fold=held_out))
     return frames
 
 
 def run_dataset(dataset: str, variants: list[str], *, patch: dict, n_repeats: int, seeds: list[int]) -> pd.DataFrame:
     sections, Y, section, genes = load(dataset, patch)
-    domains = {s.name: ev.expression_domains(Y[section == s.name], seed=0) for s in sections}
+    domains = {s.name: metrics.expression_domains(Y[section == s.name], seed=0) for s in sections}
     log.info(
         "%s: %d spots, %d genes, domains per section %s",
         dataset,
@@ -233,7 +235,7 @@ def run_dataset(dataset: str, variants: list[str], *, patch: dict, n_repeats: in
                     sd.tl.features(s.sdata, backbone=_backbone(kind), key_added=key, **patch)
             X = np.concatenate([s.rep(key) for s in sections])
             if kind == "backbone_slide":  # each section standardised by its own statistics, as SPADE's input
-                X = np.concatenate([FeatureScaler().fit_transform(s.rep(key)) for s in sections])
+                X = np.concatenate([FeatureScaler().fit(s.rep(key)).transform(s.rep(key)) for s in sections])
             for held_out in (s.name for s in sections):
                 frames += evaluate_fold(
                     spec,
@@ -276,7 +278,7 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     """encoder × metric table of ``mean ± std`` (over folds, and over repeats where there are some)."""
     rows = []
     for dataset, part in df.groupby("dataset", sort=False):
-        summary = ev.summarize(part.drop(columns=["group"], errors="ignore"))
+        summary = metrics.summarize(part.drop(columns=["group"], errors="ignore"))
         summary = summary[summary["metric"].isin(METRIC_ORDER)]
         summary["cell"] = summary.apply(lambda r: f"{r['mean']:.3f} ± {r['std']:.3f}", axis=1)
         table = summary.pivot(index="encoder", columns="metric", values="cell")
@@ -299,7 +301,7 @@ def write(df: pd.DataFrame, out: Path, tag: str, config: dict) -> pd.DataFrame:
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / f"quality_{tag}.csv", index=False)
     table = summary_table(df)
-    numbers = ev.summarize(
+    numbers = metrics.summarize(
         df.drop(columns=["group"], errors="ignore").assign(encoder=df["dataset"] + " | " + df["encoder"])
     )
     with (out / f"quality_{tag}.json").open("w") as fh:

@@ -140,7 +140,7 @@ def engines_section(name: str, make, *, n: int, batch_sizes: tuple[int, ...], co
     import onnxruntime as ort
     import torch
 
-    from spade_sd.encoders.backbone import _cache_dir
+    from spade_sd.encoders.onnx_engine import onnx_path
 
     rng = np.random.default_rng(0)
     patches = rng.integers(0, 256, (n, TILE_PX, TILE_PX, 3), dtype=np.uint8)
@@ -174,7 +174,7 @@ def engines_section(name: str, make, *, n: int, batch_sizes: tuple[int, ...], co
         best_rate(lambda: onnx_bb(patches), n, repeats=repeats),
         max_rel_error=_rel_error(onnx_bb(patches[:4]), expected),
     )
-    path = _cache_dir() / "onnx" / f"{onnx_bb.identity()}.onnx"
+    path = onnx_path(onnx_bb.identity())
     levels = {
         "disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -432,9 +432,10 @@ def memory_child(backbone_name: str, n_tiles: int, side_px: int) -> dict:
     from spatialdata import SpatialData
 
     import spade_sd as sd
-    from spade_sd.model.clustering import ExpertClustering, FeatureScaler
+    from spade_sd.model.clustering import ExpertClustering
     from spade_sd.model.heads import ExpertMixture
     from spade_sd.model.spade_model import SpadeModel
+    from spade_sd.model.standardization import FeatureScaler
     from spade_sd.spots.genes import GenePanel
 
     os.environ.setdefault("SPADE_SD_CACHE_DIR", tempfile.mkdtemp(prefix="spade_sd-bench-"))

@@ -1,4 +1,10 @@
-"""Shared fixtures: the real data sets from ../shared/data (or SPADE_SD_DATA_DIR) and a persistent cache."""
+"""Shared fixtures: the real data sets from ../shared/data (or SPADE_SD_DATA_DIR), a persistent cache, small
+synthetic slides and a small model trained on them once per session.
+
+The tests mirror the package's tiers: ``tests/spots``, ``tests/encoders``, ``tests/model`` and ``tests/training``
+test those subpackages; the files at the top test the public ``pp``/``tl``/``pl``, ``metrics``, ``datasets`` and
+the package as a whole.
+"""
 
 from __future__ import annotations
 
@@ -35,3 +41,28 @@ def her2st_c2(data_dir):
     import spade_sd as sd
 
     return sd.datasets.her2st("C2")
+
+
+SMALL_PATCH = {"size_um": 64.0, "size_px": 64}
+
+
+@pytest.fixture(scope="session")
+def synthetic_slides():
+    """A factory of fresh small synthetic slides (two of 8 × 8 spots by default), which a test may change."""
+    import spade_sd as sd
+
+    def make(n_slides: int = 2, *, seed: int = 0, grid: tuple[int, int] = (8, 8), n_genes: int = 60) -> list:
+        slides = sd.datasets.synthetic(n_slides=n_slides, grid=grid, mpp=1.0, n_genes=n_genes, seed=seed)
+        return slides if n_slides > 1 else [slides]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def small_model(synthetic_slides):
+    """A small model (MorphologyFeatures backbone, 2 experts, 32-d, 3 epochs) on two synthetic slides; do not change it."""
+    import spade_sd as sd
+
+    backbone = sd.Backbone(sd.MorphologyFeatures())
+    options = {"n_experts": 2, "n_fine": 4, "max_epochs": 3, "out_dim": 32, "n_comps": 8, "quiet": True}
+    return sd.tl.pretrain(synthetic_slides(), backbone=backbone, seed=0, **options, **SMALL_PATCH)

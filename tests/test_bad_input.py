@@ -202,7 +202,7 @@ def test_pretrain_reads_raw_counts_from_a_layer(caplog):
         sd.tl.pretrain(slides, backbone=sd.Backbone(CountingMeans()), **FAST)
     with caplog.at_level(logging.INFO, logger="spade_sd"):
         model = sd.tl.pretrain(slides, backbone=sd.Backbone(CountingMeans()), layer="counts", **FAST)
-    assert model.config["layer"] == "counts" and "Expression from layers['counts']" in caplog.text
+    assert model.config.panel.layer == "counts" and "Expression from layers['counts']" in caplog.text
 
 
 # --- keys that would leave a zarr store that cannot be read back

@@ -18,11 +18,13 @@ from spatialdata.transformations import Identity
 
 import spade_sd as sd
 from spade_sd.encoders import features as _features
-from spade_sd.encoders.features import extract_features, iter_features, resolve_patches
+from spade_sd.encoders.features import extract_features, iter_features
 from spade_sd.model import spade_model as _model
-from spade_sd.model.clustering import ExpertClustering, FeatureScaler
+from spade_sd.model.clustering import ExpertClustering
 from spade_sd.model.heads import ExpertMixture
+from spade_sd.model.standardization import FeatureScaler
 from spade_sd.spots.genes import GenePanel
+from spade_sd.spots.patches import resolve_patches
 
 DIM = 1280
 # a plain function's features are cached only under a version (its stable identity)
@@ -204,8 +206,9 @@ def test_embedding_with_a_saved_model_imports_no_training_libraries(tmp_path):
         import numpy as np
         import torch
         import spade_sd as sd
-        from spade_sd.model.clustering import ExpertClustering, FeatureScaler
+        from spade_sd.model.clustering import ExpertClustering
         from spade_sd.model.heads import ExpertMixture
+        from spade_sd.model.standardization import FeatureScaler
         from spade_sd.spots.genes import GenePanel
         from spade_sd.model.spade_model import SpadeModel
 

@@ -1,10 +1,37 @@
-"""Array-level evaluation: linear probes, retrieval, recall and few-shot classification on embeddings.
+"""Score embeddings: expression probes, retrieval, few-shot classification and their summaries.
 
-Every evaluation takes plain arrays (spots × features, spots × genes, one label per spot) and returns a tidy
-:class:`pandas.DataFrame` with one row per (fold or repeat, gene or metric): the columns ``encoder``,
-``metric`` and ``value`` always, ``fold`` / ``repeat`` / ``group`` for the replicate and ``gene`` where the
-score is per gene. :func:`summarize` turns any of them into mean ± std per encoder and metric, and
-concatenated frames of several encoders compare directly.
+These are the measurements behind :func:`spade_sd.tl.evaluate`, which runs them on the tables of several slides.
+Call them directly to score any embedding held as arrays, including one computed outside spade_sd: they take
+embeddings (spots × features), log1p expression (spots × genes) and labels (one slide, patient or class per
+spot). Folds are always whole slides or patients, never spots, because neighbouring spots share expression.
+
+.. code-block:: python
+
+    import pandas as pd
+    import spade_sd as sd
+    from spade_sd import metrics
+
+    df = pd.concat(
+        [
+            metrics.ridge_probe(X_backbone, Y, slide, label="backbone"),
+            metrics.ridge_probe(X_spade, Y, slide, label="spade"),
+        ]
+    )
+    metrics.summarize(df)  # mean ± std per encoder and metric
+    sd.pl.benchmark(df)
+
+- Expression prediction: :func:`ridge_probe` (the HEST-Benchmark linear probe, leave-one-slide-out),
+  :func:`few_shot_probe` (trained on a few spots of the held-out slide), :func:`knn_expression` and
+  :func:`knn_expression_cv` (BLEEP-style retrieval of the nearest spots' expression).
+- Retrieval between the two sides of a joint embedding: :func:`gene_to_image_recall`.
+- Classification: :func:`few_shot_classification` on labelled regions, or on the expression domains of
+  :func:`expression_domains` where no annotation exists.
+- Summaries: :func:`summarize`; :func:`hest_alpha` and :data:`DEFAULT_ALPHAS` are the probe's penalties.
+
+Every evaluation returns a tidy :class:`pandas.DataFrame` with one row per (fold or repeat, gene or metric): the
+columns ``encoder``, ``metric`` and ``value`` always, ``fold`` / ``repeat`` / ``group`` for the replicate and
+``gene`` where the score is per gene. :func:`summarize` turns any of them into mean ± std per encoder and metric,
+and concatenated frames of several encoders compare directly. Measured results are on the :doc:`/quality` page.
 """
 
 from __future__ import annotations
@@ -26,7 +53,20 @@ from sklearn.preprocessing import StandardScaler
 
 from spade_sd.utils.logging import logger
 
-Alpha = Literal["hest", "cv"] | float
+__all__ = [
+    "DEFAULT_ALPHAS",
+    "expression_domains",
+    "few_shot_classification",
+    "few_shot_probe",
+    "gene_to_image_recall",
+    "hest_alpha",
+    "knn_expression",
+    "knn_expression_cv",
+    "ridge_probe",
+    "summarize",
+]
+
+_Alpha = Literal["hest", "cv"] | float
 
 DEFAULT_ALPHAS = np.logspace(-3, 7, 21)
 """Log grid searched by ``alpha="cv"`` (the HEST value is always added to it)."""
@@ -82,7 +122,7 @@ def _gene_names(genes: Sequence | None, n_genes: int) -> np.ndarray:
     return names
 
 
-def _check_alpha(alpha: Alpha) -> None:
+def _check_alpha(alpha: _Alpha) -> None:
     if alpha in ("hest", "cv"):
         return
     if isinstance(alpha, str) or not np.isscalar(alpha) or not alpha > 0:
@@ -200,7 +240,7 @@ def _fit_predict(
     x_test: np.ndarray,
     *,
     groups: np.ndarray | None,
-    alpha: Alpha,
+    alpha: _Alpha,
     n_components: int | None,
     alphas: Sequence[float] | None,
     seed: int,
@@ -234,7 +274,7 @@ def ridge_probe(
     Y: npt.ArrayLike,
     folds: npt.ArrayLike,
     *,
-    alpha: Alpha = "hest",
+    alpha: _Alpha = "hest",
     n_components: int | None = 256,
     alphas: Sequence[float] | None = None,
     genes: Sequence | None = None,
@@ -351,12 +391,12 @@ def few_shot_probe(
     fraction: float | None = None,
     n_train: int | None = None,
     n_repeats: int = 5,
-    alpha: Alpha = "hest",
-    n_components: int | None = 256,
-    alphas: Sequence[float] | None = None,
     genes: Sequence | None = None,
     label: str = "encoder",
     seed: int = 0,
+    alpha: _Alpha = "hest",
+    n_components: int | None = 256,
+    alphas: Sequence[float] | None = None,
 ) -> pd.DataFrame:
     """Few-shot expression probe: within one slide, train the HEST probe on a few spots and test on the rest.
 
@@ -523,12 +563,12 @@ def knn_expression_cv(
     Y: npt.ArrayLike,
     slide: npt.ArrayLike,
     *,
-    k: int = 50,
-    metric: Literal["cosine", "euclidean"] = "cosine",
     genes: Sequence | None = None,
     label: str = "encoder",
+    k: int = 50,
+    metric: Literal["cosine", "euclidean"] = "cosine",
 ) -> pd.DataFrame:
-    """Leave-one-slide-out :func:`knn_expression`: each slide's spots are queried against all other slides.
+    """Leave-one-slide-out :func:`~spade_sd.metrics.knn_expression`: each slide's spots query all the other slides.
 
     Parameters
     ----------
@@ -538,7 +578,7 @@ def knn_expression_cv(
         Expression, spots × genes.
     slide
         One slide label per spot; at least two slides.
-    k, metric, genes, label
+    genes, label, k, metric
         As in :func:`knn_expression`.
 
     Returns
@@ -762,7 +802,7 @@ def expression_domains(
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean ± std per encoder and metric of any frame returned by the evaluations above (or several concatenated).
+    """Mean ± std per encoder and metric of any frame returned by this module's evaluations (or several concatenated).
 
     Per-gene values are first averaged within each replicate (fold, repeat, group), ignoring NaN; the mean
     and standard deviation (``ddof=0``, as HEST reports it) are then taken over replicates.

@@ -19,11 +19,12 @@ from spatialdata import SpatialData
 
 from spade_sd.datasets._images import multiscale_from_file
 from spade_sd.datasets._registry import fetch, registry
+from spade_sd.utils.constants import SPOT_DIAMETERS_UM
 from spade_sd.utils.logging import logger
 
-LEGACY_ST_SPOT_DIAMETER_UM = 100.0
-VISIUM_SPOT_DIAMETER_UM = 55.0
-# Centre-to-centre distance between spots one array column apart. The her2st arrays step x by one per 200 µm;
+LEGACY_ST_SPOT_DIAMETER_UM = SPOT_DIAMETERS_UM["legacy_ST"]
+VISIUM_SPOT_DIAMETER_UM = SPOT_DIAMETERS_UM["Visium"]
+# Center-to-center distance between spots one array column apart. The her2st arrays step x by one per 200 µm;
 # the MOB arrays are a staggered grid whose columns step by two per 200 µm.
 HER2ST_UM_PER_ARRAY_COLUMN = 200.0
 MOB_UM_PER_ARRAY_COLUMN = 100.0
@@ -75,12 +76,12 @@ def _legacy_st(
     spots, counts = selected.loc[keep], counts.loc[keep]
 
     radius = LEGACY_ST_SPOT_DIAMETER_UM / 2 / mpp
-    centres = spots[["pixel_x", "pixel_y"]].to_numpy(float)
+    centers = spots[["pixel_x", "pixel_y"]].to_numpy(float)
     region = f"{sample}_spots"
     shapes = ShapesModel.parse(
         gpd.GeoDataFrame(
             {"radius": np.full(len(spots), radius)},
-            geometry=gpd.points_from_xy(centres[:, 0], centres[:, 1]),
+            geometry=gpd.points_from_xy(centers[:, 0], centers[:, 1]),
             index=pd.Index(spots.index, name="spot_id"),
         ),
         transformations={"global": Identity()},
@@ -98,7 +99,7 @@ def _legacy_st(
     var_names = pd.Index(counts.columns.astype(str))
     table = ad.AnnData(X=sparse.csr_matrix(counts.to_numpy(np.float32)), obs=obs, var=pd.DataFrame(index=var_names))
     table.var_names_make_unique()
-    table.obsm["spatial"] = centres
+    table.obsm["spatial"] = centers
     table.uns["spade_sd"] = {
         "dataset": dataset,
         "sample": sample,

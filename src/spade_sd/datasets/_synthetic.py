@@ -150,7 +150,7 @@ def synthetic(
     grid
         Spots per slide as ``(rows, columns)`` of a square grid.
     spot_pitch_um
-        Centre-to-centre distance of neighbouring spots in µm.
+        Center-to-center distance of neighbouring spots in µm.
     spot_diameter_um
         Spot diameter in µm.
     mpp
@@ -174,7 +174,7 @@ def synthetic(
     - shapes ``{sample}_spots``: circles (points with a ``radius`` column, level-0 pixels), indexed by spot id;
     - table ``table``: raw counts in ``X`` (CSR, float32); ``obs`` columns ``spot_id``, ``region``,
       ``array_row``, ``array_col``, ``sample``, ``tissue_type`` (the planted type) and ``image_signal``
-      (the expected nuclear area fraction of the spot, in [0, 1)); ``obsm["spatial"]`` (spot centres, x and y
+      (the expected nuclear area fraction of the spot, in [0, 1)); ``obsm["spatial"]`` (spot centers, x and y
       in level-0 pixels); ``var["program"]`` (``base``, ``type_<k>`` or ``image``: which planted program
       drives the gene); ``uns["spade_sd"]`` (``dataset``, ``sample``, ``technology``, ``spot_diameter_um``).
     """
@@ -292,12 +292,12 @@ def _slide(
     pitch_px = spot_pitch_um / mpp
     shape = (round((grid[0] + 2) * pitch_px), round((grid[1] + 2) * pitch_px))
     rows, cols = (a.ravel() for a in np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing="ij"))
-    centres = np.column_stack([(cols + 1.5) * pitch_px, (rows + 1.5) * pitch_px])
-    layout = _layout(looks, shape, centres, pitch_px, mpp, rng)
+    centers = np.column_stack([(cols + 1.5) * pitch_px, (rows + 1.5) * pitch_px])
+    layout = _layout(looks, shape, centers, pitch_px, mpp, rng)
     scene = _Scene(layout, *_nuclei(layout, rng), noise_key=noise_key)
 
-    spot_type = layout.type_at(centres[:, 0], centres[:, 1])
-    signal = 1.0 - np.exp(-layout.nuclear_fraction_at(centres[:, 0], centres[:, 1]))
+    spot_type = layout.type_at(centers[:, 0], centers[:, 1])
+    signal = 1.0 - np.exp(-layout.nuclear_fraction_at(centers[:, 0], centers[:, 1]))
     counts = _counts(programs, spot_type, signal, rng)
     keep = np.setdiff1d(np.arange(counts.shape[1]), dropped_genes)
 
@@ -316,10 +316,10 @@ def _slide(
         "technology": technology,
         "spot_diameter_um": float(spot_diameter_um),
     }
-    table = _table(sample, rows, cols, centres, truth, sparse.csr_matrix(counts[:, keep].astype(np.float32)), var, uns)
+    table = _table(sample, rows, cols, centers, truth, sparse.csr_matrix(counts[:, keep].astype(np.float32)), var, uns)
     spots = gpd.GeoDataFrame(
         {"radius": np.full(len(spot_ids), spot_diameter_um / 2.0 / mpp)},
-        geometry=gpd.points_from_xy(centres[:, 0], centres[:, 1]),
+        geometry=gpd.points_from_xy(centers[:, 0], centers[:, 1]),
         index=spot_ids,
     )
     return SpatialData(
@@ -333,7 +333,7 @@ def _table(
     sample: str,
     rows: np.ndarray,
     cols: np.ndarray,
-    centres: np.ndarray,
+    centers: np.ndarray,
     truth: pd.DataFrame,
     counts: sparse.csr_matrix,
     var: pd.DataFrame,
@@ -350,21 +350,21 @@ def _table(
         },
         index=truth.index,
     ).join(truth)
-    table = ad.AnnData(X=counts, obs=obs, var=var, obsm={"spatial": centres}, uns={"spade_sd": uns})
+    table = ad.AnnData(X=counts, obs=obs, var=var, obsm={"spatial": centers}, uns={"spade_sd": uns})
     return TableModel.parse(table, region=f"{sample}_spots", region_key="region", instance_key="spot_id")
 
 
 def _layout(
     looks: _TypeLooks,
     shape: tuple[int, int],
-    centres: np.ndarray,
+    centers: np.ndarray,
     pitch_px: float,
     mpp: float,
     rng: np.random.Generator,
 ) -> _Layout:
     half_margin = pitch_px / 2.0
     tissue_box = (half_margin, half_margin, shape[1] - half_margin, shape[0] - half_margin)
-    seeds_xy, seed_type = _voronoi_seeds(len(looks.stroma_rgb), tissue_box, centres, rng)
+    seeds_xy, seed_type = _voronoi_seeds(len(looks.stroma_rgb), tissue_box, centers, rng)
     wavelength = rng.uniform(*_WAVELENGTH_PITCHES, _N_WAVES) * pitch_px
     angle = rng.uniform(0.0, 2.0 * np.pi, _N_WAVES)
     omega = (2.0 * np.pi / wavelength)[:, None] * np.column_stack([np.cos(angle), np.sin(angle)])
@@ -375,26 +375,26 @@ def _layout(
 def _voronoi_seeds(
     n_types: int,
     tissue_box: tuple[float, float, float, float],
-    centres: np.ndarray,
+    centers: np.ndarray,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Voronoi seeds, redrawn until every type covers a fair share of the spots."""
     seed_type = np.repeat(np.arange(n_types), _SEEDS_PER_TYPE)
-    min_spots = max(1, len(centres) // (4 * n_types))
+    min_spots = max(1, len(centers) // (4 * n_types))
     low, high = np.array(tissue_box[:2]), np.array(tissue_box[2:])
     for _ in range(_MAX_LAYOUT_TRIES):
         seeds_xy = rng.uniform(low, high, (len(seed_type), 2))
-        d2 = ((centres[:, None, :] - seeds_xy[None]) ** 2).sum(axis=-1)
+        d2 = ((centers[:, None, :] - seeds_xy[None]) ** 2).sum(axis=-1)
         if np.bincount(seed_type[np.argmin(d2, axis=1)], minlength=n_types).min() >= min_spots:
             return seeds_xy, seed_type
     raise ValueError(
-        f"Could not lay out {n_types} types with at least {min_spots} spots each on {len(centres)} spots; "
+        f"Could not lay out {n_types} types with at least {min_spots} spots each on {len(centers)} spots; "
         "use fewer types or a larger grid."
     )
 
 
 def _nuclei(layout: _Layout, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Nucleus centres from an inhomogeneous Poisson process (by thinning), with radii and colours."""
+    """Nucleus centers from an inhomogeneous Poisson process (by thinning), with radii and colours."""
     looks = layout.looks
     x0, y0, x1, y1 = layout.tissue_box
     radius_px = looks.nucleus_radius_um / layout.mpp
@@ -451,7 +451,7 @@ def _render_block(scene: _Scene, block_info: dict | None = None) -> np.ndarray:
 
 
 def _render_tile(scene: _Scene, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-    """Render pixels ``[y0, y1) × [x0, x1)``; pixel ``(i, j)`` has its centre at ``(j + 0.5, i + 0.5)``."""
+    """Render pixels ``[y0, y1) × [x0, x1)``; pixel ``(i, j)`` has its center at ``(j + 0.5, i + 0.5)``."""
     layout = scene.layout
     looks = layout.looks
     yy, xx = np.ogrid[y0:y1, x0:x1]

@@ -387,7 +387,7 @@ def _compute_chunks(
         _remove_stale_partials(path.parent)
     start_time = time.perf_counter()
     try:
-        with nullcontext() if partial is None else _open_npy(partial, (n, dim)) as file:
+        with nullcontext() if partial is None else open_locked_npy(partial, (n, dim)) as file:
             chunk, chunk_start = np.empty((min(chunk_size, n), dim), dtype=np.float32), 0
             for indices, batch in iter_batches(patches, batch_size, num_workers=num_workers):
                 chunk[indices - chunk_start] = backbone(batch)
@@ -414,11 +414,22 @@ def _compute_chunks(
     )
 
 
-def _open_npy(path: Path, shape: tuple[int, int]):
+def open_locked_npy(path: Path, shape: tuple[int, int]) -> BinaryIO:
     """A ``.npy`` file of float32 ``shape`` opened for appending its rows in order.
 
     The file is exclusively locked (advisory, released on closing or when the process dies) so that
     :func:`_remove_stale_partials` in other processes leaves it alone.
+
+    Parameters
+    ----------
+    path
+        The file to create (or overwrite); its folder is created if missing.
+    shape
+        ``(n_rows, dim)`` written into the header; the caller writes exactly that many float32 rows.
+
+    Returns
+    -------
+    The binary file, positioned after the header (the caller closes it).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     file = path.open("wb")
@@ -466,85 +477,16 @@ def extract_features(
     *,
     batch_size: int = 64,
     cache: bool = True,
-    out: np.ndarray | None = None,
     num_workers: int = 0,
 ) -> np.ndarray:
-    """Features of every patch, computed in batches or read from the cache.
-
-    Parameters
-    ----------
-    patches
-        The spot patches.
-    backbone
-        A :class:`~spade_sd.Backbone`.
-    batch_size
-        Patches read and encoded at a time.
-    cache
-        Read and write the on-disk cache (``$SPADE_SD_CACHE_DIR/features``); see :func:`iter_features`.
-    out
-        Optional ``(len(patches), backbone.dim)`` float32 array (e.g. a memory map) written chunk by chunk, so
-        very many patches never sit in memory at once.
-    num_workers
-        Processes reading patches (see :func:`iter_batches`); 0 reads in a thread.
+    """All the patches' features in one array: :func:`iter_features` collected (same arguments and cache).
 
     Returns
     -------
     float32 array ``(len(patches), backbone.dim)``.
     """
-    features = out if out is not None else np.empty((len(patches), backbone.dim), dtype=np.float32)
-    if features.shape != (len(patches), backbone.dim):
-        raise ValueError(f"Expected out of shape {(len(patches), backbone.dim)}, found {features.shape}.")
+    features = np.empty((len(patches), backbone.dim), dtype=np.float32)
     chunks = iter_features(patches, backbone, batch_size=batch_size, cache=cache, num_workers=num_workers)
     for start, chunk in chunks:
         features[start : start + len(chunk)] = chunk
     return features
-
-
-def resolve_patches(
-    sdata,
-    *,
-    image_key: str | None = None,
-    shapes_key: str | None = None,
-    table_key: str | None = None,
-    size_um: float = 112.0,
-    size_px: int = 224,
-    mpp: float | None = None,
-):
-    """The :class:`~spade_sd.spots.geometry.SpotGeometry` of a SpatialData's spots and their lazy :class:`SpotPatches`."""
-    from spade_sd.spots.geometry import resolve_geometry
-
-    geometry = resolve_geometry(sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=mpp)
-    return geometry, SpotPatches(sdata.images[geometry.image_key], geometry, size_um=size_um, size_px=size_px)
-
-
-def spot_features(
-    sdata,
-    backbone,
-    *,
-    image_key: str | None = None,
-    shapes_key: str | None = None,
-    table_key: str | None = None,
-    size_um: float = 112.0,
-    size_px: int = 224,
-    mpp: float | None = None,
-    batch_size: int = 64,
-    cache: bool = True,
-    num_workers: int = 0,
-):
-    """Resolve the spots of a SpatialData and compute (or read cached) backbone features of their patches.
-
-    Returns
-    -------
-    The :class:`~spade_sd.spots.geometry.SpotGeometry` and the float32 features ``(n_spots, backbone.dim)`` in the
-    order of ``geometry.table_rows``.
-    """
-    geometry, patches = resolve_patches(
-        sdata,
-        image_key=image_key,
-        shapes_key=shapes_key,
-        table_key=table_key,
-        size_um=size_um,
-        size_px=size_px,
-        mpp=mpp,
-    )
-    return geometry, extract_features(patches, backbone, batch_size=batch_size, cache=cache, num_workers=num_workers)

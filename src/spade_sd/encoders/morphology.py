@@ -38,12 +38,34 @@ _UNIFORM_LBP = _uniform_lbp_table()
 _CHUNK = 128
 
 
-def _rgb2hed(patches: np.ndarray) -> np.ndarray:
+def rgb2hed_uint8(patches: np.ndarray) -> np.ndarray:
+    """:func:`skimage.color.rgb2hed` of uint8 RGB images, as float32, by a lookup table of optical densities.
+
+    Parameters
+    ----------
+    patches
+        ``uint8`` array whose last axis holds the R, G and B channels.
+
+    Returns
+    -------
+    ``float32`` haematoxylin, eosin and residual (DAB) optical densities, same shape as ``patches``.
+    """
     return np.maximum(_OD_LUT[patches] @ _HED_FROM_RGB, 0)
 
 
-def _lbp_histogram(grey: np.ndarray) -> np.ndarray:
-    """Normalised histogram of rotation-invariant uniform local binary patterns of a batch of grey images."""
+def lbp_histogram(grey: np.ndarray) -> np.ndarray:
+    """Normalised histogram of rotation-invariant uniform local binary patterns of a batch of grey images.
+
+    Parameters
+    ----------
+    grey
+        ``uint8`` array ``(batch, height, width)``, at least 3 pixels on each side.
+
+    Returns
+    -------
+    ``(batch, 10)`` fractions of the inner pixels per pattern: labels 0–8 count the set bits of the uniform
+    patterns (at most 2 circular 0/1 transitions among the 8 nearest neighbours), label 9 takes all others.
+    """
     n = len(grey)
     centre = grey[:, 1:-1, 1:-1]
     h, w = centre.shape[1:]
@@ -56,9 +78,11 @@ def _lbp_histogram(grey: np.ndarray) -> np.ndarray:
 
 
 class MorphologyFeatures:
-    """Hand-crafted morphology features of H&E patches, usable as a callable backbone.
+    """Hand-crafted, interpretable morphology features of H&E patches, usable as a backbone.
 
-    Per patch, in this order (see :attr:`feature_names`):
+    Pass an instance to :class:`spade_sd.Backbone` (``Backbone(MorphologyFeatures())``) to use these features
+    wherever a backbone is accepted, e.g. ``spade_sd.tl.features``; its :meth:`to_config` makes the backbone's
+    identity stable, so the features are cached. Per patch, in this order (see :attr:`feature_names`):
 
     - stain colour: mean, standard deviation and 10/50/90 % quantiles of the haematoxylin (H), eosin (E) and
       residual (D) channels of :func:`skimage.color.rgb2hed` (15 features);
@@ -94,10 +118,15 @@ class MorphologyFeatures:
     Examples
     --------
     >>> import numpy as np
-    >>> from spade_sd.encoders.morphology import MorphologyFeatures
-    >>> features = MorphologyFeatures()
-    >>> features(np.full((2, 64, 64, 3), 255, dtype=np.uint8)).shape
+    >>> import spade_sd as sd
+    >>> morphology = sd.MorphologyFeatures()
+    >>> patches = np.full((2, 64, 64, 3), 255, dtype=np.uint8)
+    >>> morphology(patches).shape
     (2, 37)
+    >>> morphology.feature_names[:3]
+    ['H_mean', 'H_std', 'H_q10']
+    >>> sd.Backbone(morphology).dim
+    37
     """
 
     def __init__(
@@ -170,7 +199,7 @@ class MorphologyFeatures:
 
     def _describe(self, patches: np.ndarray) -> np.ndarray:
         n, h, w, _ = patches.shape
-        hed = np.ascontiguousarray(_rgb2hed(patches).reshape(n, h * w, 3).transpose(0, 2, 1))
+        hed = np.ascontiguousarray(rgb2hed_uint8(patches).reshape(n, h * w, 3).transpose(0, 2, 1))
         quantiles = np.moveaxis(np.quantile(hed, [0.1, 0.5, 0.9], axis=-1), 0, -1)
         colour = np.concatenate([hed.mean(-1)[..., None], hed.std(-1)[..., None], quantiles], axis=-1).reshape(n, -1)
 
@@ -181,7 +210,7 @@ class MorphologyFeatures:
         # channel-wise minimum spelled out: numpy reduces a length-3 last axis several times slower
         darkest = np.minimum(np.minimum(patches[..., 0], patches[..., 1]), patches[..., 2])
         tissue = (darkest < self.white_threshold).mean((1, 2))
-        return np.concatenate([colour, co_occurrence, _lbp_histogram(grey), nuclei, tissue[:, None]], axis=1).astype(
+        return np.concatenate([colour, co_occurrence, lbp_histogram(grey), nuclei, tissue[:, None]], axis=1).astype(
             np.float32
         )
 

@@ -9,124 +9,20 @@ patch is routed at inference (see :mod:`spade_sd.model.routing`).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from spade_sd.config import ClusteringConfig, TrainingConfig
+from spade_sd.model.standardization import as_float_matrix
 from spade_sd.utils.logging import logger
 
 if TYPE_CHECKING:
     from sklearn.cluster import KMeans
 
 N_INIT = 10
-_STD_FLOOR = 1e-6
-# Fewest patches whose statistics standardise a slide (standardize="slide")
-MIN_SLIDE_PATCHES = 30
-
-
-class FeatureScaler:
-    """Per-feature standardisation, fitted on the training features.
-
-    Clustering and the projection heads work on standardised features, so that no feature dominates the
-    Euclidean distances only because of its scale.
-
-    Parameters
-    ----------
-    mean
-        Per-feature mean, if already known (e.g. when loading a saved model).
-    std
-        Per-feature standard deviation; features with a standard deviation below ``1e-6`` are only centred.
-    """
-
-    def __init__(self, mean: np.ndarray | None = None, std: np.ndarray | None = None) -> None:
-        if (mean is None) != (std is None):
-            raise ValueError("Pass both `mean` and `std`, or neither (then call `fit`).")
-        self.mean = None if mean is None else np.asarray(mean, dtype=np.float32)
-        self.std = None if std is None else np.asarray(std, dtype=np.float32)
-
-    def fit(self, X: np.ndarray) -> FeatureScaler:
-        """Learn the mean and standard deviation of each column of ``X`` (n_spots, d); returns ``self``."""
-        X = _as_2d_float(X, "X")
-        self.mean = X.mean(axis=0, dtype=np.float64).astype(np.float32)
-        std = X.std(axis=0, dtype=np.float64)
-        self.std = np.where(std < _STD_FLOOR, 1.0, std).astype(np.float32)
-        return self
-
-    def fit_chunks(self, chunks: Iterable[np.ndarray]) -> FeatureScaler:
-        """Learn the mean and standard deviation of rows arriving in chunks (e.g. a whole slide's tiles); returns ``self``.
-
-        Sums are accumulated in float64, so the result equals :meth:`fit` on the concatenated rows up to rounding,
-        while only one chunk is in memory at a time.
-        """
-        n, total, squares = 0, None, None
-        for chunk in chunks:
-            chunk = _as_2d_float(chunk, "chunk")
-            if total is None:
-                total, squares = np.zeros(chunk.shape[1]), np.zeros(chunk.shape[1])
-            total += chunk.sum(axis=0, dtype=np.float64)
-            squares += np.square(chunk, dtype=np.float64).sum(axis=0)
-            n += len(chunk)
-        if total is None or n == 0:
-            raise ValueError("Cannot fit a FeatureScaler on no rows: found 0 patches.")
-        mean = total / n
-        std = np.sqrt(np.maximum(squares / n - np.square(mean), 0.0))
-        self.mean = mean.astype(np.float32)
-        self.std = np.where(std < _STD_FLOOR, 1.0, std).astype(np.float32)
-        return self
-
-    def transform(self, X: np.ndarray) -> np.ndarray:
-        """Standardised copy of ``X`` as float32."""
-        if self.mean is None or self.std is None:
-            raise RuntimeError("The FeatureScaler is not fitted: call `fit` on the training features first.")
-        X = _as_2d_float(X, "X")
-        if X.shape[1] != self.mean.shape[0]:
-            raise ValueError(f"X has {X.shape[1]} features, but the scaler was fitted on {self.mean.shape[0]}.")
-        return ((X - self.mean) / self.std).astype(np.float32)
-
-    def fit_transform(self, X: np.ndarray) -> np.ndarray:
-        """Fit on ``X`` and return it standardised."""
-        return self.fit(X).transform(X)
-
-    def to_dict(self) -> dict[str, np.ndarray]:
-        """The fitted state as plain float32 arrays (``mean``, ``std``), e.g. for safetensors."""
-        if self.mean is None or self.std is None:
-            raise RuntimeError("The FeatureScaler is not fitted: nothing to save.")
-        return {"mean": self.mean.copy(), "std": self.std.copy()}
-
-    @classmethod
-    def from_dict(cls, arrays: dict[str, np.ndarray]) -> FeatureScaler:
-        """Rebuild a scaler from the output of :meth:`to_dict`."""
-        return cls(mean=np.asarray(arrays["mean"]), std=np.asarray(arrays["std"]))
-
-
-def fit_slide_scaler(chunks: Iterable[np.ndarray]) -> FeatureScaler:
-    """Per-slide standardisation: a :class:`FeatureScaler` fitted on every patch of one slide (rows in chunks).
-
-    Standardising each slide by its own feature statistics removes what shifts a whole slide's features (stain,
-    scanner, section thickness) before clustering, training and embedding. The statistics need enough patches.
-
-    Raises
-    ------
-    ValueError
-        With fewer than ``MIN_SLIDE_PATCHES`` patches.
-    """
-    n_rows = 0
-
-    def counted() -> Iterator[np.ndarray]:
-        nonlocal n_rows
-        for chunk in chunks:
-            n_rows += len(chunk)
-            yield chunk
-
-    scaler = FeatureScaler().fit_chunks(counted())
-    if n_rows < MIN_SLIDE_PATCHES:
-        raise ValueError(
-            f"Per-slide standardisation needs the features of at least {MIN_SLIDE_PATCHES} patches of the slide; "
-            f"found {n_rows}. Embed all of a slide's spots or tiles at once, or train with standardize='global'."
-        )
-    return scaler
 
 
 @dataclass
@@ -136,7 +32,7 @@ class ExpertClustering:
     Parameters
     ----------
     centroids
-        Fine (stage-1) centroids, (n_fine_total, d), in the standardised feature space.
+        Fine (stage-1) centroids, (n_fine_total, d), in the standardized feature space.
     centroid_expert
         Expert (stage-2 cluster) of each fine centroid, (n_fine_total,), values in ``0 .. n_experts - 1``.
     centroid_group
@@ -179,15 +75,15 @@ class ExpertClustering:
         return self.centroids.shape[0]
 
     def distances(self, X: np.ndarray) -> np.ndarray:
-        """Euclidean distances (n_spots, n_fine) from each row of standardised ``X`` to every fine centroid."""
-        X = _as_2d_float(X, "X")
+        """Euclidean distances (n_spots, n_fine) from each row of standardized ``X`` to every fine centroid."""
+        X = as_float_matrix(X, "X")
         expected = self.centroids.shape[1] if self.components is None else self.components.shape[1]
         if X.shape[1] != expected:
             raise ValueError(f"X has {X.shape[1]} features, but the clustering was fitted on {expected}.")
         return _euclidean(self.project(X), self.centroids)
 
     def project(self, X: np.ndarray) -> np.ndarray:
-        """Standardised features in the space of the centroids (their principal-axis projection, if any)."""
+        """Standardized features in the space of the centroids (their principal-axis projection, if any)."""
         return X if self.components is None else X @ self.components.T
 
     def assign(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -262,14 +158,14 @@ def two_stage_kmeans(
     X: np.ndarray,
     groups: Sequence | np.ndarray | None = None,
     *,
-    n_fine: int | Literal["elbow"] = 16,
-    n_experts: int | Literal["elbow"] = 4,
+    n_fine: int | Literal["elbow"] = ClusteringConfig.n_fine,
+    n_experts: int | Literal["elbow"] = ClusteringConfig.n_experts,
     max_k: int = 16,
     n_pcs: int | None = 50,
     min_expert_fraction: float = 0.02,
-    seed: int = 0,
+    seed: int = TrainingConfig.seed,
 ) -> ExpertClustering:
-    """Cluster standardised image features into data experts in two stages.
+    """Cluster standardized image features into data experts in two stages.
 
     Stage 1 runs k-means within each group with ``k = min(n_fine, distinct spots in the group)``; stage 2 runs
     k-means over all stage-1 centroids into ``n_experts`` clusters. Each spot then belongs to the expert of its nearest
@@ -279,7 +175,7 @@ def two_stage_kmeans(
     Parameters
     ----------
     X
-        Standardised image features, (n_spots, d).
+        Standardized image features, (n_spots, d).
     groups
         Group label of each spot (slide, sample or organ); ``None`` puts all spots in one group.
     n_fine
@@ -290,7 +186,7 @@ def two_stage_kmeans(
         Largest k the elbow rule tries.
     n_pcs
         Cluster the projections on the first ``n_pcs`` principal axes of ``X`` (``None``: the features as they
-        are). In 1000+ standardised dimensions of a frozen backbone most directions are noise; distances in the
+        are). In 1000+ standardized dimensions of a frozen backbone most directions are noise; distances in the
         leading components follow morphology, and k-means no longer isolates single outlier patches.
     min_expert_fraction
         Experts holding fewer than this fraction of the spots (at least 2 spots) are merged into their nearest
@@ -312,7 +208,7 @@ def two_stage_kmeans(
     fine centroids than experts (many groups); with few centroids it cannot pick ``k`` = all of them.
     """
     start = time.perf_counter()
-    X = _as_2d_float(X, "X")
+    X = as_float_matrix(X, "X")
     labels = np.zeros(X.shape[0], dtype=np.int64) if groups is None else np.asarray(groups)
     if labels.shape != (X.shape[0],):
         raise ValueError(f"`groups` must have one label per spot ({X.shape[0]}); found shape {labels.shape}.")
@@ -403,12 +299,3 @@ def _euclidean(X: np.ndarray, C: np.ndarray) -> np.ndarray:
 def _plain(label: Any) -> Any:
     """A numpy scalar label as the Python value JSON and messages expect."""
     return label.item() if isinstance(label, np.generic) else label
-
-
-def _as_2d_float(X: np.ndarray, name: str) -> np.ndarray:
-    X = np.asarray(X, dtype=np.float32)
-    if X.ndim != 2:
-        raise ValueError(f"`{name}` must be a 2-d array (n_spots, n_features); found shape {X.shape}.")
-    if not np.isfinite(X).all():
-        raise ValueError(f"`{name}` contains NaN or infinite values.")
-    return X

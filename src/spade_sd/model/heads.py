@@ -1,7 +1,8 @@
 """Data experts: each is a pair of projection heads (image, gene); the mixture routes patches among them.
 
 Only torch is needed here, so embedding with a trained model never imports Lightning; training lives in
-``_expert_training`` (losses in ``_losses``, batches in ``_expert_data``).
+:mod:`spade_sd.training.experts` (losses in :mod:`~spade_sd.training.losses`, batches in
+:mod:`~spade_sd.training.data`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import nn
+
+from spade_sd.config import TrainingConfig
 
 CLIP_TEMPERATURE_INIT = 0.07
 
@@ -31,7 +34,9 @@ class ProjectionHead(nn.Module):
         Dropout probability after the second linear layer.
     """
 
-    def __init__(self, in_dim: int, out_dim: int = 256, dropout: float = 0.1) -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int = TrainingConfig.out_dim, dropout: float = TrainingConfig.dropout
+    ) -> None:
         super().__init__()
         self.projection = nn.Linear(in_dim, out_dim)
         self.gelu = nn.GELU()
@@ -53,7 +58,7 @@ class ExpertMixture(nn.Module):
     n_experts
         Number of experts.
     image_dim
-        Dimension of the (standardised) image features.
+        Dimension of the (standardized) image features.
     gene_dim
         Number of genes.
     out_dim
@@ -62,7 +67,15 @@ class ExpertMixture(nn.Module):
         Dropout of every head.
     """
 
-    def __init__(self, n_experts: int, image_dim: int, gene_dim: int, *, out_dim: int = 256, dropout: float = 0.1):
+    def __init__(
+        self,
+        n_experts: int,
+        image_dim: int,
+        gene_dim: int,
+        *,
+        out_dim: int = TrainingConfig.out_dim,
+        dropout: float = TrainingConfig.dropout,
+    ) -> None:
         super().__init__()
         if n_experts < 1:
             raise ValueError(f"n_experts must be at least 1; found {n_experts}.")

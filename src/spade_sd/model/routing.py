@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from spade_sd.config import ClusteringConfig
 from spade_sd.model.clustering import ExpertClustering
 
-DEFAULT_TAU_SCALE = 0.25
 _CHUNK = 65_536
 
 
-def default_tau(X: np.ndarray, clustering: ExpertClustering, *, scale: float = DEFAULT_TAU_SCALE) -> float:
+def default_tau(X: np.ndarray, clustering: ExpertClustering, *, scale: float = ClusteringConfig.tau_scale) -> float:
     """Routing temperature scaled to the typical margin between experts in the training features.
 
     For every training spot the margin is ``d_other - d_own``: the distance to the nearest fine centroid of any
@@ -25,13 +25,13 @@ def default_tau(X: np.ndarray, clustering: ExpertClustering, *, scale: float = D
     Parameters
     ----------
     X
-        Standardised training features, (n_spots, d), the ones the clustering was fitted on.
+        Standardized training features, (n_spots, d), the ones the clustering was fitted on.
     clustering
         The fitted two-stage clustering.
     scale
-        Softness. With the default 0.25, at the median training spot the nearest centroid of the runner-up expert
-        gets ``exp(-1 / 0.25) = exp(-4)``, about 2 %, of the weight of the spot's own nearest centroid, so most
-        spots are routed almost hard while spots near a boundary between experts blend them. Larger is softer.
+        Softness. At the median training spot the nearest centroid of the runner-up expert gets ``exp(-1 / scale)``
+        of the weight of the spot's own nearest centroid (``exp(-4)``, about 2 %, at the default), so most spots are
+        routed almost hard while spots near a boundary between experts blend them. Larger is softer.
 
     Returns
     -------
@@ -43,7 +43,7 @@ def default_tau(X: np.ndarray, clustering: ExpertClustering, *, scale: float = D
     if clustering.n_experts == 1:
         return 1.0
     if len(X) == 0:
-        raise ValueError("`X` has no spots; pass the standardised training features.")
+        raise ValueError("`X` has no spots; pass the standardized training features.")
     margins = np.concatenate([_margins(chunk, clustering) for chunk in _chunks(X)])
     positive = margins[margins > 0]
     if positive.size == 0:
@@ -59,7 +59,7 @@ def expert_weights(
     Parameters
     ----------
     X
-        Standardised features, (n_spots, d).
+        Standardized features, (n_spots, d).
     clustering
         The fitted two-stage clustering.
     tau
@@ -76,11 +76,6 @@ def expert_weights(
     if len(X) == 0:
         return np.zeros((0, clustering.n_experts), dtype=np.float32)
     return np.concatenate([_weights(chunk, clustering, tau, hard) for chunk in _chunks(X)])
-
-
-def confidence(weights: np.ndarray) -> np.ndarray:
-    """Largest expert weight of each row of ``weights`` (1 = routed to a single expert)."""
-    return np.asarray(weights).max(axis=1)
 
 
 def _weights(X: np.ndarray, clustering: ExpertClustering, tau: float | None, hard: bool) -> np.ndarray:

@@ -1,10 +1,14 @@
 """SpadeModel: a trained mixture of data experts with everything needed to embed new patches.
 
-The model owns the backbone it was trained with, the gene panel, the feature standardisation, the two-stage
-clustering, the routing temperature and the experts' heads. It is saved as ``model.safetensors`` (every array)
-plus ``config.json`` (everything else): loading runs no code. ``config.json`` records the SHA-256 of the bytes of
-``model.safetensors`` (key ``weights_sha256``), checked on load; models saved before the digest was recorded are
-the older variant of the same format and load unverified.
+The model owns the backbone it was trained with, the gene panel, the feature standardization, the two-stage
+clustering, the routing temperature, the experts' heads and its configuration (:class:`~spade_sd.config.SpadeConfig`).
+It is saved as ``model.safetensors`` (every array) plus ``config.json`` (everything else): loading runs no code.
+``config.json`` records the SHA-256 of the bytes of ``model.safetensors`` (key ``weights_sha256``), checked on load;
+models saved before the digest was recorded load unverified.
+
+Formats: ``spade_sd.model/2`` saves the configuration as one section per stage (``SpadeConfig.to_dict``);
+``spade_sd.model/1`` saved it as one flat dict, which :meth:`SpadeModel.load` migrates on load
+(:func:`~spade_sd.config.config_from_format_1`). The arrays are the same in both.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,26 +27,30 @@ from typing import Any
 import numpy as np
 import torch
 
+from spade_sd.config import SpadeConfig, config_from_format_1
 from spade_sd.encoders.backbone import Backbone
-from spade_sd.model.clustering import ExpertClustering, FeatureScaler, fit_slide_scaler
+from spade_sd.model.clustering import ExpertClustering
 from spade_sd.model.heads import ExpertMixture
 from spade_sd.model.routing import expert_weights
+from spade_sd.model.standardization import FeatureScaler, fit_slide_scaler
 from spade_sd.model.subspace import EmbeddingSubspace
 from spade_sd.spots.genes import GenePanel
 from spade_sd.utils.logging import logger
 
-MODEL_FORMAT = "spade_sd.model/1"
+MODEL_FORMAT = "spade_sd.model/2"
+# The earlier format, read by migrating its flat configuration
+FORMAT_1 = "spade_sd.model/1"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 # config.json key of the SHA-256 hex digest of the bytes of model.safetensors
 WEIGHTS_DIGEST = "weights_sha256"
-# Rows standardised, routed and embedded at a time: their float64 and activation temporaries stay ~10 MB
+# Rows standardized, routed and embedded at a time: their float64 and activation temporaries stay ~10 MB
 _CHUNK = 1024
 
 
 @dataclass
 class SpadeModel:
-    """A trained SPADE model: backbone → standardised features → routed experts → joint embedding.
+    """A trained SPADE model: backbone → standardized features → routed experts → joint embedding.
 
     Create one with :func:`spade_sd.tl.pretrain`; embed with :func:`spade_sd.tl.embed`; save with :meth:`save`
     and restore with :meth:`load`.
@@ -54,7 +62,7 @@ class SpadeModel:
     panel
         The gene panel of the gene heads.
     scaler
-        Standardisation of the backbone features (after the per-slide one, for ``standardize="slide"``).
+        Standardization of the backbone features (after the per-slide one, for ``standardize="slide"``).
     clustering
         Fine centroids and their experts (two-stage k-means).
     mixture
@@ -62,7 +70,10 @@ class SpadeModel:
     tau
         Routing temperature of soft routing.
     config
-        Hyper-parameters (patch geometry, clustering, training) and provenance.
+        Patch geometry, panel, clustering and training configuration, and provenance. A plain dict is converted:
+        one in the layout of :meth:`SpadeConfig.to_dict <spade_sd.config.SpadeConfig.to_dict>` (it has a
+        ``"clustering"`` section), or the flat layout ``config`` had in format 1
+        (:func:`~spade_sd.config.config_from_format_1`), where an absent ``"standardize"`` means ``"global"``.
     subspace
         The principal subspace of the training spots' image embeddings that every embedding (image and gene side)
         is projected onto; ``None`` keeps the heads' outputs as they are.
@@ -76,12 +87,22 @@ class SpadeModel:
     clustering: ExpertClustering
     mixture: ExpertMixture
     tau: float
-    config: dict[str, Any]
+    config: SpadeConfig
     subspace: EmbeddingSubspace | None = None
     history: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.mixture.eval()
+        if isinstance(self.config, Mapping):
+            self.config = (
+                SpadeConfig.from_dict(self.config)
+                if "clustering" in self.config
+                else config_from_format_1(
+                    self.config, panel=self.panel.to_dict(), out_dim=self.mixture.config["out_dim"]
+                )
+            )
+        if not isinstance(self.config, SpadeConfig):
+            raise TypeError(f"config must be a spade_sd.config.SpadeConfig; found {type(self.config).__name__}.")
 
     def __repr__(self) -> str:
         return (
@@ -96,19 +117,19 @@ class SpadeModel:
         return self.clustering.n_experts
 
     @property
-    def standardize(self) -> str:
-        """``"slide"``: every slide's features are first standardised by that slide's own statistics; ``"global"``: not."""
-        return self.config.get("standardize", "global")
+    def standardization(self) -> str:
+        """``"slide"``: every slide's features are first standardized by that slide's own statistics; ``"global"``: not."""
+        return self.config.clustering.standardize
 
     def slide_scaler(self, features: np.ndarray | Iterable[np.ndarray]) -> FeatureScaler | None:
-        """The per-slide standardisation fitted on all patches of one slide (``None`` if :attr:`standardize` is "global").
+        """The per-slide standardization fitted on all patches of one slide (``None`` for "global" :attr:`standardization`).
 
         Parameters
         ----------
         features
             Backbone features of every patch (spots or tiles) of the slide, as one array or as chunks of rows.
         """
-        if self.standardize != "slide":
+        if self.standardization != "slide":
             return None
         chunks = features
         if isinstance(features, np.ndarray):
@@ -125,27 +146,21 @@ class SpadeModel:
             )
         return features
 
-    def standardise(self, features: np.ndarray, slide_scaler: FeatureScaler | None = None) -> np.ndarray:
-        """Standardised backbone features, after checking they come from a backbone of the right dimension.
+    def standardize(self, features: np.ndarray, slide_scaler: FeatureScaler | None = None) -> np.ndarray:
+        """Standardized backbone features, after checking they come from a backbone of the right dimension.
 
         Parameters
         ----------
         features
             Backbone features ``(n, backbone.dim)``.
         slide_scaler
-            The slide's own standardisation (:meth:`slide_scaler`) for a model with ``standardize="slide"``;
+            The slide's own standardization (:meth:`slide_scaler`) for a model with ``standardize="slide"``;
             ``None`` fits it on ``features``, which must then be all patches of one slide.
         """
         features = self._checked(features)
-        if self.standardize == "slide":
+        if self.standardization == "slide":
             features = (slide_scaler or self.slide_scaler(features)).transform(features)
         return self.scaler.transform(features)
-
-    def route(
-        self, features: np.ndarray, *, hard: bool = False, slide_scaler: FeatureScaler | None = None
-    ) -> np.ndarray:
-        """Expert weights ``(n, n_experts)`` of backbone features (soft: softmax(−d/τ) summed per expert)."""
-        return expert_weights(self.standardise(features, slide_scaler), self.clustering, tau=self.tau, hard=hard)
 
     def _heads(self, inputs: np.ndarray, weights: np.ndarray, side: str) -> np.ndarray:
         embed = self.mixture.embed_image if side == "image" else self.mixture.embed_gene
@@ -164,7 +179,7 @@ class SpadeModel:
         """Image-side embedding of backbone features.
 
         Works through the rows in chunks, so ``features`` may be a memory map of a whole slide's tiles: only the
-        ``(n, out_dim)`` embedding and ``(n, n_experts)`` weights are held in memory, never a standardised copy.
+        ``(n, out_dim)`` embedding and ``(n, n_experts)`` weights are held in memory, never a standardized copy.
 
         Parameters
         ----------
@@ -173,7 +188,7 @@ class SpadeModel:
         hard
             Route each patch to the expert of its nearest fine centroid only.
         slide_scaler
-            For a model with ``standardize="slide"``: the slide's standardisation (:meth:`slide_scaler`), needed
+            For a model with ``standardize="slide"``: the slide's standardization (:meth:`slide_scaler`), needed
             when ``features`` are only part of a slide; ``None`` fits it on ``features`` (a whole slide).
 
         Returns
@@ -181,14 +196,14 @@ class SpadeModel:
         The embedding ``(n, out_dim)`` and the expert weights ``(n, n_experts)``.
         """
         n = len(features)
-        if slide_scaler is None and self.standardize == "slide":
+        if slide_scaler is None and self.standardization == "slide":
             slide_scaler = self.slide_scaler(features)
         embedding = np.empty((n, self.mixture.config["out_dim"]), dtype=np.float32)
         weights = np.empty((n, self.n_experts), dtype=np.float32)
         for start in range(0, max(n, 1), _CHUNK):
-            standardised = self.standardise(features[start : start + _CHUNK], slide_scaler)
-            weights[start : start + _CHUNK] = expert_weights(standardised, self.clustering, tau=self.tau, hard=hard)
-            embedding[start : start + _CHUNK] = self._heads(standardised, weights[start : start + _CHUNK], "image")
+            standardized = self.standardize(features[start : start + _CHUNK], slide_scaler)
+            weights[start : start + _CHUNK] = expert_weights(standardized, self.clustering, tau=self.tau, hard=hard)
+            embedding[start : start + _CHUNK] = self._heads(standardized, weights[start : start + _CHUNK], "image")
         return embedding, weights
 
     def embed_expression(self, expression: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -218,7 +233,7 @@ class SpadeModel:
             arrays.update({f"subspace.{k}": v for k, v in self.subspace.to_arrays().items()})
         metadata = {
             "format": MODEL_FORMAT,
-            "config": self.config,
+            "config": self.config.to_dict(),
             "tau": self.tau,
             "mixture": self.mixture.config,
             "panel": self.panel.to_dict(),
@@ -296,7 +311,8 @@ class SpadeModel:
 
         The bytes of ``model.safetensors`` are checked against the SHA-256 digest recorded in ``config.json``;
         a model saved by an older spade_sd without the digest loads with an info message that its weights were not
-        verified.
+        verified. A model saved in format ``spade_sd.model/1`` has its configuration migrated (see
+        :func:`~spade_sd.config.config_from_format_1`); saving it again writes the current format.
 
         Parameters
         ----------
@@ -332,10 +348,10 @@ class SpadeModel:
         except json.JSONDecodeError as error:
             raise ValueError(f"{config_path} is damaged (not valid JSON: {error}).") from error
         found = metadata.get("format") if isinstance(metadata, dict) else None
-        if found != MODEL_FORMAT:
+        if found not in (MODEL_FORMAT, FORMAT_1):
             raise ValueError(
-                f"{path} holds model format {found!r}; this spade_sd ({_version()}) reads {MODEL_FORMAT!r}. "
-                "Load it with the spade_sd version that saved it."
+                f"{path} holds model format {found!r}; this spade_sd ({_version()}) reads {MODEL_FORMAT!r} "
+                f"(and migrates {FORMAT_1!r}). Load it with the spade_sd version that saved it."
             )
         # the bytes that are hashed are the bytes that are parsed
         data = weights_path.read_bytes()
@@ -357,7 +373,7 @@ class SpadeModel:
             arrays = load(data)
         except (SafetensorError, OSError, ValueError) as error:
             raise ValueError(f"{weights_path} is damaged and cannot be read: {error}") from error
-        return cls._from_saved(metadata, arrays, backbone)
+        return cls._from_saved(_migrated(metadata), arrays, backbone)
 
     @classmethod
     def _from_saved(cls, metadata: dict, arrays: dict[str, np.ndarray], backbone: Backbone | None) -> SpadeModel:
@@ -400,10 +416,18 @@ class SpadeModel:
             clustering=ExpertClustering.from_arrays(part["clustering"], metadata["clustering"]),
             mixture=mixture,
             tau=float(metadata["tau"]),
-            config=metadata["config"],
+            config=SpadeConfig.from_dict(metadata["config"]),
             subspace=EmbeddingSubspace.from_arrays(part["subspace"]) if part["subspace"] else None,
             history=metadata.get("history", {}),
         )
+
+
+def _migrated(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The metadata of a saved model in the current format: a format-1 flat configuration is migrated."""
+    if metadata["format"] != FORMAT_1:
+        return metadata
+    config = config_from_format_1(metadata["config"], panel=metadata["panel"], out_dim=metadata["mixture"]["out_dim"])
+    return {**metadata, "format": MODEL_FORMAT, "config": config.to_dict()}
 
 
 def _version() -> str:

@@ -1,29 +1,18 @@
 """The embedding's principal subspace: the leading directions of the training spots' image embeddings.
 
 After training, SPADE keeps its embeddings in the span of their ``n_comps`` leading principal directions (fitted on
-the training spots' image embeddings). On the olfactory bulb the trailing directions of a 256-d embedding hold 30 % of
-its variance but add nothing to expression retrieval, while a linear probe fitted on few spots overfits them
-(``docs/quality.md``).
+the training spots' image embeddings). The trailing directions hold much of the variance but add little to
+expression retrieval, while a linear probe fitted on few spots overfits them; ``docs/quality.md`` has the
+measurements.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from numbers import Integral
 
 import numpy as np
 
-
-def check_n_comps(n_comps: int | None, out_dim: int, n_spots: int | None = None) -> None:
-    """Raise a ValueError unless ``n_comps`` is ``None`` or an int in ``[1, min(out_dim, n_spots)]``."""
-    if n_comps is None:
-        return
-    if isinstance(n_comps, bool) or not isinstance(n_comps, Integral) or n_comps < 1:
-        raise ValueError(f"n_comps must be a positive int or None; found {n_comps!r}.")
-    if n_comps > out_dim:
-        raise ValueError(f"n_comps must be at most out_dim ({out_dim}); found {n_comps}.")
-    if n_spots is not None and n_comps > n_spots:
-        raise ValueError(f"n_comps must be at most the number of training spots ({n_spots}); found {n_comps}.")
+from spade_sd.config import check_n_comps
 
 
 @dataclass
@@ -62,8 +51,8 @@ class EmbeddingSubspace:
 
     def project(self, embedding: np.ndarray) -> np.ndarray:
         """``mean + (embedding − mean) · basis · basisᵀ``: same shape, coordinates and distances within the subspace."""
-        centred = np.asarray(embedding, dtype=np.float32) - self.mean
-        return (self.mean + (centred @ self.basis) @ self.basis.T).astype(np.float32)
+        centered = np.asarray(embedding, dtype=np.float32) - self.mean
+        return (self.mean + (centered @ self.basis) @ self.basis.T).astype(np.float32)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Arrays to save."""

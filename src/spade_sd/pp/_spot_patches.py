@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from spatialdata import SpatialData
 
-from spade_sd.encoders.features import resolve_patches
-from spade_sd.spots.patches import SpotPatches
+from spade_sd.config import PatchConfig
+from spade_sd.spots.patches import SpotPatches, resolve_patches
 
 
 def spot_patches(
@@ -12,11 +12,11 @@ def spot_patches(
     image_key: str | None = None,
     shapes_key: str | None = None,
     table_key: str | None = None,
-    size_um: float = 112.0,
-    size_px: int = 224,
+    size_um: float = PatchConfig.size_um,
+    size_px: int = PatchConfig.size_px,
     mpp: float | None = None,
 ) -> SpotPatches:
-    """Lazy square H&E patches centred on every spot.
+    """Lazy square H&E patches centered on every spot.
 
     Each patch covers ``size_um`` µm (the HEST convention: 112 µm at 224 px, i.e. 0.5 µm/px), is read from the
     coarsest pyramid level at least as fine as needed, resampled to ``size_px`` and padded with white beyond the
@@ -49,13 +49,5 @@ def spot_patches(
     >>> patches[0].shape
     (224, 224, 3)
     """
-    _, patches = resolve_patches(
-        sdata,
-        image_key=image_key,
-        shapes_key=shapes_key,
-        table_key=table_key,
-        size_um=size_um,
-        size_px=size_px,
-        mpp=mpp,
-    )
-    return patches
+    elements = {"image_key": image_key, "shapes_key": shapes_key, "table_key": table_key}
+    return resolve_patches(sdata, size_um=size_um, size_px=size_px, mpp=mpp, **elements)[1]

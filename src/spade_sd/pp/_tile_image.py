@@ -4,7 +4,7 @@ import time
 
 from spatialdata import SpatialData
 
-from spade_sd.spots.geometry import _check_key, _choose, image_levels
+from spade_sd.spots.geometry import check_element_key, choose_element, image_levels
 from spade_sd.spots.patches import check_image
 from spade_sd.spots.tiles import make_tiles
 from spade_sd.utils.logging import logger
@@ -53,7 +53,7 @@ def tile_image(
     """Cover an H&E image with square tiles, keeping those over tissue, so that slides without ST can be embedded.
 
     The tiles form a grid of ``size_um`` squares every ``stride_um`` from the image's top-left corner; a tile belongs
-    to the grid when its centre lies in the image (tiles at the border may reach beyond it, and their patches are
+    to the grid when its center lies in the image (tiles at the border may reach beyond it, and their patches are
     padded with white). They are stored in the image's full-resolution (level-0) pixels with the image's own
     transformations, so they share every coordinate system of the image, and
     ``sd.pp.spot_patches(sdata, shapes_key=key_added, size_um=size_um)`` returns exactly their squares.
@@ -109,7 +109,7 @@ def tile_image(
 
         - ``.obs['tile_id']``, ``.obs['region']``, ``.obs['tile_row']``, ``.obs['tile_col']``: where the tile is;
         - ``.obs['tissue_fraction']``: the share of its square covered by tissue;
-        - ``.obsm['spatial']``: tile centres ``(x, y)`` in level-0 pixels;
+        - ``.obsm['spatial']``: tile centers ``(x, y)`` in level-0 pixels;
         - ``.uns['spade_sd']``: ``kind='tiles'``, ``image_key``, ``mpp`` (µm per level-0 pixel) and
           ``mpp_source``, ``size_um``, ``stride_um``, ``tissue_only``, ``min_tissue_fraction``, ``tissue_level``,
           ``tissue_step`` (the stride within that level), ``tissue_threshold`` (the saturation threshold used) and
@@ -134,9 +134,9 @@ def tile_image(
     if tissue_level is not None:
         check_int("tissue_level", tissue_level, minimum=0)
     check_key("key_added", key_added)
-    _check_key(sdata, "images", image_key)
+    check_element_key(sdata, "images", image_key)
     if image_key is None:
-        image_key = _choose("images", list(sdata.images), "image_key", "the images of this SpatialData")
+        image_key = choose_element("images", list(sdata.images), "image_key", "the images of this SpatialData")
     check_image(image_levels(sdata.images[image_key])[0])
     table_key = f"{key_added}_table"
     _check_free(sdata, [key_added, table_key])

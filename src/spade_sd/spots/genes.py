@@ -16,9 +16,10 @@ from anndata import AnnData
 from scipy import sparse
 from scipy.spatial import cKDTree
 
+from spade_sd.config import PANEL_FLAVORS, PanelConfig
+from spade_sd.utils.constants import SAMPLE, SAMPLE_KEY, SPATIAL_KEY, UNS_KEY
 from spade_sd.utils.logging import logger
 
-_FLAVORS = ("union", "global")
 _CHECK_CHUNK = 10_000_000
 _NEIGHBOUR_RADIUS = 1.5
 _MAX_LISTED = 10
@@ -61,11 +62,11 @@ class GenePanel:
     """
 
     genes: list[str]
-    flavor: Literal["union", "global"] = "union"
-    n_top_genes: int = 50
+    flavor: Literal["union", "global"] = PanelConfig.flavor
+    n_top_genes: int = PanelConfig.n_top_genes
     target_sum: float | None = 1e4
     min_counts: int = 3
-    smoothing: float = 0.0
+    smoothing: float = PanelConfig.smoothing
 
     def __post_init__(self) -> None:
         self.genes = [str(g) for g in self.genes]
@@ -81,12 +82,12 @@ class GenePanel:
         cls,
         tables: AnnData | Sequence[AnnData],
         *,
-        n_top_genes: int = 50,
-        flavor: Literal["union", "global"] = "union",
+        n_top_genes: int = PanelConfig.n_top_genes,
+        flavor: Literal["union", "global"] = PanelConfig.flavor,
         layer: str | None = None,
         target_sum: float | None = 1e4,
         min_counts: int = 3,
-        smoothing: float = 0.0,
+        smoothing: float = PanelConfig.smoothing,
     ) -> GenePanel:
         """Select the panel from the raw counts of one or more tables.
 
@@ -158,9 +159,9 @@ class GenePanel:
         name = _table_name(table, None)
         _check_table(table, name, layer)
         self._check_covers(table, name)
-        if self.smoothing > 0 and "spatial" not in table.obsm:
+        if self.smoothing > 0 and SPATIAL_KEY not in table.obsm:
             raise ValueError(
-                f"Smoothing needs spot centres in obsm['spatial'], but table {name!r} has only "
+                f"Smoothing needs spot centers in obsm['spatial'], but table {name!r} has only "
                 f"{sorted(table.obsm)}; add them or use a panel with smoothing=0."
             )
         columns = table.var_names.get_indexer(self.genes)
@@ -208,8 +209,8 @@ class GenePanel:
 
 
 def _check_options(flavor: str, n_top_genes: int, target_sum: float | None, min_counts: int, smoothing: float) -> None:
-    if flavor not in _FLAVORS:
-        raise ValueError(f"flavor must be one of {_FLAVORS}, got {flavor!r}.")
+    if flavor not in PANEL_FLAVORS:
+        raise ValueError(f"flavor must be one of {PANEL_FLAVORS}, got {flavor!r}.")
     if n_top_genes < 1:
         raise ValueError(f"n_top_genes must be at least 1, got {n_top_genes}.")
     if target_sum is not None and target_sum <= 0:
@@ -221,7 +222,7 @@ def _check_options(flavor: str, n_top_genes: int, target_sum: float | None, min_
 
 
 def _table_name(table: AnnData, position: int | None) -> str:
-    sample = table.uns.get("spade_sd", {}).get("sample")
+    sample = table.uns.get(UNS_KEY, {}).get(SAMPLE)
     if sample is not None:
         return str(sample)
     return "table" if position is None else f"tables[{position}]"
@@ -306,7 +307,7 @@ def _check_raw_counts(matrix: sparse.csr_matrix | np.ndarray, name: str, layer: 
 
 def _split_samples(table: AnnData, name: str, layer: str | None) -> Iterator[_Sample]:
     counts = _counts_matrix(table, layer, name)
-    labels = table.obs["sample"] if "sample" in table.obs else None
+    labels = table.obs[SAMPLE_KEY] if SAMPLE_KEY in table.obs else None
     if labels is None or labels.nunique() < 2:
         yield _Sample(name, counts, table.var_names)
         return
@@ -378,8 +379,8 @@ def _global_hvgs(
 
 
 def _smooth(expression: np.ndarray, table: AnnData, weight: float) -> np.ndarray:
-    coords = np.asarray(table.obsm["spatial"], dtype=np.float64)[:, :2]
-    labels = table.obs["sample"].to_numpy() if "sample" in table.obs else np.zeros(table.n_obs)
+    coords = np.asarray(table.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2]
+    labels = table.obs[SAMPLE_KEY].to_numpy() if SAMPLE_KEY in table.obs else np.zeros(table.n_obs)
     smoothed = expression.copy()
     for label in pd.unique(labels):
         rows = np.flatnonzero(labels == label)

@@ -1,6 +1,6 @@
 """Which elements are meant, and where each spot lies in the image's pixels, at every pyramid level, in µm.
 
-Everything here goes through spatialdata's transformations: spot centres are mapped from the shapes' coordinates
+Everything here goes through spatialdata's transformations: spot centers are mapped from the shapes' coordinates
 to a coordinate system shared with the image, then into the pixels of each pyramid level.
 """
 
@@ -15,10 +15,8 @@ from spatialdata import SpatialData
 from spatialdata.transformations import get_transformation
 from xarray import DataArray, DataTree
 
+from spade_sd.utils.constants import MPP, SPOT_DIAMETER_UM, SPOT_DIAMETERS_UM, TECHNOLOGY, UNS_KEY
 from spade_sd.utils.validation import check_mpp, check_number
-
-# Spot diameters of technologies whose tables spade_sd recognises without a user-given scale.
-SPOT_DIAMETER_UM = {"Visium": 55.0, "legacy_ST": 100.0}
 
 
 @dataclass(frozen=True)
@@ -32,7 +30,7 @@ class SpotGeometry:
     table_rows
         Positions in the table of the rows annotating ``shapes_key``; ``centers`` and ``radius`` follow this order.
     centers
-        ``(n, 2)`` spot centres ``(x, y)`` in full-resolution (level-0) pixels.
+        ``(n, 2)`` spot centers ``(x, y)`` in full-resolution (level-0) pixels.
     radius
         ``(n,)`` spot radius in level-0 pixels (for polygons: the radius of the circle of equal area).
     mpp
@@ -61,7 +59,7 @@ class SpotGeometry:
         return len(self.centers)
 
     def centers_at(self, level: int) -> np.ndarray:
-        """Spot centres ``(x, y)`` in the continuous pixel coordinates of pyramid ``level`` (pixel k spans [k, k+1))."""
+        """Spot centers ``(x, y)`` in the continuous pixel coordinates of pyramid ``level`` (pixel k spans [k, k+1))."""
         return self.centers / np.asarray(self.level_downsample[level])
 
 
@@ -79,7 +77,7 @@ def _available(kind: str, names: list[str]) -> str:
 _ELEMENT_KINDS = ("images", "labels", "points", "shapes", "tables")
 _SPOTS_AS_SHAPES = (
     "spade_sd reads spots from shapes: circles (points with a 'radius' column) or polygons. Make them with "
-    "spatialdata.models.ShapesModel.parse, e.g. from cell centres with a radius"
+    "spatialdata.models.ShapesModel.parse, e.g. from cell centers with a radius"
 )
 
 
@@ -87,7 +85,8 @@ def _element_kind(sdata: SpatialData, name: str) -> str | None:
     return next((kind for kind in _ELEMENT_KINDS if name in getattr(sdata, kind)), None)
 
 
-def _check_key(sdata: SpatialData, kind: str, key: str | None) -> None:
+def check_element_key(sdata: SpatialData, kind: str, key: str | None) -> None:
+    """Refuse a ``key`` that names no element of ``kind`` (``"images"``, ``"shapes"``, ...), saying what it is."""
     if key is not None and not isinstance(key, str):
         raise TypeError(f"{kind[:-1]}_key must be a string naming one of the {kind}; found {key!r}.")
     names = list(getattr(sdata, kind))
@@ -99,7 +98,8 @@ def _check_key(sdata: SpatialData, kind: str, key: str | None) -> None:
         raise KeyError(f"{kind[:-1]} {key!r} is not in the SpatialData; {_available(kind, names)}.")
 
 
-def _annotated_regions(table: AnnData) -> list[str]:
+def annotated_regions(table: AnnData) -> list[str]:
+    """The element names a table annotates (its ``spatialdata_attrs`` region)."""
     attrs = table.uns.get("spatialdata_attrs", {})
     region = attrs.get("region", [])
     return [region] if isinstance(region, str) else list(region)
@@ -110,7 +110,7 @@ def _what_tables_annotate(sdata: SpatialData, tables: list[str]) -> str:
         return "this SpatialData has no tables"
     described = []
     for name in tables:
-        regions = _annotated_regions(sdata.tables[name])
+        regions = annotated_regions(sdata.tables[name])
         kinds = [
             f"{kind[:-1]} {region!r}" if (kind := _element_kind(sdata, region)) else f"{region!r} (not in it)"
             for region in regions
@@ -119,11 +119,13 @@ def _what_tables_annotate(sdata: SpatialData, tables: list[str]) -> str:
     return "; ".join(described)
 
 
-def _coordinate_systems(element) -> set[str]:
+def coordinate_systems(element) -> set[str]:
+    """The coordinate systems an element has a transformation to."""
     return set(get_transformation(element, get_all=True))
 
 
-def _choose(kind: str, candidates: list[str], argument: str, why: str) -> str:
+def choose_element(kind: str, candidates: list[str], argument: str, why: str) -> str:
+    """The only candidate element, else an error listing the candidates and the argument that chooses one."""
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
@@ -150,10 +152,10 @@ def resolve_elements(
     if not isinstance(sdata, SpatialData):
         raise TypeError(f"Expected a spatialdata.SpatialData, found {type(sdata).__name__}.")
     for kind, key in (("images", image_key), ("shapes", shapes_key), ("tables", table_key)):
-        _check_key(sdata, kind, key)
+        check_element_key(sdata, kind, key)
 
     tables = [table_key] if table_key is not None else list(sdata.tables)
-    annotating = {name: [r for r in _annotated_regions(sdata.tables[name]) if r in sdata.shapes] for name in tables}
+    annotating = {name: [r for r in annotated_regions(sdata.tables[name]) if r in sdata.shapes] for name in tables}
     if table_key is not None and not annotating[table_key]:
         raise ValueError(
             f"Table {table_key!r} annotates no shapes element ({_what_tables_annotate(sdata, [table_key])}); "
@@ -168,9 +170,9 @@ def resolve_elements(
                 f"{_available('shapes', list(sdata.shapes))}. {_SPOTS_AS_SHAPES}, and annotate them with "
                 "TableModel.parse(region=<shapes name>, ...)."
             )
-        shapes_key = _choose("shapes", annotated, "shapes_key", "shapes elements annotated by a table")
+        shapes_key = choose_element("shapes", annotated, "shapes_key", "shapes elements annotated by a table")
     if table_key is None:
-        table_key = _choose(
+        table_key = choose_element(
             "tables",
             [n for n, r in annotating.items() if shapes_key in r],
             "table_key",
@@ -181,12 +183,12 @@ def resolve_elements(
             f"Table {table_key!r} does not annotate shapes {shapes_key!r}; it annotates {annotating[table_key]}."
         )
 
-    shapes_systems = _coordinate_systems(sdata.shapes[shapes_key])
+    shapes_systems = coordinate_systems(sdata.shapes[shapes_key])
     if image_key is None:
-        sharing = [name for name in sdata.images if _coordinate_systems(sdata.images[name]) & shapes_systems]
+        sharing = [name for name in sdata.images if coordinate_systems(sdata.images[name]) & shapes_systems]
         why = f"images sharing a coordinate system with shapes {shapes_key!r} ({sorted(shapes_systems)})"
-        image_key = _choose("images", sharing, "image_key", why)
-    image_systems = _coordinate_systems(sdata.images[image_key])
+        image_key = choose_element("images", sharing, "image_key", why)
+    image_systems = coordinate_systems(sdata.images[image_key])
     shared = sorted(image_systems & shapes_systems)
     if not shared:
         raise ValueError(
@@ -198,7 +200,7 @@ def resolve_elements(
     return image_key, shapes_key, table_key, coordinate_system
 
 
-def _affine(element, coordinate_system: str) -> np.ndarray:
+def affine_to(element, coordinate_system: str) -> np.ndarray:
     """3×3 matrix mapping the element's (x, y) to the coordinate system's (x, y)."""
     transformation = get_transformation(element, to_coordinate_system=coordinate_system)
     return np.asarray(transformation.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=float)
@@ -208,12 +210,13 @@ def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     return points @ matrix[:2, :2].T + matrix[:2, 2]
 
 
-def _level_downsample(
+def pyramid_downsample(
     levels: list[DataArray], coordinate_system: str, to_level0: np.ndarray
 ) -> tuple[tuple[float, float], ...]:
+    """Level-0 pixels per pixel ``(x, y)`` of each pyramid level, through the levels' transformations."""
     factors = []
     for level in levels:
-        linear = (to_level0 @ _affine(level, coordinate_system))[:2, :2]
+        linear = (to_level0 @ affine_to(level, coordinate_system))[:2, :2]
         # Odd sizes make a level's x and y factors differ slightly (9911 → 4955 px is 2.0002); anything else is
         # a rotated or sheared level, which a square patch window cannot follow.
         if not np.allclose(linear, np.diag(np.diag(linear)), atol=1e-9) or not np.isclose(
@@ -243,7 +246,7 @@ def _spot_table(sdata: SpatialData, shapes_key: str, table_key: str) -> tuple[np
     return rows, instances
 
 
-def _centres_and_radius(shapes, instances: pd.Index) -> tuple[np.ndarray, np.ndarray]:
+def _centers_and_radius(shapes, instances: pd.Index) -> tuple[np.ndarray, np.ndarray]:
     shapes = shapes.loc[instances]
     geometry = shapes.geometry
     if (geometry.geom_type == "Point").all():
@@ -255,27 +258,27 @@ def _centres_and_radius(shapes, instances: pd.Index) -> tuple[np.ndarray, np.nda
 
 
 def _known_spot_diameter(table: AnnData) -> tuple[float | None, str]:
-    meta = table.uns.get("spade_sd", {})
-    if "spot_diameter_um" in meta:
-        field = "the table's uns['spade_sd']['spot_diameter_um']"
-        return check_number(field, meta["spot_diameter_um"], minimum=0, exclusive_minimum=True, unit="µm"), field
-    technology = meta.get("technology")
+    meta = table.uns.get(UNS_KEY, {})
+    if SPOT_DIAMETER_UM in meta:
+        field = f"the table's uns[{UNS_KEY!r}][{SPOT_DIAMETER_UM!r}]"
+        return check_number(field, meta[SPOT_DIAMETER_UM], minimum=0, exclusive_minimum=True, unit="µm"), field
+    technology = meta.get(TECHNOLOGY)
     if technology is None and "spatial" in table.uns:
         libraries = table.uns["spatial"].values()
         if any("spot_diameter_fullres" in lib.get("scalefactors", {}) for lib in libraries):
             technology = "Visium"  # Space Ranger's scalefactors, as spatialdata-io and scanpy read them
-    if technology in SPOT_DIAMETER_UM:
-        return SPOT_DIAMETER_UM[technology], f"the {technology} spot diameter"
+    if technology in SPOT_DIAMETERS_UM:
+        return SPOT_DIAMETERS_UM[technology], f"the {technology} spot diameter"
     return None, ""
 
 
 def _resolve_mpp(mpp: float | None, table: AnnData, radius: np.ndarray, table_key: str) -> tuple[float, str]:
     if mpp is not None:
         return check_mpp("mpp", mpp), "the mpp argument"
-    meta = table.uns.get("spade_sd", {})
-    if "mpp" in meta:
-        field = "the table's uns['spade_sd']['mpp']"
-        return check_mpp(field, meta["mpp"]), field
+    meta = table.uns.get(UNS_KEY, {})
+    if MPP in meta:
+        field = f"the table's uns[{UNS_KEY!r}][{MPP!r}]"
+        return check_mpp(field, meta[MPP]), field
     diameter, source = _known_spot_diameter(table)
     if diameter is not None:
         if not np.isfinite(radius).all() or (radius <= 0).any():
@@ -286,9 +289,9 @@ def _resolve_mpp(mpp: float | None, table: AnnData, radius: np.ndarray, table_ke
         )
     raise ValueError(
         f"The physical scale is unknown: table {table_key!r} records no spot diameter or technology "
-        f"(uns['spade_sd'] has {sorted(meta)}), and no mpp was given. Pass mpp= (µm per pixel of the image's "
-        f"full-resolution level), or set uns['spade_sd'] = {{'spot_diameter_um': ...}} on the table "
-        f"(known technologies: {SPOT_DIAMETER_UM})."
+        f"(uns[{UNS_KEY!r}] has {sorted(meta)}), and no mpp was given. Pass mpp= (µm per pixel of the image's "
+        f"full-resolution level), or set uns[{UNS_KEY!r}] = {{{SPOT_DIAMETER_UM!r}: ...}} on the table "
+        f"(known technologies: {SPOT_DIAMETERS_UM})."
     )
 
 
@@ -301,7 +304,7 @@ def resolve_geometry(
     mpp: float | None = None,
     require_scale: bool = True,
 ) -> SpotGeometry:
-    """Resolve the elements and compute every spot's centre and radius in image pixels, and the µm per pixel.
+    """Resolve the elements and compute every spot's center and radius in image pixels, and the µm per pixel.
 
     Parameters
     ----------
@@ -317,30 +320,30 @@ def resolve_geometry(
 
     Returns
     -------
-    The resolved :class:`SpotGeometry`. Spots whose centre lies outside the image are an error.
+    The resolved :class:`SpotGeometry`. Spots whose center lies outside the image are an error.
     """
     image_key, shapes_key, table_key, system = resolve_elements(
         sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key
     )
     levels = image_levels(sdata.images[image_key])
-    to_level0 = np.linalg.inv(_affine(levels[0], system))
+    to_level0 = np.linalg.inv(affine_to(levels[0], system))
     shapes = sdata.shapes[shapes_key]
-    shapes_to_pixels = to_level0 @ _affine(shapes, system)
+    shapes_to_pixels = to_level0 @ affine_to(shapes, system)
 
     rows, instances = _spot_table(sdata, shapes_key, table_key)
     if len(rows) == 0:
         raise ValueError(f"Table {table_key!r} has no rows for shapes {shapes_key!r}.")
-    centres, radius = _centres_and_radius(shapes, instances)
-    centres = _apply(shapes_to_pixels, centres)
+    centers, radius = _centers_and_radius(shapes, instances)
+    centers = _apply(shapes_to_pixels, centers)
     radius = radius * np.sqrt(abs(np.linalg.det(shapes_to_pixels[:2, :2])))
 
     height, width = levels[0].sizes["y"], levels[0].sizes["x"]
-    outside = (centres[:, 0] < 0) | (centres[:, 1] < 0) | (centres[:, 0] >= width) | (centres[:, 1] >= height)
+    outside = (centers[:, 0] < 0) | (centers[:, 1] < 0) | (centers[:, 0] >= width) | (centers[:, 1] >= height)
     if outside.any():
         raise ValueError(
-            f"{outside.sum()} of {len(centres)} spots of {shapes_key!r} lie outside image {image_key!r} "
+            f"{outside.sum()} of {len(centers)} spots of {shapes_key!r} lie outside image {image_key!r} "
             f"({width} × {height} px in coordinate system {system!r}), e.g. spots {instances[outside][:5].tolist()} "
-            f"at pixels {np.round(centres[outside][:3], 1).tolist()}; check the transformations or the image_key."
+            f"at pixels {np.round(centers[outside][:3], 1).tolist()}; check the transformations or the image_key."
         )
     try:
         value, source = _resolve_mpp(mpp, sdata.tables[table_key], radius, table_key)
@@ -354,10 +357,10 @@ def resolve_geometry(
         table_key=table_key,
         coordinate_system=system,
         table_rows=rows,
-        centers=centres,
+        centers=centers,
         radius=radius,
         mpp=value,
         mpp_source=source,
         level_shapes=tuple((lv.sizes["y"], lv.sizes["x"]) for lv in levels),
-        level_downsample=_level_downsample(levels, system, to_level0),
+        level_downsample=pyramid_downsample(levels, system, to_level0),
     )

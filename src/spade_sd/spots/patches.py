@@ -1,4 +1,4 @@
-"""Lazy fixed-size square patches centred on spots, read from the coarsest sufficient pyramid level.
+"""Lazy fixed-size square patches centered on spots, read from the coarsest sufficient pyramid level.
 
 Only the windows asked for are read (one dask computation per batch), so a slide of any size is never loaded
 whole. Each window covers exactly ``size_um`` µm, is resampled to ``size_px`` pixels and is white beyond the image.
@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 from xarray import DataArray
 
-from spade_sd.spots.geometry import SpotGeometry, image_levels
+from spade_sd.spots.geometry import SpotGeometry, image_levels, resolve_geometry
 from spade_sd.utils.validation import check_patch_geometry
 
 WHITE = 255
@@ -34,7 +34,7 @@ def choose_level(geometry: SpotGeometry, size_um: float, size_px: int) -> int:
     return max(fine_enough, default=0)
 
 
-def _as_rgb_uint8(window: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def as_rgb_uint8(window: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """(c, y, x) window of any supported image type → (y, x, 3) uint8 RGB."""
     if np.issubdtype(dtype, np.floating):
         if window.size and (np.nanmin(window) < 0 or np.nanmax(window) > 1):
@@ -92,7 +92,7 @@ def check_image(level: DataArray) -> None:
 
 
 class SpotPatches:
-    """Lazy, indexable patches centred on spots; usable as a map-style :class:`torch.utils.data.Dataset`.
+    """Lazy, indexable patches centered on spots; usable as a map-style :class:`torch.utils.data.Dataset`.
 
     ``ds[i]`` is the uint8 ``(size_px, size_px, 3)`` patch of spot ``i`` (in the order of the table's rows);
     :meth:`read` reads a batch at once.
@@ -126,7 +126,7 @@ class SpotPatches:
                 f"{MAX_WINDOW_PX} px are read per patch. "
                 "Check the scale (mpp=) and size_um, or add coarser pyramid levels to the image."
             )
-        self._centres = geometry.centers_at(self.level)
+        self._centers = geometry.centers_at(self.level)
 
     def __len__(self) -> int:
         return self.geometry.n_spots
@@ -137,7 +137,7 @@ class SpotPatches:
         return self.read([index])[0]
 
     def _box(self, index: int) -> tuple[float, float, float, float]:
-        cx, cy = self._centres[index]
+        cx, cy = self._centers[index]
         hx, hy = self.window_px / 2
         return cx - hx, cy - hy, cx + hx, cy + hy
 
@@ -180,7 +180,7 @@ class SpotPatches:
         out = np.empty((len(indices), self.size_px, self.size_px, 3), dtype=np.uint8)
         for k, (window, (_, covered), box) in enumerate(zip(pixels, windows, boxes, strict=True)):
             window = np.asarray(window) if self._channels is None else np.asarray(window)[self._channels]
-            out[k] = self._resample(_as_rgb_uint8(window, self._array.dtype), covered, box)
+            out[k] = self._resample(as_rgb_uint8(window, self._array.dtype), covered, box)
         return out
 
     def fingerprint(self) -> str:
@@ -196,3 +196,27 @@ class SpotPatches:
         sample = np.unique(np.linspace(0, len(self) - 1, min(FINGERPRINT_SPOTS, len(self))).round().astype(int))
         digest.update(self.read(sample).tobytes())
         return digest.hexdigest()
+
+
+def resolve_patches(
+    sdata, *, size_um: float = 112.0, size_px: int = 224, mpp: float | None = None, **elements: str | None
+) -> tuple[SpotGeometry, SpotPatches]:
+    """The spots' geometry and their lazy patches; nothing is read yet.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData holding an H&E image, spots and a table annotating them.
+    size_um, size_px
+        Patch side in µm and in pixels.
+    mpp
+        µm per pixel of the image's full-resolution level (inferred when ``None``).
+    **elements
+        ``image_key``, ``shapes_key`` and ``table_key`` (see :func:`~spade_sd.spots.geometry.resolve_geometry`).
+
+    Returns
+    -------
+    The :class:`~spade_sd.spots.geometry.SpotGeometry` and the :class:`SpotPatches` in the table's row order.
+    """
+    geometry = resolve_geometry(sdata, mpp=mpp, **elements)
+    return geometry, SpotPatches(sdata.images[geometry.image_key], geometry, size_um=size_um, size_px=size_px)

@@ -26,14 +26,15 @@ from spatialdata.transformations import get_transformation
 from xarray import DataArray
 
 from spade_sd.spots.geometry import (
-    _affine,
-    _annotated_regions,
-    _coordinate_systems,
-    _level_downsample,
+    affine_to,
+    annotated_regions,
+    coordinate_systems,
     image_levels,
+    pyramid_downsample,
     resolve_geometry,
 )
-from spade_sd.spots.patches import _as_rgb_uint8, rgb_channel_order
+from spade_sd.spots.patches import as_rgb_uint8, rgb_channel_order
+from spade_sd.utils.constants import SPATIAL_KEY, UNS_KEY
 
 # The tissue mask has pixels of at most size_um / 4, so a tile spans at least 4 × 4 of them.
 MASK_PIXELS_PER_TILE = 4
@@ -46,7 +47,7 @@ HSV_STRIP_ROWS = 256
 # 0.091 and 0.13 (dust); 0 % and 0.3 % of it above 0.10. Tissue: 5th percentile 0.10 and 0.084, median 0.25 and 0.19;
 # 4.7 % and 7.8 % of it below 0.10, 7.6 % and 12 % below 0.12 (pale stroma, mostly filled in by the closing). Otsu's
 # threshold on those slides, 0.148 and 0.134, loses more pale tissue; 0.10 to 0.12 kept 97 % and 93 % of the spots'
-# centres inside the mask at ~11 and ~18.5 µm/px (Otsu: 91 % and 89 %).
+# centers inside the mask at ~11 and ~18.5 µm/px (Otsu: 91 % and 89 %).
 # Below GLASS_SATURATION nothing is tissue: glass stays under it, whatever Otsu makes of a histogram of glass alone.
 GLASS_SATURATION = 0.10
 # Above TISSUE_SATURATION everything is tissue: Otsu may neither split tissue in two nor cut off its pale parts.
@@ -84,8 +85,8 @@ class TileGrid:
         return self.rows * self.n_cols + self.cols
 
     @property
-    def centres(self) -> np.ndarray:
-        """``(n, 2)`` tile centres ``(x, y)``."""
+    def centers(self) -> np.ndarray:
+        """``(n, 2)`` tile centers ``(x, y)``."""
         return self.origins + self.size_px / 2
 
     def subset(self, keep: np.ndarray) -> TileGrid:
@@ -94,14 +95,14 @@ class TileGrid:
 
 
 def _starts(extent: int, size_px: float, stride_px: float) -> np.ndarray:
-    # Only tiles whose centre lies in the image: spot_patches (rightly) refuses spots centred outside it.
+    # Only tiles whose center lies in the image: spot_patches (rightly) refuses spots centered outside it.
     count = max(math.ceil((extent - size_px / 2) / stride_px), 0)
     starts = np.arange(count) * stride_px
     return starts[starts + size_px / 2 < extent]
 
 
 def tile_grid(height: int, width: int, size_px: float, stride_px: float) -> TileGrid:
-    """Tiles of ``size_px`` every ``stride_px`` from the image's corner, keeping those whose centre is in the image.
+    """Tiles of ``size_px`` every ``stride_px`` from the image's corner, keeping those whose center is in the image.
 
     Along an axis of ``extent`` pixels this gives ``ceil((extent - size_px / 2) / stride_px)`` tiles; the last ones
     may reach beyond the border, where :func:`spade_sd.pp.spot_patches` pads with white.
@@ -109,7 +110,7 @@ def tile_grid(height: int, width: int, size_px: float, stride_px: float) -> Tile
     xs, ys = _starts(width, size_px, stride_px), _starts(height, size_px, stride_px)
     if len(xs) == 0 or len(ys) == 0:
         raise ValueError(
-            f"A tile of {size_px:.1f} px is more than twice the image ({width} × {height} px): no tile is centred "
+            f"A tile of {size_px:.1f} px is more than twice the image ({width} × {height} px): no tile is centered "
             "in it. Pass a smaller size_um."
         )
     rows, cols = np.divmod(np.arange(len(ys) * len(xs)), len(xs))
@@ -120,9 +121,9 @@ def tile_grid(height: int, width: int, size_px: float, stride_px: float) -> Tile
 def level_downsample(image) -> tuple[list[DataArray], np.ndarray]:
     """The pyramid levels of an image and their level-0 pixels per pixel ``(x, y)``, through its transformations."""
     levels = image_levels(image)
-    system = min(_coordinate_systems(levels[0]))  # any: a level's scale to level 0 is the same in all of them
-    to_level0 = np.linalg.inv(_affine(levels[0], system))
-    return levels, np.asarray(_level_downsample(levels, system, to_level0))
+    system = min(coordinate_systems(levels[0]))  # any: a level's scale to level 0 is the same in all of them
+    to_level0 = np.linalg.inv(affine_to(levels[0], system))
+    return levels, np.asarray(pyramid_downsample(levels, system, to_level0))
 
 
 def choose_tissue_level(downsample: np.ndarray, mpp: float, size_um: float) -> tuple[int, int]:
@@ -152,12 +153,12 @@ def read_decimated(level: DataArray, step: int) -> np.ndarray:
 
 def _annotated_pairs(sdata: SpatialData, image_key: str) -> list[tuple[str, str]]:
     """``(table, shapes)`` pairs where the table annotates shapes sharing a coordinate system with the image."""
-    systems = _coordinate_systems(sdata.images[image_key])
+    systems = coordinate_systems(sdata.images[image_key])
     return [
         (table_key, shapes_key)
         for table_key, table in sdata.tables.items()
-        for shapes_key in _annotated_regions(table)
-        if shapes_key in sdata.shapes and _coordinate_systems(sdata.shapes[shapes_key]) & systems
+        for shapes_key in annotated_regions(table)
+        if shapes_key in sdata.shapes and coordinate_systems(sdata.shapes[shapes_key]) & systems
     ]
 
 
@@ -242,7 +243,7 @@ def tissue_mask(pixels: np.ndarray, pixel_um: float, size_um: float) -> tuple[np
     -------
     The boolean ``(y, x)`` mask and the saturation threshold.
     """
-    saturation = _saturation(_as_rgb_uint8(pixels, pixels.dtype))
+    saturation = _saturation(as_rgb_uint8(pixels, pixels.dtype))
     threshold = saturation_threshold(saturation)
     tile_px = size_um / pixel_um
     footprint = disk(max(1, round(tile_px / 8)))
@@ -287,7 +288,7 @@ def tile_table(grid: TileGrid, fraction: np.ndarray, region: str, metadata: dict
         },
         index=grid.ids.astype(str),
     )
-    table = AnnData(obs=obs, obsm={"spatial": grid.centres}, uns={"spade_sd": metadata})
+    table = AnnData(obs=obs, obsm={SPATIAL_KEY: grid.centers}, uns={UNS_KEY: metadata})
     return TableModel.parse(table, region=region, region_key="region", instance_key="tile_id")
 
 

@@ -43,14 +43,14 @@ def _embed_patches(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Embedding and expert weights of every patch, streaming the backbone features chunk by chunk.
 
-    A model with per-slide standardisation needs the slide's feature statistics first: one pass over the
+    A model with per-slide standardization needs the slide's feature statistics first: one pass over the
     features collects them (computing the features once, into the cache or a temporary file), a second embeds.
     """
     from spade_sd.encoders.features import iter_features, rereadable_features
 
     embedding = np.empty((len(patches), model.mixture.config["out_dim"]), dtype=np.float32)
     weights = np.empty((len(patches), model.n_experts), dtype=np.float32)
-    per_slide = model.standardize == "slide"
+    per_slide = model.standardization == "slide"
     options = {"batch_size": batch_size, "cache": cache, "num_workers": num_workers}
     if per_slide:
         source = rereadable_features(patches, model.backbone, **options)
@@ -126,94 +126,37 @@ def embed(
     ``.obsm['X_spade_gene']``
         Gene-side embedding, where expression over the panel exists.
     ``.uns['spade']``
-        Parameters, the model's identity and configuration, and package versions.
+        ``params`` of this call (elements, routing, expression source, patch geometry), the ``model``'s identity,
+        backbone and configuration (:meth:`SpadeConfig.to_dict <spade_sd.config.SpadeConfig.to_dict>`), and the
+        package ``versions`` that trained it.
 
     All outputs are computed before any is written, so a failure leaves the table as it was. Features are
     computed (or read from the cache) and embedded a chunk of patches at a time, so a whole slide's backbone
     features never sit in memory: peak memory grows only with the ``(n_obs, out_dim)`` outputs. A model trained
-    with ``standardize="slide"`` standardises the features by the statistics of all patches embedded here
+    with ``standardize="slide"`` standardizes the features by the statistics of all patches embedded here
     (a first pass over the features; at least 30 patches), so embed a slide's spots or tiles in one call.
     """
-    from spade_sd.encoders.features import check_num_workers, resolve_patches
-    from spade_sd.model.clustering import MIN_SLIDE_PATCHES
-    from spade_sd.model.spade_model import SpadeModel
-
     keys = _result_keys(key_added)
-    if genes not in (None, True, False):
-        raise ValueError(f"genes must be None, True or False; found {genes!r}.")
-    check_bool("hard", hard)
-    check_bool("cache", cache)
-    check_int("batch_size", batch_size, minimum=1)
-    num_workers = check_num_workers(num_workers)
+    num_workers = _checked_options(genes=genes, hard=hard, cache=cache, batch_size=batch_size, num_workers=num_workers)
     if layer is not None:
         check_key("layer", layer)
-    if model is None:
-        model = ATTACHED_MODELS.get(sdata)
-        if model is None:
-            from spade_sd.tl._pretrain import pretrain
-
-            logger.info("No model given or attached to this SpatialData: training one on it with tl.pretrain")
-            model = pretrain(
-                sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=mpp, layer=layer
-            )
-    if not isinstance(model, SpadeModel):
-        raise TypeError(f"Expected a spade_sd.SpadeModel as model, found {type(model).__name__}.")
-    patches = model.config["patches"]
-    geometry, spot_patches = resolve_patches(
-        sdata,
-        image_key=image_key,
-        shapes_key=shapes_key,
-        table_key=table_key,
-        size_um=patches["size_um"],
-        size_px=patches["size_px"],
-        mpp=mpp,
+    model = _the_model(
+        sdata, model, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=mpp, layer=layer
     )
-    if model.standardize == "slide" and len(spot_patches) < MIN_SLIDE_PATCHES:
-        raise ValueError(
-            f"The model standardises features per slide, which needs at least {MIN_SLIDE_PATCHES} patches of the "
-            f"slide; found {len(spot_patches)} in {geometry.shapes_key!r}. Embed all of the slide's spots or tiles "
-            "(see sd.pp.tile_image), or use a model trained with standardize='global'."
-        )
+    geometry, spot_patches = _spot_patches(
+        sdata, model, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=mpp
+    )
     table = sdata.tables[geometry.table_key]
     rows = geometry.table_rows
-    spots = table[rows]
-    expression, gene_problem = (
-        (None, "genes=False") if genes is False else _panel_expression(model, spots, layer, geometry.table_key)
-    )
-    if genes and gene_problem:
-        raise ValueError(f"No gene-side embedding possible: {gene_problem}. Pass genes=False to skip it.")
-    if genes is None and gene_problem:
-        logger.info("No gene-side embedding (the image side is embedded as usual): %s", gene_problem)
-
+    expression = _expression(model, table[rows], genes, layer, geometry.table_key)
     embedding, weights = _embed_patches(
         model, spot_patches, hard=hard, batch_size=batch_size, cache=cache, num_workers=num_workers
     )
-    outputs = {
-        keys["embedding"]: embedding,
-        keys["weights"]: weights,
-    }
+    outputs = {keys["embedding"]: embedding, keys["weights"]: weights}
     if expression is not None:
         outputs[keys["gene"]] = model.embed_expression(expression, weights)
-    bad = {key: int((~np.isfinite(value).all(axis=1)).sum()) for key, value in outputs.items()}
-    if any(bad.values()):
-        raise FloatingPointError(
-            f"The embedding holds non-finite values ({bad} rows of {len(rows)}); nothing was written to table "
-            f"{geometry.table_key!r}. Check the backbone's features and the model."
-        )
-    outputs = {key: rows_filled(table, rows, value, key) for key, value in outputs.items()}
-    expert = np.full(table.n_obs, None, dtype=object)
-    if keys["expert"] in table.obs and len(rows) < table.n_obs:
-        expert[:] = table.obs[keys["expert"]].astype(object).to_numpy()
-    expert[rows] = weights.argmax(axis=1).astype(str)
-    categories = [str(e) for e in range(model.n_experts)]
-
-    for key, value in outputs.items():
-        table.obsm[key] = value
-    if keys["gene"] not in outputs and keys["gene"] in table.obsm and len(rows) == table.n_obs:
-        # a gene-side embedding of an earlier run would no longer match the new image side
-        del table.obsm[keys["gene"]]
-        logger.info("Removed the earlier .obsm[%r]: this run computed no gene-side embedding", keys["gene"])
-    table.obs[keys["expert"]] = pd.Categorical(expert, categories=categories)
+    _check_finite(outputs, len(rows), geometry.table_key)
+    _write(table, rows, keys, outputs, weights, model.n_experts)
     table.uns[keys["uns"]] = {
         "params": {
             "image_key": geometry.image_key,
@@ -222,10 +165,15 @@ def embed(
             "tau": model.tau,
             "mpp": geometry.mpp,
             "expression": "none" if expression is None else ("X" if layer is None else f"layers[{layer!r}]"),
-            **patches,
+            **model.config.patches.to_dict(),
         },
-        "model": {"identity": model.identity(), "n_experts": model.n_experts, "backbone": model.backbone.to_config()},
-        "versions": model.config.get("versions", {}),
+        "model": {
+            "identity": model.identity(),
+            "n_experts": model.n_experts,
+            "backbone": model.backbone.to_config(),
+            "config": model.config.to_dict(),
+        },
+        "versions": dict(model.config.versions),
         "outputs": sorted(outputs) + [keys["expert"]],
     }
     logger.info(
@@ -236,3 +184,86 @@ def embed(
         geometry.table_key,
         len(rows),
     )
+
+
+def _checked_options(*, genes, hard, cache, batch_size, num_workers) -> int:
+    """Check :func:`embed`'s options before any work; returns the number of reader processes."""
+    from spade_sd.encoders.features import check_num_workers
+
+    if genes not in (None, True, False):
+        raise ValueError(f"genes must be None, True or False; found {genes!r}.")
+    check_bool("hard", hard)
+    check_bool("cache", cache)
+    check_int("batch_size", batch_size, minimum=1)
+    return check_num_workers(num_workers)
+
+
+def _the_model(sdata: SpatialData, model, *, layer: str | None, **elements):
+    """The model given, else the one pretrain attached to ``sdata``, else one trained on it now (logged)."""
+    from spade_sd.model.spade_model import SpadeModel
+
+    if model is None:
+        model = ATTACHED_MODELS.get(sdata)
+        if model is None:
+            from spade_sd.tl._pretrain import pretrain
+
+            logger.info("No model given or attached to this SpatialData: training one on it with tl.pretrain")
+            model = pretrain(sdata, **elements, layer=layer)
+    if not isinstance(model, SpadeModel):
+        raise TypeError(f"Expected a spade_sd.SpadeModel as model, found {type(model).__name__}.")
+    return model
+
+
+def _spot_patches(sdata: SpatialData, model, **elements):
+    """The elements' geometry and lazy patches at the model's patch geometry, enough of them for its standardization."""
+    from spade_sd.model.standardization import MIN_SLIDE_PATCHES
+    from spade_sd.spots.patches import resolve_patches
+
+    patches = model.config.patches
+    geometry, spot_patches = resolve_patches(sdata, **elements, size_um=patches.size_um, size_px=patches.size_px)
+    if model.standardization == "slide" and len(spot_patches) < MIN_SLIDE_PATCHES:
+        raise ValueError(
+            f"The model standardizes features per slide, which needs at least {MIN_SLIDE_PATCHES} patches of the "
+            f"slide; found {len(spot_patches)} in {geometry.shapes_key!r}. Embed all of the slide's spots or tiles "
+            "(see sd.pp.tile_image), or use a model trained with standardize='global'."
+        )
+    return geometry, spot_patches
+
+
+def _expression(model, spots, genes: bool | None, layer: str | None, table_key: str) -> np.ndarray | None:
+    """The spots' panel expression for the gene side, ``None`` where it is skipped (an error if ``genes=True``)."""
+    if genes is False:
+        return None
+    expression, problem = _panel_expression(model, spots, layer, table_key)
+    if problem and genes:
+        raise ValueError(f"No gene-side embedding possible: {problem}. Pass genes=False to skip it.")
+    if problem:
+        logger.info("No gene-side embedding (the image side is embedded as usual): %s", problem)
+    return expression
+
+
+def _check_finite(outputs: dict[str, np.ndarray], n_rows: int, table_key: str) -> None:
+    bad = {key: int((~np.isfinite(value).all(axis=1)).sum()) for key, value in outputs.items()}
+    if any(bad.values()):
+        raise FloatingPointError(
+            f"The embedding holds non-finite values ({bad} rows of {n_rows}); nothing was written to table "
+            f"{table_key!r}. Check the backbone's features and the model."
+        )
+
+
+def _write(
+    table, rows: np.ndarray, keys: dict[str, str], outputs: dict[str, np.ndarray], weights: np.ndarray, n_experts: int
+) -> None:
+    """Write the outputs at ``rows`` of ``table``, keeping other rows' earlier results (all computed first)."""
+    outputs = {key: rows_filled(table, rows, value, key) for key, value in outputs.items()}
+    expert = np.full(table.n_obs, None, dtype=object)
+    if keys["expert"] in table.obs and len(rows) < table.n_obs:
+        expert[:] = table.obs[keys["expert"]].astype(object).to_numpy()
+    expert[rows] = weights.argmax(axis=1).astype(str)
+    for key, value in outputs.items():
+        table.obsm[key] = value
+    if keys["gene"] not in outputs and keys["gene"] in table.obsm and len(rows) == table.n_obs:
+        # a gene-side embedding of an earlier run would no longer match the new image side
+        del table.obsm[keys["gene"]]
+        logger.info("Removed the earlier .obsm[%r]: this run computed no gene-side embedding", keys["gene"])
+    table.obs[keys["expert"]] = pd.Categorical(expert, categories=[str(e) for e in range(n_experts)])

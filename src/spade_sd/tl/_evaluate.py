@@ -1,17 +1,35 @@
+"""sd.tl.evaluate: embeddings of several slides compared with the probes, retrieval and few-shot tasks of metrics."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 from spatialdata import SpatialData
 
+from spade_sd.spots.genes import GenePanel
 from spade_sd.utils.logging import logger
 from spade_sd.utils.validation import check_int, check_key, check_number, check_seed
 
-TASKS = ("probe", "probe_cv", "few_shot", "knn", "gene_to_image", "classification")
+Task = Literal["probe", "probe_cv", "few_shot", "knn", "gene_to_image", "classification"]
+TASKS: tuple[Task, ...] = get_args(Task)
+# Tasks that hold out whole slides, so they need at least two.
+_FOLD_TASKS = {"probe", "probe_cv", "knn"}
+
+
+def _checked_tasks(tasks: str | Sequence[str]) -> list[str]:
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown or not tasks:
+        raise ValueError(f"Unknown tasks {unknown or tasks}; choose from {list(TASKS)}.")
+    return tasks
+
+
+def _checked_reps(use_rep: str | Sequence[str]) -> list[str]:
+    return [check_key("use_rep", use_rep)] if isinstance(use_rep, str) else [check_key("use_rep", r) for r in use_rep]
 
 
 def _tables(data, table_key: str | None) -> list[AnnData]:
@@ -30,6 +48,14 @@ def _tables(data, table_key: str | None) -> list[AnnData]:
     return tables
 
 
+def _check_labels(tables: list[AnnData], labels: str | None, tasks: list[str]) -> None:
+    if labels is None or "classification" not in tasks:
+        return
+    lacking = [i for i, t in enumerate(tables) if check_key("labels", labels) not in t.obs]
+    if lacking:
+        raise KeyError(f"labels column {labels!r} is not in .obs of tables {lacking}.")
+
+
 def _stack(tables: list[AnnData], key: str) -> np.ndarray:
     missing = [i for i, t in enumerate(tables) if key not in t.obsm]
     if missing:
@@ -45,11 +71,40 @@ def _slides(tables: list[AnnData], slide_key: str) -> np.ndarray:
     return np.concatenate(labels)
 
 
+def _check_folds(slide: np.ndarray, tasks: list[str]) -> None:
+    needs_folds = _FOLD_TASKS & set(tasks)
+    if needs_folds and len(np.unique(slide)) < 2:
+        raise ValueError(
+            f"Tasks {sorted(needs_folds)} hold out whole slides and need at least 2; found {np.unique(slide)}."
+        )
+
+
+def _classes(tables: list[AnnData], labels: str | None, Y: np.ndarray, seed: int) -> np.ndarray:
+    from spade_sd.metrics import expression_domains
+
+    if labels:
+        return np.concatenate([t.obs[labels].astype(str) for t in tables])
+    return expression_domains(Y, seed=seed)
+
+
+def _finite_rows(rep: str, X: np.ndarray) -> np.ndarray:
+    keep = np.isfinite(X).all(axis=1)
+    if not keep.all():
+        logger.info("%s: %d rows without values are left out", rep, int((~keep).sum()))
+    return keep
+
+
+def _gene_side(tables: list[AnnData], rep: str, keep: np.ndarray) -> np.ndarray | None:
+    # Only representations with a gene side (the SPADE embedding's f"{rep}_gene") are scored on gene → image recall.
+    gene_rep = f"{rep}_gene"
+    return _stack(tables, gene_rep)[keep] if all(gene_rep in t.obsm for t in tables) else None
+
+
 def evaluate(
     data: SpatialData | AnnData | Sequence[SpatialData | AnnData],
     *,
     use_rep: str | Sequence[str] = ("X_backbone", "X_spade"),
-    tasks: Sequence[Literal["probe", "probe_cv", "few_shot", "knn", "gene_to_image", "classification"]] = TASKS,
+    tasks: Sequence[Task] = TASKS,
     table_key: str | None = None,
     slide_key: str = "sample",
     labels: str | None = None,
@@ -63,7 +118,8 @@ def evaluate(
     """Compare embeddings on expression prediction, retrieval and few-shot classification.
 
     Targets are the log1p-normalised ``n_top_genes`` most variable genes shared by the slides; folds are whole
-    slides (leave-one-slide-out), never spots.
+    slides (leave-one-slide-out), never spots. Each task is one function of :mod:`spade_sd.metrics`, which also
+    scores plain arrays.
 
     Parameters
     ----------
@@ -72,19 +128,22 @@ def evaluate(
     use_rep
         ``.obsm`` keys to compare, e.g. backbone features and the SPADE embedding.
     tasks
-        ``"probe"``: the HEST-Benchmark ridge probe (StandardScaler → PCA(256) → Ridge with α = 100/(d·n_genes));
-        ``"probe_cv"``: the same with α tuned by inner cross-validation; ``"few_shot"``: the probe trained on a
-        ``fraction`` of each held-out slide; ``"knn"``: BLEEP-style expression prediction from the
-        ``k_neighbors`` most similar spots of the other slides; ``"gene_to_image"``: recall@k of the true spot
-        when ranking a slide's patches by similarity to the gene-side embedding ``f"{rep}_gene"`` (skipped for
-        representations without one); ``"classification"``: balanced accuracy of logistic regression on
-        ``k_shots`` labelled spots per class.
+        ``"probe"``: the HEST-Benchmark ridge probe (StandardScaler → PCA(256) → Ridge with α = 100/(d·n_genes);
+        :func:`~spade_sd.metrics.ridge_probe`); ``"probe_cv"``: the same with α tuned by inner cross-validation;
+        ``"few_shot"``: the probe trained on a ``fraction`` of each held-out slide
+        (:func:`~spade_sd.metrics.few_shot_probe`); ``"knn"``: BLEEP-style expression prediction from the
+        ``k_neighbors`` most similar spots of the other slides (:func:`~spade_sd.metrics.knn_expression_cv`);
+        ``"gene_to_image"``: recall@k of the true spot when ranking a slide's patches by similarity to the
+        gene-side embedding ``f"{rep}_gene"``, skipped for representations without one
+        (:func:`~spade_sd.metrics.gene_to_image_recall`); ``"classification"``: balanced accuracy of logistic
+        regression on ``k_shots`` labelled spots per class (:func:`~spade_sd.metrics.few_shot_classification`).
     table_key
         Table of each SpatialData (default: its only table).
     slide_key
         ``obs`` column naming the slide (or patient) of each spot; default one slide per table.
     labels
-        ``obs`` column of classes for ``"classification"``; default: Leiden domains of the expression.
+        ``obs`` column of classes for ``"classification"``; default: Leiden domains of the expression
+        (:func:`~spade_sd.metrics.expression_domains`).
     n_top_genes, fraction, k_neighbors, k_shots, n_repeats, seed
         Task settings.
 
@@ -94,13 +153,16 @@ def evaluate(
     ``task``, ``metric``, ``value`` and task-specific ones); summarise with
     :func:`spade_sd.metrics.summarize` or plot with :func:`spade_sd.pl.benchmark`.
     """
-    from spade_sd import metrics as ev
-    from spade_sd.spots.genes import GenePanel
+    # Imported here so that `sd.tl` does not import scikit-learn until an evaluation runs.
+    from spade_sd.metrics import (
+        few_shot_classification,
+        few_shot_probe,
+        gene_to_image_recall,
+        knn_expression_cv,
+        ridge_probe,
+    )
 
-    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
-    unknown = sorted(set(tasks) - set(TASKS))
-    if unknown or not tasks:
-        raise ValueError(f"Unknown tasks {unknown or tasks}; choose from {list(TASKS)}.")
+    tasks = _checked_tasks(tasks)
     check_int("n_top_genes", n_top_genes, minimum=1)
     check_number("fraction", fraction, minimum=0, maximum=1, exclusive_minimum=True, exclusive_maximum=True)
     check_int("k_neighbors", k_neighbors, minimum=1)
@@ -108,54 +170,37 @@ def evaluate(
     check_int("n_repeats", n_repeats, minimum=1)
     check_seed(seed)
     check_key("slide_key", slide_key)
-    reps = [check_key("use_rep", use_rep)] if isinstance(use_rep, str) else [check_key("use_rep", r) for r in use_rep]
+    reps = _checked_reps(use_rep)
     tables = _tables(data, table_key)
-    if labels is not None and "classification" in tasks:
-        lacking = [i for i, t in enumerate(tables) if check_key("labels", labels) not in t.obs]
-        if lacking:
-            raise KeyError(f"labels column {labels!r} is not in .obs of tables {lacking}.")
+    _check_labels(tables, labels, tasks)
     representations = {rep: _stack(tables, rep) for rep in reps}
     slide = _slides(tables, slide_key)
     panel = GenePanel.fit(tables, n_top_genes=n_top_genes, flavor="global")
     Y = np.concatenate([panel.transform(t) for t in tables])
-    needs_folds = {"probe", "probe_cv", "knn"} & set(tasks)
-    if needs_folds and len(np.unique(slide)) < 2:
-        raise ValueError(
-            f"Tasks {sorted(needs_folds)} hold out whole slides and need at least 2; found {np.unique(slide)}."
-        )
-    classes = None
-    if "classification" in tasks:
-        classes = (
-            np.concatenate([t.obs[labels].astype(str) for t in tables])
-            if labels
-            else ev.expression_domains(Y, seed=seed)
-        )
+    _check_folds(slide, tasks)
+    classes = _classes(tables, labels, Y, seed) if "classification" in tasks else None
 
     results = []
     for rep, X in representations.items():
-        keep = np.isfinite(X).all(axis=1)
-        if not keep.all():
-            logger.info("%s: %d rows without values are left out", rep, int((~keep).sum()))
-        x, y, s = X[keep], Y[keep], slide[keep]
-        gene_rep = f"{rep}_gene"
-        G = _stack(tables, gene_rep)[keep] if all(gene_rep in t.obsm for t in tables) else None
+        keep = _finite_rows(rep, X)
+        x, y, s, G = X[keep], Y[keep], slide[keep], _gene_side(tables, rep, keep)
         for task in tasks:
             if task == "gene_to_image" and G is None:
-                continue  # representations without a gene side
+                continue
             if task in ("probe", "probe_cv"):
                 alpha = "hest" if task == "probe" else "cv"
-                result = ev.ridge_probe(x, y, s, alpha=alpha, genes=panel.genes, label=rep, seed=seed)
+                result = ridge_probe(x, y, s, alpha=alpha, genes=panel.genes, label=rep, seed=seed)
             elif task == "few_shot":
-                result = ev.few_shot_probe(
+                result = few_shot_probe(
                     x, y, s, fraction=fraction, n_repeats=n_repeats, genes=panel.genes, label=rep, seed=seed
                 )
             elif task == "knn":
-                result = ev.knn_expression_cv(x, y, s, k=k_neighbors, genes=panel.genes, label=rep)
+                result = knn_expression_cv(x, y, s, k=k_neighbors, genes=panel.genes, label=rep)
             elif task == "classification":
-                result = ev.few_shot_classification(
+                result = few_shot_classification(
                     x, classes[keep], k=tuple(k_shots), n_repeats=n_repeats, label=rep, seed=seed
                 )
             else:
-                result = ev.gene_to_image_recall(G, x, groups=s, label=rep)
+                result = gene_to_image_recall(G, x, groups=s, label=rep)
             results.append(result.assign(task=task))
     return pd.concat(results, ignore_index=True)

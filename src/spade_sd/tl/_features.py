@@ -2,7 +2,10 @@ from __future__ import annotations
 
 from spatialdata import SpatialData
 
+from spade_sd.config import PatchConfig
+from spade_sd.spots.patches import resolve_patches
 from spade_sd.tl._common import as_backbone, rows_filled
+from spade_sd.utils.constants import BACKBONE_KEY
 from spade_sd.utils.logging import logger
 from spade_sd.utils.validation import check_bool, check_int, check_key
 
@@ -11,13 +14,13 @@ def features(
     sdata: SpatialData,
     *,
     backbone=None,
+    size_um: float = PatchConfig.size_um,
+    size_px: int = PatchConfig.size_px,
+    mpp: float | None = None,
     image_key: str | None = None,
     shapes_key: str | None = None,
     table_key: str | None = None,
-    size_um: float = 112.0,
-    size_px: int = 224,
-    mpp: float | None = None,
-    key_added: str = "X_backbone",
+    key_added: str = BACKBONE_KEY,
     batch_size: int = 64,
     cache: bool = True,
     num_workers: int = 0,
@@ -34,10 +37,10 @@ def features(
     backbone
         A :class:`~spade_sd.Backbone`, or what its constructor takes (a timm name, a module, a callable);
         ``None`` is the offline default EfficientNet-Lite0 (ImageNet).
-    image_key, shapes_key, table_key
-        Element names; inferred when unambiguous.
     size_um, size_px, mpp
         Patch geometry, as in :func:`spade_sd.pp.spot_patches`.
+    image_key, shapes_key, table_key
+        Element names; inferred when unambiguous.
     key_added
         Where the features go.
     batch_size
@@ -56,26 +59,23 @@ def features(
     ``.uns[key_added]``
         ``params`` (elements, patch geometry, µm per pixel) and ``backbone`` (its configuration and identity).
     """
-    from spade_sd.encoders.features import check_num_workers, spot_features
+    from spade_sd.encoders.features import check_num_workers, extract_features
 
     check_key("key_added", key_added)
     check_int("batch_size", batch_size, minimum=1)
     check_bool("cache", cache)
     num_workers = check_num_workers(num_workers)
     backbone = as_backbone(backbone)
-    geometry, values = spot_features(
+    geometry, patches = resolve_patches(
         sdata,
-        backbone,
-        image_key=image_key,
-        shapes_key=shapes_key,
-        table_key=table_key,
         size_um=size_um,
         size_px=size_px,
         mpp=mpp,
-        batch_size=batch_size,
-        cache=cache,
-        num_workers=num_workers,
+        image_key=image_key,
+        shapes_key=shapes_key,
+        table_key=table_key,
     )
+    values = extract_features(patches, backbone, batch_size=batch_size, cache=cache, num_workers=num_workers)
     table = sdata.tables[geometry.table_key]
     table.obsm[key_added] = rows_filled(table, geometry.table_rows, values, key_added)
     table.uns[key_added] = {

@@ -10,9 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from spade_sd.config import TrainingConfig
 from spade_sd.utils.logging import logger
-
-MIN_SLIDES_FOR_SLIDE_VALIDATION = 4
 
 
 class SpotDataset(Dataset):
@@ -118,10 +117,10 @@ def split_by_slide(
     slide: np.ndarray,
     *,
     val_slides: Sequence | None = None,
-    val_fraction: float = 0.2,
+    val_fraction: float = TrainingConfig.val_fraction,
     coords: np.ndarray | None = None,
-    min_val_slides: int = MIN_SLIDES_FOR_SLIDE_VALIDATION,
-    seed: int = 0,
+    min_val_slides: int = TrainingConfig.min_val_slides,
+    seed: int = TrainingConfig.seed,
 ) -> np.ndarray:
     """Boolean mask of the validation spots, holding out whole slides (or, with few slides, a block of each).
 
@@ -176,7 +175,7 @@ def split_by_slide(
         return np.zeros(slide.shape[0], dtype=bool)
     logger.warning(
         "Only one slide: validating on a spatially contiguous block (the last %.0f%% along its longer axis); "
-        "neighbouring spots across the block's border are correlated, so the validation loss is optimistic.",
+        "neighboring spots across the block's border are correlated, so the validation loss is optimistic.",
         100 * val_fraction,
     )
     return _blocks(slide, np.asarray(coords, dtype=np.float64), val_fraction)
@@ -198,12 +197,8 @@ class ExpertDataModule(L.LightningDataModule):
 
     Parameters
     ----------
-    X
-        Standardised image features, (n_spots, d).
-    Y
-        Log-normalised expression, (n_spots, n_genes).
-    expert_idx
-        Expert of each spot.
+    X, Y, expert_idx
+        Standardized image features (n_spots, d), log-normalized expression (n_spots, n_genes), expert of each spot.
     val_mask
         True for validation spots.
     batch_size
@@ -219,8 +214,8 @@ class ExpertDataModule(L.LightningDataModule):
         expert_idx: np.ndarray,
         val_mask: np.ndarray,
         *,
-        batch_size: int = 128,
-        seed: int = 0,
+        batch_size: int,
+        seed: int,
     ) -> None:
         super().__init__()
         self.train_set = SpotDataset(X[~val_mask], Y[~val_mask], expert_idx[~val_mask])

@@ -1,4 +1,4 @@
-"""Training the data experts with Lightning (the heads and mixture are in ``_experts``).
+"""Training the data experts with Lightning (the heads and mixture are in :mod:`spade_sd.model.heads`).
 
 Every expert is a pair of projection heads (image, gene) trained only on its own spots, so each batch holds
 spots of a single expert and its negatives are morphologically similar. All experts train in one run: batches of
@@ -11,7 +11,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,9 +21,10 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.strategies import DDPStrategy
 
+from spade_sd.config import LossName, TrainingConfig, check_trainer_kwargs
 from spade_sd.model.heads import ExpertMixture
-from spade_sd.training.data import MIN_SLIDES_FOR_SLIDE_VALIDATION, ExpertDataModule, split_by_slide
-from spade_sd.training.losses import LOSSES, LossName, contrastive_loss
+from spade_sd.training.data import ExpertDataModule, split_by_slide
+from spade_sd.training.losses import contrastive_loss
 from spade_sd.utils.logging import logger
 
 _LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
@@ -37,40 +38,25 @@ class ExpertsModule(L.LightningModule):
     ----------
     mixture
         The heads to train.
-    loss
-        ``"soft_target"`` or ``"clip"``.
-    temperature
-        ``T`` of the soft-target loss.
-    lr
-        Peak learning rate of AdamW.
-    weight_decay
-        AdamW weight decay (not applied to the CLIP logit scale).
-    warmup_steps
-        Linear warm-up steps before the per-step cosine decay to zero.
+    config
+        The loss (``loss``, ``temperature``) and optimizer (``lr``, ``weight_decay``, ``warmup_steps``) to train
+        them with.
     """
 
-    def __init__(
-        self,
-        mixture: ExpertMixture,
-        *,
-        loss: LossName = "soft_target",
-        temperature: float = 1.0,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-2,
-        warmup_steps: int = 0,
-    ) -> None:
+    def __init__(self, mixture: ExpertMixture, config: TrainingConfig) -> None:
         super().__init__()
-        if loss not in LOSSES:
-            raise ValueError(f"Unknown loss {loss!r}; choose one of {LOSSES}.")
         self.mixture = mixture
-        self.loss_name, self.temperature = loss, temperature
-        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.config = config
 
     def _loss(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y, expert = batch
         image, gene = self.mixture.expert_embeddings(x, y, int(expert[0]))
         return contrastive_loss(
-            image, gene, loss=self.loss_name, temperature=self.temperature, logit_scale=self.mixture.logit_scale
+            image,
+            gene,
+            loss=self.config.loss,
+            temperature=self.config.temperature,
+            logit_scale=self.mixture.logit_scale,
         )
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
@@ -90,12 +76,12 @@ class ExpertsModule(L.LightningModule):
         decayed = [p for name, p in self.mixture.named_parameters() if name != "logit_scale"]
         # decaying the log inverse temperature would pull the CLIP temperature towards 1
         groups = [
-            {"params": decayed, "weight_decay": self.weight_decay},
+            {"params": decayed, "weight_decay": self.config.weight_decay},
             {"params": [self.mixture.logit_scale], "weight_decay": 0.0},
         ]
-        optimizer = torch.optim.AdamW(groups, lr=self.lr)
+        optimizer = torch.optim.AdamW(groups, lr=self.config.lr)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(self.warmup_steps, total))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(self.config.warmup_steps, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
@@ -154,103 +140,63 @@ def train_experts(
     slide: np.ndarray,
     *,
     n_experts: int,
-    out_dim: int = 256,
-    loss: LossName = "soft_target",
-    temperature: float = 1.0,
-    batch_size: int = 128,
-    max_epochs: int = 50,
-    lr: float = 1e-3,
-    weight_decay: float = 1e-2,
-    warmup_steps: int = 0,
-    dropout: float = 0.1,
-    patience: int = 10,
-    val_slides: Sequence | None = None,
-    val_fraction: float = 0.2,
+    config: TrainingConfig,
     coords: np.ndarray | None = None,
-    min_val_slides: int = MIN_SLIDES_FOR_SLIDE_VALIDATION,
-    seed: int = 0,
-    accelerator: str = "auto",
-    devices: int | str | Sequence[int] = "auto",
-    num_nodes: int = 1,
-    strategy: str | Any = "auto",
-    enable_progress_bar: bool = True,
-    quiet: bool = False,
     init: ExpertMixture | None = None,
-    **trainer_kwargs: Any,
+    quiet: bool = False,
+    trainer_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[ExpertMixture, dict[str, Any]]:
     """Train the image and gene heads of every expert contrastively, in one Lightning run.
 
     Validation holds out whole slides (:func:`split_by_slide`); training stops early when the monitored loss
-    has not improved for ``patience`` epochs, and the weights of the best epoch are returned.
+    has not improved for ``config.patience`` epochs, and the weights of the best epoch are returned. Training is
+    deterministic: the same inputs and ``config.seed`` give the same heads.
 
     Parameters
     ----------
     X_std
-        Standardised image features, (n_spots, d).
+        Standardized image features, (n_spots, d).
     Y
-        Log-normalised expression, (n_spots, n_genes).
+        Log-normalized expression, (n_spots, n_genes).
     expert_idx
         Expert of each spot, in ``0 .. n_experts - 1``.
     slide
         Slide (or patient) of each spot, for the validation split.
     n_experts
         Number of experts.
-    out_dim
-        Embedding dimension.
-    loss
-        ``"soft_target"`` (SPADE/BLEEP) or ``"clip"`` (InfoNCE, learnable temperature initialised at 0.07).
-    temperature
-        ``T`` of the soft-target loss (fixed at 1 upstream).
-    batch_size
-        Spots per batch per process; under DDP a step's negatives come from all processes.
-    max_epochs
-        Most epochs to train.
-    lr
-        Peak learning rate. Upstream used 1e-4 for 100 epochs over hundreds of thousands of spots; with a few
-        thousand spots (tens of steps per epoch) 1e-3 reaches a trained state within ~50 epochs.
-    weight_decay
-        AdamW weight decay.
-    warmup_steps
-        Linear warm-up steps before the cosine decay.
-    dropout
-        Dropout of the heads.
-    patience
-        Epochs without improvement before stopping.
-    val_slides
-        Slides to validate on; see :func:`split_by_slide` for the default draw and the single-slide fallback.
-    val_fraction
-        Fraction of slides held out when ``val_slides`` is ``None``.
+    config
+        The heads (``out_dim``, ``dropout``), loss, optimizer, batches, stopping, validation split and seed; the
+        learning rate is ``config.lr`` as given (the caller scales it for warm-started experts).
     coords
         Spot coordinates, used for validation blocks when there are few slides (see :func:`split_by_slide`).
-    min_val_slides
-        Fewest slides for which whole slides are held out for validation (see :func:`split_by_slide`).
-    seed
-        Seed of initialisation, dropout, batch order and validation draw; training is deterministic.
-    accelerator, devices, num_nodes, strategy
-        Passed to :class:`lightning.pytorch.Trainer`. DDP strategies are told that some parameters get no
-        gradient in a step (each step trains one expert).
-    enable_progress_bar
-        Show Lightning's progress bar.
-    quiet
-        Silence Lightning's banners, model summary and progress bar.
     init
         A trained one-expert mixture (the generalist) whose heads start every expert; after training, experts get
         its heads back, one at a time, where that does not raise the contrastive loss of the whole validation set
         (``history["experts_from_generalist"]``).
-    **trainer_kwargs
-        Further :class:`lightning.pytorch.Trainer` arguments (``callbacks`` are added to ours; ``logger``
-        defaults to none, so nothing is written to disk).
+    quiet
+        Silence Lightning's banners, model summary and progress bar.
+    trainer_kwargs
+        :class:`lightning.pytorch.Trainer` arguments only (``accelerator``, ``devices``, ``num_nodes``,
+        ``strategy``, ...; ``callbacks`` are added to ours; ``logger`` defaults to none, so nothing is written to
+        disk); a training option among them is refused (:func:`~spade_sd.config.check_trainer_kwargs`). DDP
+        strategies are told that some parameters get no gradient in a step (each step trains one expert).
 
     Returns
     -------
     The trained mixture (on CPU, in eval mode) and a history dict: ``epochs`` run, ``monitor``, ``best_epoch``,
     ``best_loss``, ``best_val_loss`` (``None`` without validation), per-epoch ``train_loss`` and ``val_loss``,
     ``val_slides``, ``train_spots_per_expert``, ``val_spots_per_expert`` and ``untrained_experts`` (experts with
-    fewer than 2 training spots, whose heads keep their random initialisation).
+    fewer than 2 training spots, whose heads keep their random initialization).
     """
+    trainer_kwargs = check_trainer_kwargs(trainer_kwargs or {})
     X_std, Y, expert_idx, slide = _validated(X_std, Y, expert_idx, slide, n_experts)
     val_mask = split_by_slide(
-        slide, val_slides=val_slides, val_fraction=val_fraction, coords=coords, min_val_slides=min_val_slides, seed=seed
+        slide,
+        val_slides=config.val_slides,
+        val_fraction=config.val_fraction,
+        coords=coords,
+        min_val_slides=config.min_val_slides,
+        seed=config.seed,
     )
     train_counts = np.bincount(expert_idx[~val_mask], minlength=n_experts)
     untrained = np.flatnonzero(train_counts < 2).tolist()
@@ -262,36 +208,28 @@ def train_experts(
         n_experts,
         int((~val_mask).sum()),
         int(val_mask.sum()),
-        loss,
+        config.loss,
     )
     start = time.perf_counter()
     with _lightning_quiet(quiet), _torch_flags_restored():
-        L.seed_everything(seed, workers=True, verbose=not quiet)
-        mixture = ExpertMixture(n_experts, X_std.shape[1], Y.shape[1], out_dim=out_dim, dropout=dropout)
+        L.seed_everything(config.seed, workers=True, verbose=not quiet)
+        mixture = ExpertMixture(n_experts, X_std.shape[1], Y.shape[1], out_dim=config.out_dim, dropout=config.dropout)
         if init is not None:
             mixture.start_from(init)
-        module = ExpertsModule(
-            mixture, loss=loss, temperature=temperature, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps
-        )
-        data = ExpertDataModule(X_std, Y, expert_idx, val_mask, batch_size=batch_size, seed=seed)
-        trainer = _trainer(
-            monitor=monitor,
-            patience=patience,
-            has_validation=bool(val_mask.any()),
-            quiet=quiet,
-            accelerator=accelerator,
-            devices=devices,
-            num_nodes=num_nodes,
-            strategy=strategy,
-            max_epochs=max_epochs,
-            enable_progress_bar=enable_progress_bar and not quiet,
-            **trainer_kwargs,
-        )
+        module = ExpertsModule(mixture, config)
+        data = ExpertDataModule(X_std, Y, expert_idx, val_mask, batch_size=config.batch_size, seed=config.seed)
+        trainer = _trainer(config, monitor=monitor, has_validation=bool(val_mask.any()), quiet=quiet, **trainer_kwargs)
         trainer.fit(module, datamodule=data)
     history = _history(trainer, monitor, slide, val_mask, expert_idx, n_experts, untrained)
     if init is not None:
         history["experts_from_generalist"] = _keep_generalist_where_better(
-            module.mixture.cpu().eval(), init, X_std[val_mask], Y[val_mask], expert_idx[val_mask], loss, temperature
+            module.mixture.cpu().eval(),
+            init,
+            X_std[val_mask],
+            Y[val_mask],
+            expert_idx[val_mask],
+            config.loss,
+            config.temperature,
         )
     logger.info(
         "Trained %d experts for %d epochs in %.1f s; best %s %.4f at epoch %d",
@@ -372,12 +310,13 @@ def _validated(
     return X, Y, expert_idx, slide
 
 
-def _trainer(*, monitor: str, patience: int, has_validation: bool, quiet: bool, **trainer_kwargs: Any) -> L.Trainer:
-    callbacks = [
-        EarlyStopping(monitor=monitor, patience=patience, mode="min", check_on_train_epoch_end=not has_validation),
-        _BestWeights(monitor),
-        *trainer_kwargs.pop("callbacks", []),
-    ]
+def _trainer(
+    config: TrainingConfig, *, monitor: str, has_validation: bool, quiet: bool, **trainer_kwargs: Any
+) -> L.Trainer:
+    early_stopping = EarlyStopping(
+        monitor=monitor, patience=config.patience, mode="min", check_on_train_epoch_end=not has_validation
+    )
+    callbacks = [early_stopping, _BestWeights(monitor), *trainer_kwargs.pop("callbacks", [])]
     options = {
         "deterministic": True,
         "enable_checkpointing": False,  # the best weights are kept in memory: nothing is written to disk
@@ -385,7 +324,9 @@ def _trainer(*, monitor: str, patience: int, has_validation: bool, quiet: bool, 
         "enable_model_summary": not quiet,
         "num_sanity_val_steps": 0,
         **({} if has_validation else {"limit_val_batches": 0}),
+        "max_epochs": config.max_epochs,
         **trainer_kwargs,
+        "enable_progress_bar": trainer_kwargs.get("enable_progress_bar", True) and not quiet,
         "use_distributed_sampler": False,  # ExpertBatchSampler shards the single-expert batches itself
     }
     trainer = L.Trainer(callbacks=callbacks, **options)

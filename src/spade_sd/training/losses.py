@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-LossName = Literal["soft_target", "clip"]
-LOSSES: tuple[str, ...] = ("soft_target", "clip")
+from spade_sd.config import LOSSES, LossName, TrainingConfig
+
 MAX_LOGIT_SCALE = 100.0
 
 
-def soft_target_loss(image: torch.Tensor, gene: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def soft_target_loss(
+    image: torch.Tensor, gene: torch.Tensor, temperature: float = TrainingConfig.temperature
+) -> torch.Tensor:
     """SPADE/BLEEP symmetric contrastive loss with soft targets.
 
     ``logits = G Iᵀ / T``; ``targets = softmax((I Iᵀ + G Gᵀ) / 2 · T)``; the loss is the mean of the row-wise
@@ -38,14 +40,12 @@ def soft_target_loss(image: torch.Tensor, gene: torch.Tensor, temperature: float
 
 
 def clip_loss(image: torch.Tensor, gene: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """CLIP's symmetric InfoNCE on L2-normalised embeddings.
+    """CLIP's symmetric InfoNCE on L2-normalized embeddings.
 
     Parameters
     ----------
-    image
-        Image embeddings, (n, k).
-    gene
-        Expression embeddings of the same spots, (n, k).
+    image, gene
+        Image and expression embeddings of the same spots, each (n, k).
     logit_scale
         Log of the inverse temperature; the scale is clamped at 100 as in CLIP.
 
@@ -91,8 +91,8 @@ def contrastive_loss(
     image: torch.Tensor,
     gene: torch.Tensor,
     *,
-    loss: LossName = "soft_target",
-    temperature: float = 1.0,
+    loss: LossName,
+    temperature: float = TrainingConfig.temperature,
     logit_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Contrastive loss of a batch, with the negatives of every process under DDP.

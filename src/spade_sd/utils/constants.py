@@ -11,7 +11,7 @@ SPOT_DIAMETER_UM = "spot_diameter_um"
 TECHNOLOGY = "technology"
 # obs column naming the sample (slide) of each spot, also read by GenePanel and tl.evaluate
 SAMPLE_KEY = "sample"
-# obsm key of spot centres (x, y)
+# obsm key of spot centers (x, y)
 SPATIAL_KEY = "spatial"
 # Default output keys of tl.features and tl.embed
 BACKBONE_KEY = "X_backbone"

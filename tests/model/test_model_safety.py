@@ -16,27 +16,15 @@ import torch
 import spade_sd as sd
 from spade_sd.encoders.morphology import MorphologyFeatures
 
-TRAIN = {
-    "n_experts": 2,
-    "n_fine": 4,
-    "max_epochs": 3,
-    "out_dim": 32,
-    "n_comps": 8,
-    "size_um": 64.0,
-    "size_px": 64,
-    "quiet": True,
-}
+
+@pytest.fixture(scope="module")
+def model(small_model) -> sd.SpadeModel:
+    return small_model
 
 
 @pytest.fixture(scope="module")
-def morphology() -> sd.Backbone:
-    return sd.Backbone(MorphologyFeatures())
-
-
-@pytest.fixture(scope="module")
-def model(morphology) -> sd.SpadeModel:
-    slides = sd.datasets.synthetic(n_slides=2, grid=(8, 8), mpp=1.0, n_genes=60, seed=0)
-    return sd.tl.pretrain(slides, backbone=morphology, seed=0, **TRAIN)
+def morphology(model) -> sd.Backbone:
+    return model.backbone
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +186,7 @@ def test_model_saved_without_digest_loads_unverified(model, morphology, features
     model.save(tmp_path / "m")
     config_path = tmp_path / "m" / "config.json"
     config = json.loads(config_path.read_text())
-    assert config["format"] == "spade_sd.model/1"
+    assert config["format"] == "spade_sd.model/2"
     config.pop("weights_sha256", None)  # as an older spade_sd wrote it
     config_path.write_text(json.dumps(config))
     with caplog.at_level(logging.INFO, logger="spade_sd"):

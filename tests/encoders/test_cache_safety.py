@@ -17,8 +17,9 @@ from torch import nn
 
 from spade_sd.encoders import features as _features
 from spade_sd.encoders.backbone import Backbone
-from spade_sd.encoders.features import cache_key, extract_features, iter_features, rereadable_features, resolve_patches
+from spade_sd.encoders.features import cache_key, extract_features, iter_features, rereadable_features
 from spade_sd.encoders.morphology import MorphologyFeatures
+from spade_sd.spots.patches import resolve_patches
 
 NOT_CACHED = "no stable identity"
 
@@ -208,8 +209,8 @@ def test_partials_of_killed_processes_are_removed(features_dir, patches, means, 
                 f"""
                 import os, signal
                 from pathlib import Path
-                from spade_sd.encoders.features import _open_npy
-                file = _open_npy(Path({str(features_dir)!r}) / f"{{'a' * 40}}.{{os.getpid()}}.partial.npy", (9, 3))
+                from spade_sd.encoders.features import open_locked_npy
+                file = open_locked_npy(Path({str(features_dir)!r}) / f"{{'a' * 40}}.{{os.getpid()}}.partial.npy", (9, 3))
                 file.write(b"\\0" * 12)
                 file.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -230,7 +231,7 @@ def test_partials_of_killed_processes_are_removed(features_dir, patches, means, 
     elsewhere = features_dir / f"{'d' * 40}.{dead_pid}.partial.npy"  # pid free here, but its writer holds the lock
     other = features_dir / "notes.partial.npy"  # not named by this package
     other.write_bytes(b"")
-    with _features._open_npy(elsewhere, (9, 3)), caplog.at_level(logging.INFO, logger="spade_sd"):
+    with _features.open_locked_npy(elsewhere, (9, 3)), caplog.at_level(logging.INFO, logger="spade_sd"):
         np.testing.assert_array_equal(extract_features(patches, Backbone(channel_means, version="means 1")), means)
         assert elsewhere.exists()
     assert not dead.exists() and not reused.exists()

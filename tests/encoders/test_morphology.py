@@ -5,7 +5,7 @@ import pytest
 from skimage.color import rgb2hed
 from skimage.draw import disk
 
-from spade_sd.encoders.morphology import MorphologyFeatures, _lbp_histogram, _rgb2hed
+from spade_sd.encoders.morphology import MorphologyFeatures, lbp_histogram, rgb2hed_uint8
 
 PINK = (230, 150, 200)  # eosin-stained stroma
 PURPLE = (90, 60, 150)  # haematoxylin-stained nucleus
@@ -48,7 +48,7 @@ def test_shape_dtype_and_names(features):
 
 def test_hed_matches_skimage():
     patches = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
-    np.testing.assert_allclose(_rgb2hed(patches), rgb2hed(patches), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(rgb2hed_uint8(patches), rgb2hed(patches), rtol=0, atol=1e-6)
 
 
 def test_nuclei_dense_patch_versus_eosin_only_and_white(features):
@@ -114,10 +114,10 @@ def test_lbp_codes():
     # a dark centre surrounded by brighter pixels is the uniform pattern with all 8 bits set
     spot = np.full((1, 3, 3), 200, dtype=np.uint8)
     spot[0, 1, 1] = 10
-    np.testing.assert_array_equal(_lbp_histogram(spot), [[0] * 8 + [1, 0]])
+    np.testing.assert_array_equal(lbp_histogram(spot), [[0] * 8 + [1, 0]])
     # a bright centre with brighter pixels on alternate sides is not uniform
     chequer = np.array([[[0, 255, 0], [255, 100, 255], [0, 255, 0]]], dtype=np.uint8)
-    np.testing.assert_array_equal(_lbp_histogram(chequer), [[0] * 9 + [1]])
+    np.testing.assert_array_equal(lbp_histogram(chequer), [[0] * 9 + [1]])
 
 
 def test_invalid_input(features):

@@ -140,7 +140,7 @@ def test_full_grid_and_overlapping_tiles(he_disc):
 def test_tile_grid_counts_and_exact_fractions():
     grid = tile_grid(100, 250, size_px=30.0, stride_px=20.0)
     assert (grid.n_rows, grid.n_cols) == (5, 12)  # ceil((extent - 15) / 20)
-    assert (grid.centres < [250, 100]).all() and (grid.ids == np.arange(60)).all()
+    assert (grid.centers < [250, 100]).all() and (grid.ids == np.arange(60)).all()
 
     mask = np.zeros((4, 4), dtype=bool)
     mask[1:3, 1:3] = True

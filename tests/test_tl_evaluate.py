@@ -1,16 +1,22 @@
-"""sd.tl.evaluate: the tidy comparison of embeddings, on small synthetic slides with planted tissue types."""
+"""sd.tl.evaluate on small synthetic slides with planted tissue types, and sd.pl.benchmark, which plots results."""
 
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
+from threadpoolctl import threadpool_limits
 
 import spade_sd as sd
 from spade_sd.encoders.morphology import MorphologyFeatures
-from spade_sd.metrics import summarize
+from spade_sd.metrics import gene_to_image_recall, ridge_probe, summarize
 
 PATCH = {"size_um": 64.0, "size_px": 64}
 FAST = {"n_repeats": 2, "k_shots": (1, 3)}
+
+
+# --- tl.evaluate ----------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +99,56 @@ def test_errors_say_what_to_do(slides):
         sd.tl.evaluate(slides[0], use_rep="X_spade", tasks=("probe",))
     with pytest.raises(TypeError, match="SpatialData or AnnData"):
         sd.tl.evaluate([slides[0], "not a table"])
+
+
+# --- pl.benchmark ---------------------------------------------------------------------------------------------
+
+
+def _latent_data(n_slides=4, n_per_slide=150, d_latent=5, d_x=64, n_genes=20, seed=0):
+    """Y linear in a latent Z (offset like uncentred log1p values); X_good a rotated Z, X_bad pure noise."""
+    rng = np.random.default_rng(seed)
+    n = n_slides * n_per_slide
+    z = rng.normal(size=(n, d_latent))
+    y = 5 + z @ rng.normal(size=(d_latent, n_genes)) + 0.5 * rng.normal(size=(n, n_genes))
+    rotation, _ = np.linalg.qr(rng.normal(size=(d_x, d_latent)))
+    x_good = z @ rotation.T + 0.1 * rng.normal(size=(n, d_x))
+    x_bad = rng.normal(size=(n, d_x))
+    slide = np.repeat([f"s{i}" for i in range(n_slides)], n_per_slide)
+    return x_good, x_bad, y, slide
+
+
+@pytest.fixture
+def single_blas_thread():
+    # These matrices are tiny: multithreaded BLAS only adds contention (10x slower on a busy 2-core machine).
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def latent():
+    return _latent_data()
+
+
+def test_benchmark_plot(latent, single_blas_thread):
+    x_good, x_bad, y, slide = latent
+    probes = pd.concat([ridge_probe(x_good, y, slide, label="good"), ridge_probe(x_bad, y, slide, label="bad")])
+    recall = pd.concat(
+        [
+            gene_to_image_recall(x_good, x_good, ks=(1, 10), groups=slide, label="good"),
+            gene_to_image_recall(x_good, x_bad, ks=(1, 10), groups=slide, label="bad"),
+        ]
+    )
+    results = pd.concat([probes, recall])
+    fig = sd.pl.benchmark(results, return_fig=True, show=False)
+    assert len(fig.axes) == 3
+    assert [ax.get_title() for ax in fig.axes] == ["pearson", "recall@1", "recall@10"]
+    assert sd.pl.benchmark(results, show=False) is None
+
+    _, ax = plt.subplots()
+    point = sd.pl.benchmark(summarize(results), metric="recall@10", kind="point", ax=ax, return_fig=True, show=False)
+    assert point is ax.figure and len(point.axes) == 1
+    with pytest.raises(ValueError, match="available"):
+        sd.pl.benchmark(results, metric="auroc", show=False)
+    with pytest.raises(ValueError, match="one panel"):
+        sd.pl.benchmark(results, ax=ax, show=False)
+    plt.close("all")

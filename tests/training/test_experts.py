@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 
@@ -12,9 +13,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 
-from spade_sd.model.clustering import FeatureScaler, two_stage_kmeans
+from spade_sd.config import TrainingConfig
+from spade_sd.model.clustering import two_stage_kmeans
 from spade_sd.model.heads import ExpertMixture, ProjectionHead
 from spade_sd.model.routing import default_tau, expert_weights
+from spade_sd.model.standardization import FeatureScaler
 from spade_sd.training.data import ExpertBatchSampler, split_by_slide
 from spade_sd.training.experts import _keep_generalist_where_better, train_experts
 from spade_sd.training.losses import clip_loss, contrastive_loss, soft_target_loss
@@ -29,6 +32,16 @@ def _one_thread():
     with threadpool_limits(1):
         yield
     torch.set_num_threads(previous)
+
+
+def _train(X, Y, expert_idx, slide, *, n_experts, init=None, quiet=False, **options):
+    """train_experts with keywords: TrainingConfig fields (loss "soft_target" unless given) and Lightning's."""
+    names = {f.name for f in dataclasses.fields(TrainingConfig)}
+    config = TrainingConfig(**{"loss": "soft_target", **{k: v for k, v in options.items() if k in names}})
+    trainer = {k: v for k, v in options.items() if k not in names}
+    return train_experts(
+        X, Y, expert_idx, slide, n_experts=n_experts, config=config, init=init, quiet=quiet, trainer_kwargs=trainer
+    )
 
 
 def planted(n=60, n_types=4, n_slides=4, d=64, n_genes=50, seed=0):
@@ -74,7 +87,7 @@ def retrieval(mixture, X, Y, weights):
 def test_training_aligns_images_with_expression_on_an_unseen_slide(data, loss):
     X, Y, slides, seen, clustering = data
     _, expert = clustering.assign(X)
-    mixture, history = train_experts(
+    mixture, history = _train(
         X[seen], Y[seen], expert[seen], slides[seen], n_experts=4, out_dim=128, loss=loss, max_epochs=40,
         val_slides=["s2"], quiet=True, accelerator="cpu",
     )  # fmt: skip
@@ -96,7 +109,7 @@ def test_training_aligns_images_with_expression_on_an_unseen_slide(data, loss):
 def tiny_run(data, seed, batch_size=32, **kwargs):
     X, Y, slides, seen, clustering = data
     _, expert = clustering.assign(X)
-    return train_experts(
+    return _train(
         X[seen], Y[seen], expert[seen], slides[seen], n_experts=4, out_dim=32, batch_size=batch_size, max_epochs=2,
         val_slides=["s2"], seed=seed, quiet=True, accelerator="cpu", **kwargs,
     )  # fmt: skip
@@ -283,7 +296,7 @@ def test_expert_without_training_spots_is_reported_not_fatal(data, caplog):
     X, Y, slides, seen, _ = data
     expert = np.where(slides == "s2", 2, (np.arange(len(X)) % 2))[seen]
     with caplog.at_level(logging.WARNING, logger="spade_sd"):
-        mixture, history = train_experts(
+        mixture, history = _train(
             X[seen], Y[seen], expert, slides[seen], n_experts=3, out_dim=16, max_epochs=1, val_slides=["s2"],
             quiet=True, accelerator="cpu",
         )  # fmt: skip
@@ -296,7 +309,7 @@ def test_expert_without_training_spots_is_reported_not_fatal(data, caplog):
 def test_single_slide_without_coordinates_monitors_training_loss(data):
     X, Y, slides, _, clustering = data
     one = slides == "s0"
-    _, history = train_experts(
+    _, history = _train(
         X[one], Y[one], clustering.assign(X[one])[1], slides[one], n_experts=4, out_dim=16, max_epochs=3,
         quiet=True, accelerator="cpu",
     )  # fmt: skip
@@ -317,9 +330,9 @@ def test_quiet_training_prints_nothing_and_writes_no_files(data, capfd, tmp_path
 def test_invalid_inputs_are_explained(data):
     X, Y, slides, _, _ = data
     with pytest.raises(ValueError, match=r"expert_idx must lie in 0..1"):
-        train_experts(X, Y, np.full(len(X), 3), slides, n_experts=2, quiet=True)
-    with pytest.raises(ValueError, match="Unknown loss 'triplet'"):
-        train_experts(X, Y, np.zeros(len(X), dtype=int), slides, n_experts=1, loss="triplet", quiet=True)
+        _train(X, Y, np.full(len(X), 3), slides, n_experts=2, quiet=True)
+    with pytest.raises(ValueError, match=r"loss must be one of \['soft_target', 'clip'\]; found 'triplet'"):
+        _train(X, Y, np.zeros(len(X), dtype=int), slides, n_experts=1, loss="triplet", quiet=True)
 
 
 def test_few_slides_validate_on_a_block_of_each():
@@ -341,11 +354,9 @@ def test_warm_started_experts_share_the_generalists_space(data):
     X, Y, slides, seen, clustering = data
     _, expert = clustering.assign(X[seen])
     options = {"n_experts": clustering.n_experts, "max_epochs": 8, "patience": 8, "loss": "clip", "quiet": True}
-    generalist, _ = train_experts(
-        X[seen], Y[seen], np.zeros(seen.sum(), int), slides[seen], **{**options, "n_experts": 1}
-    )
-    warm, history = train_experts(X[seen], Y[seen], expert, slides[seen], init=generalist, **options)
-    cold, _ = train_experts(X[seen], Y[seen], expert, slides[seen], **options)
+    generalist, _ = _train(X[seen], Y[seen], np.zeros(seen.sum(), int), slides[seen], **{**options, "n_experts": 1})
+    warm, history = _train(X[seen], Y[seen], expert, slides[seen], init=generalist, **options)
+    cold, _ = _train(X[seen], Y[seen], expert, slides[seen], **options)
 
     def agreement(mixture: ExpertMixture) -> float:
         # mean cosine similarity of every pair of experts' image embeddings of the same patches
@@ -367,7 +378,7 @@ def test_experts_that_raise_the_validation_loss_get_the_generalists_heads(data):
     X, Y, slides, seen, clustering = data
     _, expert = clustering.assign(X)
     options = {"max_epochs": 8, "patience": 8, "loss": "clip", "quiet": True}
-    generalist, _ = train_experts(X[seen], Y[seen], np.zeros(seen.sum(), int), slides[seen], n_experts=1, **options)
+    generalist, _ = _train(X[seen], Y[seen], np.zeros(seen.sum(), int), slides[seen], n_experts=1, **options)
     mixture = ExpertMixture(clustering.n_experts, X.shape[1], Y.shape[1], out_dim=256)
     mixture.start_from(generalist)
     spoilt = int(np.bincount(expert[~seen]).argmax())

@@ -1,12 +1,9 @@
+"""spade_sd.metrics: probes, retrieval, few-shot classification and summaries on plain arrays."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,8 +14,7 @@ from sklearn.metrics import adjusted_rand_score
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from spade_sd import metrics as ev
-from spade_sd.pl._benchmark import benchmark
+from spade_sd import metrics
 
 MOB_DIR = Path("/work/shared/data/stutility_mob/inst/extdata/counts")
 
@@ -49,7 +45,7 @@ def latent():
 
 
 def _mean(df):
-    return ev.summarize(df)["mean"].iloc[0]
+    return metrics.summarize(df)["mean"].iloc[0]
 
 
 # --- ridge probe ----------------------------------------------------------------------------------------------
@@ -57,8 +53,8 @@ def _mean(df):
 
 def test_ridge_probe_separates_informative_from_noise(latent):
     x_good, x_bad, y, slide = latent
-    good = ev.ridge_probe(x_good, y, slide, label="good")
-    bad = ev.ridge_probe(x_bad, y, slide, label="bad")
+    good = metrics.ridge_probe(x_good, y, slide, label="good")
+    bad = metrics.ridge_probe(x_bad, y, slide, label="bad")
     assert _mean(good) > 0.5
     assert abs(_mean(bad)) < 0.1
     assert list(good.columns) == ["encoder", "fold", "gene", "metric", "value", "n_train", "n_test", "alpha"]
@@ -67,7 +63,7 @@ def test_ridge_probe_separates_informative_from_noise(latent):
 
 def test_ridge_probe_holds_out_whole_folds(latent):
     x_good, _, y, slide = latent
-    df = ev.ridge_probe(x_good, y, slide)
+    df = metrics.ridge_probe(x_good, y, slide)
     per_fold = df.groupby("fold")[["n_train", "n_test"]].first()
     counts = pd.Series(slide).value_counts()
     assert set(per_fold.index) == set(counts.index)
@@ -84,15 +80,15 @@ def test_ridge_probe_slide_folds_do_not_leak():
     slide = np.repeat(np.arange(n_slides), n_per_slide)
     y = np.concatenate([x[slide == s] @ rng.normal(size=(10, 8)) for s in range(n_slides)])
     y += 0.3 * rng.normal(size=y.shape)
-    by_slide = _mean(ev.ridge_probe(x, y, slide))
-    by_spot = _mean(ev.ridge_probe(x, y, rng.integers(0, n_slides, size=len(slide))))
+    by_slide = _mean(metrics.ridge_probe(x, y, slide))
+    by_spot = _mean(metrics.ridge_probe(x, y, rng.integers(0, n_slides, size=len(slide))))
     assert abs(by_slide) < 0.1
     assert by_spot > 0.3
 
 
 def test_ridge_probe_hest_alpha_matches_hand_fit(latent):
     x_good, _, y, slide = latent
-    df = ev.ridge_probe(x_good, y, slide, seed=3)
+    df = metrics.ridge_probe(x_good, y, slide, seed=3)
     test = slide == "s1"
     scaler = StandardScaler().fit(x_good[~test])
     pca = PCA(n_components=64, random_state=3).fit(scaler.transform(x_good[~test]))
@@ -104,7 +100,7 @@ def test_ridge_probe_hest_alpha_matches_hand_fit(latent):
     fold = df[df["fold"] == "s1"]
     np.testing.assert_allclose(fold["value"], expected, rtol=1e-6)
     assert np.allclose(df["alpha"], alpha)
-    assert ev.hest_alpha(256, 50) == pytest.approx(100 / (256 * 50))
+    assert metrics.hest_alpha(256, 50) == pytest.approx(100 / (256 * 50))
 
 
 def test_ridge_probe_cv_alpha_beats_badly_scaled_hest():
@@ -115,20 +111,20 @@ def test_ridge_probe_cv_alpha_beats_badly_scaled_hest():
     x = 0.3 * z @ rng.normal(size=(2, d)) + rng.normal(size=(n, d))
     y = z @ rng.normal(size=(2, 10)) + rng.normal(size=(n, 10))
     slide = np.repeat(np.arange(3), 60)
-    hest = _mean(ev.ridge_probe(x, y, slide))
-    tuned = ev.ridge_probe(x, y, slide, alpha="cv")
+    hest = _mean(metrics.ridge_probe(x, y, slide))
+    tuned = metrics.ridge_probe(x, y, slide, alpha="cv")
     assert _mean(tuned) > hest + 0.1
-    assert (tuned["alpha"] > ev.hest_alpha(120, 10)).all()
+    assert (tuned["alpha"] > metrics.hest_alpha(120, 10)).all()
 
 
 def test_ridge_probe_marks_constant_genes_undefined(latent):
     x_good, _, y, slide = latent
     y = y.copy()
     y[slide == "s0", 0] = 1.0
-    df = ev.ridge_probe(x_good, y, slide)
+    df = metrics.ridge_probe(x_good, y, slide)
     undefined = df[df["value"].isna()]
     assert list(zip(undefined["fold"], undefined["gene"], strict=True)) == [("s0", 0)]
-    summary = ev.summarize(df)
+    summary = metrics.summarize(df)
     assert summary["n_undefined"].iloc[0] == 1
     assert np.isfinite(summary["mean"].iloc[0])
 
@@ -146,7 +142,7 @@ def test_ridge_probe_rejects_bad_input(latent, kwargs, message):
     x_good, _, y, slide = latent
     arguments = {"X": x_good, "Y": y, "folds": slide, **kwargs}
     with pytest.raises(ValueError, match=message):
-        ev.ridge_probe(arguments.pop("X"), arguments.pop("Y"), arguments.pop("folds"), **arguments)
+        metrics.ridge_probe(arguments.pop("X"), arguments.pop("Y"), arguments.pop("folds"), **arguments)
 
 
 def test_ridge_probe_rejects_nan(latent):
@@ -154,7 +150,7 @@ def test_ridge_probe_rejects_nan(latent):
     x = x_good.copy()
     x[3, 2] = np.nan
     with pytest.raises(ValueError, match="found 1 NaN"):
-        ev.ridge_probe(x, y, slide)
+        metrics.ridge_probe(x, y, slide)
 
 
 # --- few-shot probe -------------------------------------------------------------------------------------------
@@ -162,27 +158,27 @@ def test_ridge_probe_rejects_nan(latent):
 
 def test_few_shot_probe(latent):
     x_good, x_bad, y, slide = latent
-    good = ev.few_shot_probe(x_good, y, slide, test_slide="s2", n_repeats=3, n_components=16, label="good")
-    bad = ev.few_shot_probe(x_bad, y, slide, test_slide="s2", n_repeats=3, n_components=16, label="bad")
+    good = metrics.few_shot_probe(x_good, y, slide, test_slide="s2", n_repeats=3, n_components=16, label="good")
+    bad = metrics.few_shot_probe(x_bad, y, slide, test_slide="s2", n_repeats=3, n_components=16, label="bad")
     assert _mean(good) > 0.5
     assert abs(_mean(bad)) < 0.1
     assert set(good["fold"]) == {"s2"}
     assert set(good["repeat"]) == {0, 1, 2}
     assert (good["n_train"] == 30).all() and (good["n_test"] == 120).all()
-    again = ev.few_shot_probe(x_good, y, slide, test_slide="s2", n_repeats=3, n_components=16, label="good")
+    again = metrics.few_shot_probe(x_good, y, slide, test_slide="s2", n_repeats=3, n_components=16, label="good")
     pd.testing.assert_frame_equal(good, again)
-    by_count = ev.few_shot_probe(x_good, y, slide, n_train=10, n_repeats=1, n_components=16)
+    by_count = metrics.few_shot_probe(x_good, y, slide, n_train=10, n_repeats=1, n_components=16)
     assert set(by_count["fold"]) == set(slide) and (by_count["n_train"] == 10).all()
 
 
 def test_few_shot_probe_rejects_bad_input(latent):
     x_good, _, y, slide = latent
     with pytest.raises(ValueError, match="either `fraction` or `n_train`"):
-        ev.few_shot_probe(x_good, y, slide, fraction=0.1, n_train=5)
+        metrics.few_shot_probe(x_good, y, slide, fraction=0.1, n_train=5)
     with pytest.raises(ValueError, match="not among the slides"):
-        ev.few_shot_probe(x_good, y, slide, test_slide="nope")
+        metrics.few_shot_probe(x_good, y, slide, test_slide="nope")
     with pytest.raises(ValueError, match="at least 2 training and 2 test"):
-        ev.few_shot_probe(x_good, y, slide, n_train=149)
+        metrics.few_shot_probe(x_good, y, slide, n_train=149)
 
 
 # --- retrieval ------------------------------------------------------------------------------------------------
@@ -192,35 +188,35 @@ def test_knn_expression_perfect_and_random():
     rng = np.random.default_rng(0)
     x_ref, y_ref = rng.normal(size=(300, 16)), rng.normal(size=(300, 12))
     rows = rng.choice(300, size=100, replace=False)
-    exact = ev.knn_expression(x_ref[rows], x_ref, y_ref, y_ref[rows], k=1)
+    exact = metrics.knn_expression(x_ref[rows], x_ref, y_ref, y_ref[rows], k=1)
     np.testing.assert_allclose(exact["value"], 1.0)
-    random = ev.knn_expression(rng.normal(size=(200, 16)), x_ref, y_ref, rng.normal(size=(200, 12)), k=10)
+    random = metrics.knn_expression(rng.normal(size=(200, 16)), x_ref, y_ref, rng.normal(size=(200, 12)), k=10)
     assert abs(random["value"].mean()) < 0.05
     assert list(exact.columns) == ["encoder", "gene", "metric", "value", "k", "n_ref", "n_query"]
 
 
 def test_knn_expression_cv(latent):
     x_good, x_bad, y, slide = latent
-    good = ev.knn_expression_cv(x_good, y, slide, k=20, label="good")
-    bad = ev.knn_expression_cv(x_bad, y, slide, k=20, label="bad")
+    good = metrics.knn_expression_cv(x_good, y, slide, k=20, label="good")
+    bad = metrics.knn_expression_cv(x_bad, y, slide, k=20, label="bad")
     assert _mean(good) > 0.5
     assert abs(_mean(bad)) < 0.1
     assert (good.groupby("fold")["n_query"].first() == 150).all()
     with pytest.raises(ValueError, match="exceeds the 450 reference spots"):
-        ev.knn_expression_cv(x_good, y, slide, k=451)
+        metrics.knn_expression_cv(x_good, y, slide, k=451)
 
 
 def test_gene_to_image_recall():
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(400, 32))
     groups = np.repeat(["a", "b"], 200)
-    same = ev.gene_to_image_recall(emb, emb, ks=(1, 5), groups=groups)
+    same = metrics.gene_to_image_recall(emb, emb, ks=(1, 5), groups=groups)
     assert (same.loc[same["metric"] == "recall@1", "value"] == 1.0).all()
     assert set(same["group"]) == {"a", "b"}
     chance = same.loc[same["metric"] == "chance@5", "value"]
     np.testing.assert_allclose(chance, 5 / 200)
 
-    random = ev.gene_to_image_recall(rng.normal(size=(2000, 32)), rng.normal(size=(2000, 32)), ks=(1, 50, 200))
+    random = metrics.gene_to_image_recall(rng.normal(size=(2000, 32)), rng.normal(size=(2000, 32)), ks=(1, 50, 200))
     by_metric = random.set_index("metric")["value"]
     for k in (50, 200):
         assert by_metric[f"recall@{k}"] == pytest.approx(by_metric[f"chance@{k}"], abs=0.03)
@@ -240,11 +236,11 @@ def _classes(separation, n_per_class=60, n_classes=3, d=20, seed=0):
 
 def test_few_shot_classification_separable_and_random():
     x, labels = _classes(separation=3.0)
-    df = ev.few_shot_classification(x, labels, k=(1, 5, 10), n_repeats=5)
+    df = metrics.few_shot_classification(x, labels, k=(1, 5, 10), n_repeats=5)
     assert (df["value"] > 0.9).all()
     assert list(df["metric"].unique()) == ["balanced_accuracy@1", "balanced_accuracy@5", "balanced_accuracy@10"]
     x_noise, labels = _classes(separation=0.0)
-    noise = ev.few_shot_classification(x_noise, labels, k=(1, 5, 10), n_repeats=10)
+    noise = metrics.few_shot_classification(x_noise, labels, k=(1, 5, 10), n_repeats=10)
     assert noise["value"].mean() == pytest.approx(1 / 3, abs=0.07)
 
 
@@ -253,7 +249,7 @@ def test_few_shot_classification_skips_small_classes():
     labels = labels.copy()
     # c0 keeps 8 spots: enough for k=5, too few for k=10.
     labels[:52] = np.concatenate([np.full(47, "c1"), np.full(5, "c2")])
-    df = ev.few_shot_classification(x, labels, k=(5, 10), n_repeats=2)
+    df = metrics.few_shot_classification(x, labels, k=(5, 10), n_repeats=2)
     at_5 = df[df["k"] == 5]
     assert (at_5["n_classes"] == 3).all() and (at_5["note"] == "").all()
     at_10 = df[df["k"] == 10]
@@ -266,12 +262,12 @@ def test_expression_domains_recovers_clusters():
     rng = np.random.default_rng(0)
     truth = np.repeat(np.arange(3), 100)
     y = 3 * rng.normal(size=(3, 30))[truth] + rng.normal(size=(300, 30))
-    domains = ev.expression_domains(y, seed=0)
+    domains = metrics.expression_domains(y, seed=0)
     assert adjusted_rand_score(truth, domains) > 0.8
-    np.testing.assert_array_equal(domains, ev.expression_domains(y, seed=0))
+    np.testing.assert_array_equal(domains, metrics.expression_domains(y, seed=0))
 
 
-# --- summary and plot -----------------------------------------------------------------------------------------
+# --- summary --------------------------------------------------------------------------------------------------
 
 
 def test_summarize_averages_genes_then_folds():
@@ -284,38 +280,13 @@ def test_summarize_averages_genes_then_folds():
             "value": [0.2, 0.4, 0.6, np.nan],
         }
     )
-    summary = ev.summarize(df)
+    summary = metrics.summarize(df)
     row = summary.iloc[0]
     assert row["mean"] == pytest.approx((0.3 + 0.6) / 2)
     assert row["std"] == pytest.approx(0.15)
     assert (row["n"], row["n_undefined"]) == (2, 1)
     with pytest.raises(ValueError, match="missing"):
-        ev.summarize(df.drop(columns="value"))
-
-
-def test_benchmark_plot(latent):
-    x_good, x_bad, y, slide = latent
-    probes = pd.concat([ev.ridge_probe(x_good, y, slide, label="good"), ev.ridge_probe(x_bad, y, slide, label="bad")])
-    recall = pd.concat(
-        [
-            ev.gene_to_image_recall(x_good, x_good, ks=(1, 10), groups=slide, label="good"),
-            ev.gene_to_image_recall(x_good, x_bad, ks=(1, 10), groups=slide, label="bad"),
-        ]
-    )
-    results = pd.concat([probes, recall])
-    fig = benchmark(results, return_fig=True, show=False)
-    assert len(fig.axes) == 3
-    assert [ax.get_title() for ax in fig.axes] == ["pearson", "recall@1", "recall@10"]
-    assert benchmark(results, show=False) is None
-
-    _, ax = plt.subplots()
-    point = benchmark(ev.summarize(results), metric="recall@10", kind="point", ax=ax, return_fig=True, show=False)
-    assert point is ax.figure and len(point.axes) == 1
-    with pytest.raises(ValueError, match="available"):
-        benchmark(results, metric="auroc", show=False)
-    with pytest.raises(ValueError, match="one panel"):
-        benchmark(results, ax=ax, show=False)
-    plt.close("all")
+        metrics.summarize(df.drop(columns="value"))
 
 
 # --- real data ------------------------------------------------------------------------------------------------
@@ -343,7 +314,7 @@ def test_position_predicts_expression_in_the_layered_olfactory_bulb():
     fourier = np.cos(standardised @ frequencies + phases)
     noise = rng.normal(size=fourier.shape)
     slide = np.full(len(y), "MOB1")
-    smooth = _mean(ev.few_shot_probe(fourier, y, slide, n_repeats=3, label="position"))
-    random = _mean(ev.few_shot_probe(noise, y, slide, n_repeats=3, label="noise"))
+    smooth = _mean(metrics.few_shot_probe(fourier, y, slide, n_repeats=3, label="position"))
+    random = _mean(metrics.few_shot_probe(noise, y, slide, n_repeats=3, label="noise"))
     assert smooth > 0.2
     assert abs(random) < 0.1

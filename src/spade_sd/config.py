@@ -1,0 +1,390 @@
+"""Configuration as a value: what a SPADE model is trained with, each default written once.
+
+Small frozen dataclasses, one per stage: :class:`PatchConfig` (patch geometry), :class:`PanelConfig` (gene panel),
+:class:`ClusteringConfig` (standardization, experts, routing), :class:`TrainingConfig` (the heads and their
+training), and :class:`SpadeConfig` holding all four plus the provenance training adds. :func:`spade_sd.tl.pretrain`
+builds them from its keywords (same names and defaults; ``panel_flavor`` is :attr:`PanelConfig.flavor`), each
+validates its values once when created, the lower layers receive them instead of keywords, and
+:class:`~spade_sd.SpadeModel` saves them in its ``config.json``. Error messages name the keyword of
+:func:`spade_sd.tl.pretrain`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from numbers import Integral
+from typing import Any, Literal, Self
+
+from spade_sd.utils.validation import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_key,
+    check_number,
+    check_patch_geometry,
+    check_seed,
+)
+
+STANDARDIZE = ("slide", "global")
+PANEL_FLAVORS = ("union", "global")
+LossName = Literal["soft_target", "clip"]
+LOSSES: tuple[str, ...] = ("soft_target", "clip")
+
+
+def _set(config: Any, name: str, value: Any) -> None:
+    # frozen dataclasses keep the validated (normalized) value, e.g. an int given for a float
+    object.__setattr__(config, name, value)
+
+
+def check_n_comps(n_comps: int | None, out_dim: int, n_spots: int | None = None) -> None:
+    """Raise a ValueError unless ``n_comps`` is ``None`` or an int in ``[1, min(out_dim, n_spots)]``."""
+    if n_comps is None:
+        return
+    if isinstance(n_comps, bool) or not isinstance(n_comps, Integral) or n_comps < 1:
+        raise ValueError(f"n_comps must be a positive int or None; found {n_comps!r}.")
+    if n_comps > out_dim:
+        raise ValueError(f"n_comps must be at most out_dim ({out_dim}); found {n_comps}.")
+    if n_spots is not None and n_comps > n_spots:
+        raise ValueError(f"n_comps must be at most the number of training spots ({n_spots}); found {n_comps}.")
+
+
+class _Config:
+    """``to_dict``/``from_dict`` of a flat config: JSON values (lists, not tuples), unknown keys refused."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON-able values (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Self:
+        """Inverse of :meth:`to_dict`; missing fields take their defaults, unknown ones are refused."""
+        names = _field_names(cls)
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no fields {unknown}; it has {list(names)}.")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class PatchConfig(_Config):
+    """Patch geometry: every spot's patch is ``size_um`` µm wide, resized to ``size_px`` pixels.
+
+    Attributes
+    ----------
+    size_um
+        Side of a patch in µm (0.01 to 10 000).
+    size_px
+        Side of a patch in pixels, as the backbone reads it (8 to 4096).
+    """
+
+    size_um: float = 112.0
+    size_px: int = 224
+
+    def __post_init__(self) -> None:
+        size_um, size_px = check_patch_geometry(self.size_um, self.size_px)
+        _set(self, "size_um", size_um)
+        _set(self, "size_px", size_px)
+
+
+@dataclass(frozen=True)
+class PanelConfig(_Config):
+    """How the gene panel is selected and what expression the gene heads read (see :class:`~spade_sd.GenePanel`).
+
+    Attributes
+    ----------
+    n_top_genes
+        Highly variable genes per sample (``"union"``) or in total (``"global"``).
+    flavor
+        ``"union"`` of every sample's HVGs (SPADE) or ``"global"`` HVGs over all samples (SEAL); the keyword
+        ``panel_flavor`` of :func:`spade_sd.tl.pretrain`.
+    smoothing
+        Weight in ``[0, 1]`` of the spot-context smoothing of expression (each spot's with its neighbors' mean).
+    layer
+        Layer of the tables holding raw counts; ``None`` uses ``X``.
+    """
+
+    n_top_genes: int = 50
+    flavor: Literal["union", "global"] = "union"
+    smoothing: float = 0.0
+    layer: str | None = None
+
+    def __post_init__(self) -> None:
+        _set(self, "n_top_genes", check_int("n_top_genes", self.n_top_genes, minimum=1))
+        check_choice("panel_flavor", self.flavor, PANEL_FLAVORS)
+        _set(self, "smoothing", check_number("smoothing", self.smoothing, minimum=0, maximum=1))
+        if self.layer is not None:
+            check_key("layer", self.layer)
+
+
+@dataclass(frozen=True)
+class ClusteringConfig(_Config):
+    """Standardization of the backbone features, the two-stage clustering into experts and the routing softness.
+
+    Attributes
+    ----------
+    n_experts
+        Number of data experts (stage-2 clusters); ``1`` gives a single BLEEP-style expert.
+    n_fine
+        Stage-1 k-means clusters per group, or ``"elbow"`` to choose it per group.
+    groupby
+        Table ``obs`` column defining the stage-1 groups; ``None``: one group per slide.
+    standardize
+        ``"slide"``: standardize every slide's features by that slide's own statistics first; ``"global"``: only by
+        the training set's.
+    tau_scale
+        Softness of routing relative to the training features' typical margin between experts.
+    """
+
+    n_experts: int = 4
+    n_fine: int | Literal["elbow"] = 16
+    groupby: str | None = None
+    standardize: Literal["slide", "global"] = "slide"
+    tau_scale: float = 0.25
+
+    def __post_init__(self) -> None:
+        _set(self, "n_experts", check_int("n_experts", self.n_experts, minimum=1))
+        if self.n_fine != "elbow":
+            if isinstance(self.n_fine, str):
+                raise ValueError(f"n_fine must be a positive integer or 'elbow'; found {self.n_fine!r}.")
+            _set(self, "n_fine", check_int("n_fine", self.n_fine, minimum=1))
+        if self.groupby is not None:
+            check_key("groupby", self.groupby)
+        check_choice("standardize", self.standardize, STANDARDIZE)
+        _set(self, "tau_scale", check_number("tau_scale", self.tau_scale, minimum=0, exclusive_minimum=True))
+
+
+@dataclass(frozen=True)
+class TrainingConfig(_Config):
+    """The experts' heads and their training (one Lightning run; AdamW, warm-up then cosine decay).
+
+    Attributes
+    ----------
+    loss
+        ``"clip"`` (InfoNCE on normalized embeddings, learnable temperature) or ``"soft_target"`` (the SPADE/BLEEP
+        reference's symmetric loss with temperature ``temperature``).
+    temperature
+        ``T`` of the soft-target loss.
+    out_dim
+        Embedding dimension of the heads.
+    n_comps
+        Keep every embedding in the span of the ``n_comps`` leading principal directions of the training spots'
+        image embeddings; ``None`` keeps the heads' outputs.
+    dropout
+        Dropout of the heads.
+    batch_size
+        Spots per batch (per process); a contrastive batch needs at least 2.
+    max_epochs
+        Most epochs to train.
+    lr
+        Peak learning rate (of the generalist, and of experts trained from scratch).
+    weight_decay
+        AdamW weight decay.
+    patience
+        Epochs without improvement of the monitored loss before stopping.
+    warmup_steps
+        Linear warm-up steps before the cosine decay.
+    val_slides
+        Slide names to validate on; ``None``: a seeded draw of whole slides (or, with few slides, a block of each).
+    val_fraction
+        Fraction of slides (or of each slide's extent) held out when ``val_slides`` is ``None``; 0: no validation.
+    min_val_slides
+        Fewest slides for which whole slides are held out; with fewer, a block of every slide validates.
+    warm_start
+        With several experts, first train one generalist expert on all spots and start every expert from it.
+    expert_lr_factor
+        Warm-started experts are trained at ``lr * expert_lr_factor``.
+    seed
+        Seed of clustering, initialization, batching and the validation draw.
+    train_threads
+        Torch CPU threads while training the heads; ``None`` leaves torch's setting.
+    """
+
+    loss: LossName = "clip"
+    temperature: float = 1.0
+    out_dim: int = 256
+    n_comps: int | None = 16
+    dropout: float = 0.1
+    batch_size: int = 128
+    max_epochs: int = 50
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    patience: int = 10
+    warmup_steps: int = 0
+    val_slides: tuple[str, ...] | None = None
+    val_fraction: float = 0.2
+    min_val_slides: int = 4
+    warm_start: bool = True
+    expert_lr_factor: float = 0.1
+    seed: int = 0
+    train_threads: int | None = 1
+
+    def __post_init__(self) -> None:
+        check_choice("loss", self.loss, LOSSES)
+        positive = {"minimum": 0, "exclusive_minimum": True}
+        _set(self, "temperature", check_number("temperature", self.temperature, **positive))
+        _set(self, "out_dim", check_int("out_dim", self.out_dim, minimum=1))
+        check_n_comps(self.n_comps, self.out_dim)
+        _set(self, "dropout", check_number("dropout", self.dropout, minimum=0, maximum=1, exclusive_maximum=True))
+        _set(self, "batch_size", check_int("batch_size", self.batch_size, minimum=2))  # a batch needs negatives
+        _set(self, "max_epochs", check_int("max_epochs", self.max_epochs, minimum=1))
+        _set(self, "lr", check_number("lr", self.lr, **positive))
+        _set(self, "weight_decay", check_number("weight_decay", self.weight_decay, minimum=0))
+        _set(self, "patience", check_int("patience", self.patience, minimum=0))
+        _set(self, "warmup_steps", check_int("warmup_steps", self.warmup_steps, minimum=0))
+        _set(self, "val_slides", _slide_names(self.val_slides))
+        _set(self, "val_fraction", check_number("val_fraction", self.val_fraction, minimum=0, maximum=1))
+        _set(self, "min_val_slides", check_int("min_val_slides", self.min_val_slides, minimum=2))
+        _set(self, "warm_start", check_bool("warm_start", self.warm_start))
+        _set(self, "expert_lr_factor", check_number("expert_lr_factor", self.expert_lr_factor, **positive))
+        _set(self, "seed", check_seed(self.seed))
+        if self.train_threads is not None:
+            _set(self, "train_threads", check_int("train_threads", self.train_threads, minimum=1))
+
+
+def _slide_names(val_slides: Any) -> tuple[str, ...] | None:
+    if val_slides is None:
+        return None
+    if isinstance(val_slides, str) or not isinstance(val_slides, Sequence):
+        raise TypeError(f"val_slides must be a list of slide names or None; found {val_slides!r}.")
+    return tuple(map(str, val_slides))
+
+
+# tl.pretrain keywords whose name differs from the field they set
+_KEYWORDS = {"flavor": "panel_flavor"}
+_SECTIONS = {"patches": PatchConfig, "panel": PanelConfig, "clustering": ClusteringConfig, "training": TrainingConfig}
+
+
+@dataclass(frozen=True)
+class SpadeConfig:
+    """Everything a :class:`~spade_sd.SpadeModel` is trained with, and the provenance training records.
+
+    Attributes
+    ----------
+    patches, panel, clustering, training
+        The configuration of each stage.
+    slides
+        Names of the training slides (set by training).
+    n_spots
+        Number of training spots (set by training).
+    versions
+        Versions of spade_sd and its main dependencies that trained the model (set by training).
+    """
+
+    patches: PatchConfig = field(default_factory=PatchConfig)
+    panel: PanelConfig = field(default_factory=PanelConfig)
+    clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    slides: tuple[str, ...] = ()
+    n_spots: int | None = None
+    versions: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        for name, kind in _SECTIONS.items():
+            if not isinstance(getattr(self, name), kind):
+                raise TypeError(f"{name} must be a {kind.__name__}; found {type(getattr(self, name)).__name__}.")
+        _set(self, "slides", tuple(map(str, self.slides)))
+        _set(self, "versions", dict(self.versions))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested JSON-able dicts, as saved in the model's ``config.json`` and written to ``.uns``."""
+        sections = {name: getattr(self, name).to_dict() for name in _SECTIONS}
+        return {**sections, "slides": list(self.slides), "n_spots": self.n_spots, "versions": dict(self.versions)}
+
+    @classmethod
+    def from_keywords(cls, keywords: Mapping[str, Any]) -> SpadeConfig:
+        """The configuration named by keywords such as :func:`spade_sd.tl.pretrain`'s.
+
+        Each section takes the keywords that name its fields (``panel_flavor`` names :attr:`PanelConfig.flavor`);
+        other keywords are ignored and fields without a keyword keep their defaults.
+        """
+        sections = {}
+        for name, kind in _SECTIONS.items():
+            given = {field: _KEYWORDS.get(field, field) for field in _field_names(kind)}
+            sections[name] = kind(**{field: keywords[key] for field, key in given.items() if key in keywords})
+        return cls(**sections)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> SpadeConfig:
+        """Inverse of :meth:`to_dict`; missing entries take their defaults, unknown ones are refused."""
+        unknown = sorted(set(values) - set(_field_names(cls)))
+        if unknown:
+            raise ValueError(f"SpadeConfig has no entries {unknown}; it has {list(_field_names(cls))}.")
+        sections = {name: kind.from_dict(values[name]) for name, kind in _SECTIONS.items() if name in values}
+        return cls(**{**values, **sections})
+
+
+def check_trainer_kwargs(trainer_kwargs: Mapping[str, Any], keywords: Collection[str] = ()) -> dict[str, Any]:
+    """``trainer_kwargs`` if none of them is a training option: they go to :class:`lightning.pytorch.Trainer` only.
+
+    Parameters
+    ----------
+    trainer_kwargs
+        Keyword arguments meant for the Lightning Trainer.
+    keywords
+        The caller's own keywords, named in the error as where an option belongs.
+
+    Raises
+    ------
+    TypeError
+        Naming the first key that is a field of one of the configs, and where to pass it instead.
+    """
+    for name in trainer_kwargs:
+        owner = next((kind for kind in _SECTIONS.values() if name in _field_names(kind)), None)
+        if owner is not None:
+            keyword = _KEYWORDS.get(name, name)
+            where = f"pass it as {keyword}=..." if keyword in keywords else f"set it in {owner.__name__}({name}=...)"
+            raise TypeError(
+                f"{name!r} is not a lightning.Trainer argument: **trainer_kwargs go to lightning.Trainer only, and "
+                f"{name} is a training option ({owner.__name__}.{name}); {where}."
+            )
+    return dict(trainer_kwargs)
+
+
+# What a format-1 model lacking one of these keys was trained with: each key came with the option it records
+_FORMAT_1_ABSENT = {"standardize": "global", "warm_start": False, "expert_lr_factor": 1.0, "n_comps": None}
+_FORMAT_1_TRAINING = ("lr", "n_comps", "warm_start", "expert_lr_factor", "seed", "train_threads")
+
+
+def config_from_format_1(
+    flat: Mapping[str, Any], *, panel: Mapping[str, Any] | None = None, out_dim: int | None = None
+) -> SpadeConfig:
+    """The configuration of a model saved in format 1 (``spade_sd.model/1``), whose ``config`` was one flat dict.
+
+    Format 1 kept the patch geometry, the clustering options and some training options at the top level and the
+    other training keywords (with Lightning's) under ``"training"``; the panel options were recorded only by the
+    saved panel and the embedding dimension only by the heads. An option such a model does not record takes the
+    value the code of its time used without it (per-slide standardization, warm start, the expert learning-rate
+    factor and the subspace came later), any other today's default; Lightning's options are dropped.
+
+    Parameters
+    ----------
+    flat
+        The ``config`` entry of a format-1 ``config.json`` (what ``SpadeModel.config`` was).
+    panel
+        The saved panel's ``to_dict()``: its ``n_top_genes``, ``flavor`` and ``smoothing``.
+    out_dim
+        The heads' embedding dimension.
+    """
+    flat = {**_FORMAT_1_ABSENT, **flat}
+    training = {**flat.get("training", {}), **{k: flat[k] for k in _FORMAT_1_TRAINING if k in flat}}
+    if out_dim is not None:
+        training["out_dim"] = out_dim
+    clustering = {k: flat[k] for k in ("n_fine", "standardize", "tau_scale") if k in flat}
+    n_experts = flat.get("n_experts_requested", flat.get("n_experts"))
+    if n_experts is not None:
+        clustering["n_experts"] = n_experts
+    panel = {k: v for k, v in (panel or {}).items() if k in ("n_top_genes", "flavor", "smoothing")}
+    return SpadeConfig(
+        patches=PatchConfig.from_dict(flat.get("patches", {})),
+        panel=PanelConfig(**panel, layer=flat.get("layer")),
+        clustering=ClusteringConfig(**clustering),
+        training=TrainingConfig.from_dict({k: v for k, v in training.items() if k in _field_names(TrainingConfig)}),
+        slides=flat.get("slides", ()),
+        n_spots=flat.get("n_spots"),
+        versions=flat.get("versions", {}),
+    )
+
+
+def _field_names(kind: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(kind))

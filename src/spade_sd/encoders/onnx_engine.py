@@ -1,0 +1,167 @@
+"""The onnxruntime CPU engine of a :class:`~spade_sd.Backbone`: exported once, checked against PyTorch, kept current.
+
+The pooled module is exported to ONNX in the cache folder (``settings.cache_dir / "onnx"``, named by the
+backbone's identity, so other processes reuse it), run by onnxruntime on every CPU core, checked against the
+PyTorch output before its first use, and exported again whenever the module's weights or attributes change.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from spade_sd.encoders.modules import Pooled, eval_mode
+from spade_sd.utils.logging import logger
+from spade_sd.utils.settings import settings
+
+# A single ONNX protobuf cannot hold more; larger models stay on eager PyTorch
+_ONNX_MAX_BYTES = 2**31 - 1
+_ONNX_TOLERANCE = 1e-3
+
+
+def onnx_path(identity: str) -> Path:
+    """Where the ONNX export of the backbone with this :meth:`~spade_sd.Backbone.identity` is cached."""
+    return settings.cache_dir / "onnx" / f"{identity}.onnx"
+
+
+def _num_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class OnnxEngine:
+    """Runs a pooled backbone module in onnxruntime on the CPU.
+
+    Parameters
+    ----------
+    pooled
+        The module to export, on the CPU; its inner module is put in eval mode while exporting and checking.
+    name
+        The backbone's name, for messages.
+    input_size
+        Side of the square input images.
+    identity
+        Returns the backbone's identity, which names the exported file.
+    state
+        Returns a token that changes whenever the module's weights or attributes do (see
+        :func:`~spade_sd.encoders.identity.state_token`); a changed token exports again.
+    preprocess
+        Turns uint8 ``(batch, height, width, 3)`` patches into the module's normalised input.
+    reference
+        The PyTorch forward pass, preprocessed images to ``(batch, dim)`` features, that the export must match.
+    """
+
+    # onnxruntime runs on the CPU in sub-batches of this many patches: its memory arena grows with the largest run,
+    # and ViT-S/16 ran ~5 % faster in 8s than 16s (EfficientNet-Lite0 alike within noise; benchmarks/throughput.py)
+    max_batch = 8
+
+    def __init__(
+        self,
+        pooled: Pooled,
+        *,
+        name: str,
+        input_size: int,
+        identity: Callable[[], str],
+        state: Callable[[], Any],
+        preprocess: Callable[[np.ndarray], torch.Tensor],
+        reference: Callable[[torch.Tensor], np.ndarray],
+    ) -> None:
+        self.pooled, self.name, self.input_size = pooled, name, input_size
+        self._identity, self._state, self._preprocess, self._reference = identity, state, preprocess, reference
+        self._session: ort.InferenceSession | None = None
+        self._session_state: Any = None
+
+    def load(self) -> None:
+        """Export the module (unless its export is cached), open an onnxruntime session and check it.
+
+        Raises
+        ------
+        ValueError
+            If the module is not on the CPU or its weights exceed ONNX's 2 GiB limit.
+        RuntimeError
+            If the session's output differs from PyTorch's; export errors propagate as they are.
+        """
+        self._session = self._open()
+        # the token is taken after exporting, which runs forward (a module may record things there)
+        self._session_state = self._state()
+
+    def runner(self) -> Callable[[torch.Tensor], np.ndarray]:
+        """A function running preprocessed images through the session, exported again if the module changed."""
+        if self._session is None or self._session_state != self._state():
+            if self._session is not None:
+                logger.info(
+                    "backbone %s: weights or attributes changed since the ONNX export, exporting again", self.name
+                )
+            self.load()
+        session, input_name = self._session, self._session.get_inputs()[0].name
+
+        def run(x: torch.Tensor) -> np.ndarray:
+            return session.run(None, {input_name: x.contiguous().cpu().numpy()})[0]
+
+        return run
+
+    def _open(self) -> ort.InferenceSession:
+        device = next((p.device for p in self.pooled.parameters()), torch.device("cpu"))
+        if device.type != "cpu":
+            raise ValueError(f"onnxruntime runs on the CPU, found device {device}")
+        size = sum(t.numel() * t.element_size() for t in self.pooled.module.state_dict().values())
+        if size > _ONNX_MAX_BYTES:
+            raise ValueError(f"the model's {size / 2**30:.1f} GiB of weights exceed ONNX's 2 GiB single-file limit")
+        path = onnx_path(self._identity())
+        if not path.is_file():
+            self._export(path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = _num_cores()
+        # idle worker threads sleep instead of spinning: with the patch reader (and anything else) sharing the
+        # cores, spinning cost 1.4× (EfficientNet-Lite0) to 2× (ViT-S/16) throughput (benchmarks/throughput.py)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self._verify(session)
+        logger.info("backbone %s runs in onnxruntime from %s", self.name, path)
+        return session
+
+    def _export(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        dummy = torch.zeros(2, 3, self.input_size, self.input_size)
+        # written next to the target and renamed, so concurrent processes never load a half-written file
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".onnx.tmp", delete=False) as tmp:
+            tmp_path = Path(tmp.name)
+        try:
+            with eval_mode(self.pooled.module), torch.no_grad(), warnings.catch_warnings():
+                # tracer warnings about shapes frozen into the graph are expected: only the batch axis is dynamic
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    self.pooled,
+                    (dummy.contiguous(memory_format=torch.channels_last),),
+                    tmp_path,
+                    dynamo=False,
+                    input_names=["images"],
+                    output_names=["features"],
+                    dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+                    opset_version=17,
+                )
+            tmp_path.replace(path)
+        finally:
+            tmp_path.unlink(missing_ok=True)
+        logger.info("backbone %s exported to %s", self.name, path)
+
+    def _verify(self, session: ort.InferenceSession) -> None:
+        dummy = np.random.default_rng(0).integers(0, 256, (3, self.input_size, self.input_size, 3), dtype=np.uint8)
+        with eval_mode(self.pooled.module), torch.inference_mode():
+            x = self._preprocess(dummy)
+            expected = self._reference(x)
+        found = session.run(None, {session.get_inputs()[0].name: x.contiguous().numpy()})[0]
+        scale = max(float(np.abs(expected).max()), np.finfo(np.float32).tiny)
+        error = float(np.abs(found - expected).max()) / scale
+        if not error < _ONNX_TOLERANCE:
+            raise RuntimeError(
+                f"the ONNX export of {self.name} differs from PyTorch by {error:.2e} of the feature scale "
+                f"(tolerance {_ONNX_TOLERANCE}); pass engine='torch'"
+            )
