@@ -19,7 +19,15 @@ from spatialdata import SpatialData
 
 from spade_sd.datasets._images import multiscale_from_file
 from spade_sd.datasets._registry import fetch, registry
-from spade_sd.utils.constants import SPOT_DIAMETERS_UM
+from spade_sd.utils.constants import (
+    SAMPLE,
+    SAMPLE_KEY,
+    SPATIAL_KEY,
+    SPOT_DIAMETER_UM,
+    SPOT_DIAMETERS_UM,
+    TECHNOLOGY,
+    UNS_KEY,
+)
 from spade_sd.utils.logging import logger
 
 LEGACY_ST_SPOT_DIAMETER_UM = SPOT_DIAMETERS_UM["legacy_ST"]
@@ -92,19 +100,19 @@ def _legacy_st(
             "region": pd.Categorical([region] * len(spots)),
             "array_row": spots["y"].to_numpy(int),
             "array_col": spots["x"].to_numpy(int),
-            "sample": pd.Categorical([sample] * len(spots)),
+            SAMPLE_KEY: pd.Categorical([sample] * len(spots)),
         },
         index=pd.Index(spots.index, name=None),
     )
     var_names = pd.Index(counts.columns.astype(str))
     table = ad.AnnData(X=sparse.csr_matrix(counts.to_numpy(np.float32)), obs=obs, var=pd.DataFrame(index=var_names))
     table.var_names_make_unique()
-    table.obsm["spatial"] = centers
-    table.uns["spade_sd"] = {
+    table.obsm[SPATIAL_KEY] = centers
+    table.uns[UNS_KEY] = {
         "dataset": dataset,
-        "sample": sample,
-        "technology": "legacy_ST",
-        "spot_diameter_um": LEGACY_ST_SPOT_DIAMETER_UM,
+        SAMPLE: sample,
+        TECHNOLOGY: "legacy_ST",
+        SPOT_DIAMETER_UM: LEGACY_ST_SPOT_DIAMETER_UM,
     }
     table = TableModel.parse(table, region=region, region_key="region", instance_key="spot_id")
     image_path = fetch(image_key, data_dir)
@@ -208,12 +216,12 @@ def visium_muscle(sample: str = "Vis5A_2dpi", *, data_dir: str | os.PathLike | N
     )
     table = sdata.tables["table"]
     table.var_names_make_unique()
-    table.obs["sample"] = pd.Categorical([sample] * table.n_obs)
-    table.uns["spade_sd"] = {
+    table.obs[SAMPLE_KEY] = pd.Categorical([sample] * table.n_obs)
+    table.uns[UNS_KEY] = {
         "dataset": "scmuscle_visium",
-        "sample": sample,
-        "technology": "Visium",
-        "spot_diameter_um": VISIUM_SPOT_DIAMETER_UM,
+        SAMPLE: sample,
+        TECHNOLOGY: "Visium",
+        SPOT_DIAMETER_UM: VISIUM_SPOT_DIAMETER_UM,
     }
     sdata.tables["table"] = TableModel.parse(table)
     return sdata

@@ -24,6 +24,7 @@ from spatialdata.models import Image2DModel, ShapesModel, TableModel
 from spatialdata.transformations import Identity
 from xarray import DataTree
 
+from spade_sd.utils.constants import SAMPLE, SAMPLE_KEY, SPATIAL_KEY, SPOT_DIAMETER_UM, TECHNOLOGY, UNS_KEY
 from spade_sd.utils.logging import logger
 
 _TILE = 1024
@@ -312,9 +313,9 @@ def _slide(
     var = pd.DataFrame({"program": pd.Categorical(programs.program[keep])}, index=[f"gene_{g:04d}" for g in keep])
     uns = {
         "dataset": "synthetic",
-        "sample": sample,
-        "technology": technology,
-        "spot_diameter_um": float(spot_diameter_um),
+        SAMPLE: sample,
+        TECHNOLOGY: technology,
+        SPOT_DIAMETER_UM: float(spot_diameter_um),
     }
     table = _table(sample, rows, cols, centers, truth, sparse.csr_matrix(counts[:, keep].astype(np.float32)), var, uns)
     spots = gpd.GeoDataFrame(
@@ -346,11 +347,11 @@ def _table(
             "region": pd.Categorical([f"{sample}_spots"] * n_spots),
             "array_row": rows,
             "array_col": cols,
-            "sample": pd.Categorical([sample] * n_spots),
+            SAMPLE_KEY: pd.Categorical([sample] * n_spots),
         },
         index=truth.index,
     ).join(truth)
-    table = ad.AnnData(X=counts, obs=obs, var=var, obsm={"spatial": centers}, uns={"spade_sd": uns})
+    table = ad.AnnData(X=counts, obs=obs, var=var, obsm={SPATIAL_KEY: centers}, uns={UNS_KEY: uns})
     return TableModel.parse(table, region=f"{sample}_spots", region_key="region", instance_key="spot_id")
 
 
