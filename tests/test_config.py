@@ -185,7 +185,9 @@ def test_a_format_1_configuration_is_migrated():
     assert config.patches == PatchConfig(size_um=64.0, size_px=64)
     assert config.panel == PanelConfig(n_top_genes=50, flavor="union", smoothing=0.0, layer=None)
     assert config.clustering == ClusteringConfig(n_experts=2, n_fine=4, standardize="slide", tau_scale=0.25)
-    expected = TrainingConfig(loss="clip", max_epochs=3, lr=1e-3, n_comps=16, warm_start=True, expert_lr_factor=0.1)
+    expected = TrainingConfig(
+        loss="clip", max_epochs=3, lr=1e-3, n_comps=16, warm_start=True, expert_lr_factor=0.1, reference_size=0
+    )
     assert config.training == expected
     assert config.slides == ("synthetic_0", "synthetic_1") and config.n_spots == 128
     # keys a format-1 model lacks mean what the code of its time did without them

@@ -198,6 +198,12 @@ class TrainingConfig(_Config):
         Seed of clustering, initialization, batching and the validation draw.
     train_threads
         Torch CPU threads while training the heads; ``None`` leaves torch's setting.
+    reference_size
+        Training spots kept in the model's reference bank (:class:`~spade_sd.model.reference.ReferenceBank`),
+        drawn per expert in proportion to its spots with ``seed``; 0 stores no bank.
+    reference_genes
+        Genes of the reference bank: the panel's genes, then the training slides' shared highly variable genes up
+        to this many in total.
     """
 
     loss: LossName = "clip"
@@ -218,6 +224,8 @@ class TrainingConfig(_Config):
     expert_lr_factor: float = 0.1
     seed: int = 0
     train_threads: int | None = 1
+    reference_size: int = 2000
+    reference_genes: int = 2000
 
     def __post_init__(self) -> None:
         check_choice("loss", self.loss, LOSSES)
@@ -240,6 +248,8 @@ class TrainingConfig(_Config):
         _set(self, "seed", check_seed(self.seed))
         if self.train_threads is not None:
             _set(self, "train_threads", check_int("train_threads", self.train_threads, minimum=1))
+        _set(self, "reference_size", check_int("reference_size", self.reference_size, minimum=0))
+        _set(self, "reference_genes", check_int("reference_genes", self.reference_genes, minimum=1))
 
 
 def _slide_names(val_slides: Any) -> tuple[str, ...] | None:
@@ -342,8 +352,14 @@ def check_trainer_kwargs(trainer_kwargs: Mapping[str, Any], keywords: Collection
 
 
 # What a format-1 model lacking one of these keys was trained with: each key came with the option it records
-_FORMAT_1_ABSENT = {"standardize": "global", "warm_start": False, "expert_lr_factor": 1.0, "n_comps": None}
-_FORMAT_1_TRAINING = ("lr", "n_comps", "warm_start", "expert_lr_factor", "seed", "train_threads")
+_FORMAT_1_ABSENT = {
+    "standardize": "global",
+    "warm_start": False,
+    "expert_lr_factor": 1.0,
+    "n_comps": None,
+    "reference_size": 0,  # format 1 stored no reference bank
+}
+_FORMAT_1_TRAINING = ("lr", "n_comps", "warm_start", "expert_lr_factor", "seed", "train_threads", "reference_size")
 
 
 def config_from_format_1(

@@ -22,7 +22,8 @@ spot). Folds are always whole slides or patients, never spots, because neighbour
 
 - Expression prediction: :func:`ridge_probe` (the HEST-Benchmark linear probe, leave-one-slide-out),
   :func:`few_shot_probe` (trained on a few spots of the held-out slide), :func:`knn_expression` and
-  :func:`knn_expression_cv` (BLEEP-style retrieval of the nearest spots' expression).
+  :func:`knn_expression_cv` (BLEEP-style retrieval of the nearest spots' expression), whose prediction rule is
+  :func:`knn_predict` (what :func:`spade_sd.tl.predict_expression` uses).
 - Retrieval between the two sides of a joint embedding: :func:`gene_to_image_recall`.
 - Classification: :func:`few_shot_classification` on labelled regions, or on the expression domains of
   :func:`expression_domains` where no annotation exists.
@@ -62,6 +63,7 @@ __all__ = [
     "hest_alpha",
     "knn_expression",
     "knn_expression_cv",
+    "knn_predict",
     "ridge_probe",
     "summarize",
 ]
@@ -501,6 +503,42 @@ def _knn_predict(x_query: np.ndarray, x_ref: np.ndarray, y_ref: np.ndarray, *, k
     for j in range(k):
         prediction += weights[:, j, None] * y_ref[neighbours[:, j]]
     return prediction
+
+
+def knn_predict(
+    X_query: npt.ArrayLike,
+    X_ref: npt.ArrayLike,
+    Y_ref: npt.ArrayLike,
+    *,
+    k: int = 50,
+    metric: Literal["cosine", "euclidean"] = "cosine",
+) -> np.ndarray:
+    """The prediction :func:`knn_expression` scores: each query's similarity-weighted mean of its ``k`` nearest references.
+
+    Weights are the positive part of the similarity (cosine similarity, or ``1 / (1 + distance)`` for
+    ``metric="euclidean"``), normalized to sum to 1; a query with no positively similar neighbour gets their plain
+    mean.
+
+    Parameters
+    ----------
+    X_query
+        Embeddings of the query spots, queries × features.
+    X_ref
+        Embeddings of the reference spots in the same space, references × features.
+    Y_ref
+        What to average: expression (references × genes), or any per-reference values (e.g. one-hot labels, which
+        gives a similarity-weighted vote).
+    k, metric
+        As in :func:`knn_expression`.
+
+    Returns
+    -------
+    Float64 array, queries × columns of ``Y_ref``.
+    """
+    x_query, x_ref, y_ref = _as_matrix("X_query", X_query), _as_matrix("X_ref", X_ref), _as_matrix("Y_ref", Y_ref)
+    _check_same_rows(X_ref=x_ref, Y_ref=y_ref)
+    _check_same_columns(X_query=x_query, X_ref=x_ref)
+    return _knn_predict(x_query, x_ref, y_ref, k=k, metric=metric)
 
 
 def knn_expression(

@@ -16,6 +16,8 @@ def test_a_model_saved_before_the_weights_digest_loads_and_embeds_identically(ca
     with caplog.at_level(logging.INFO, logger="spade_sd"):
         model = sd.SpadeModel.load(DATA / "model_ca61673")
     assert "the weights were not verified" in caplog.text
+    # format 1 had no reference bank, and its configuration says so once migrated
+    assert model.reference is None and model.config.training.reference_size == 0
     probe = sd.datasets.synthetic(grid=(8, 8), mpp=1.0, n_genes=60, seed=5)
     sd.tl.embed(probe, model, cache=False)
     expected = np.load(DATA / "model_ca61673_embedding.npz")

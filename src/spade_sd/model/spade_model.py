@@ -2,9 +2,12 @@
 
 The model owns the backbone it was trained with, the gene panel, the feature standardization, the two-stage
 clustering, the routing temperature, the experts' heads and its configuration (:class:`~spade_sd.config.SpadeConfig`).
-It is saved as ``model.safetensors`` (every array) plus ``config.json`` (everything else): loading runs no code.
+It may keep a bank of reference spots (:class:`~spade_sd.model.reference.ReferenceBank`) for expression
+prediction and queries. It is saved as ``model.safetensors`` (every array) plus ``config.json`` (everything else):
+loading runs no code.
 ``config.json`` records the SHA-256 of the bytes of ``model.safetensors`` (key ``weights_sha256``), checked on load;
-models saved before the digest was recorded load unverified.
+models saved before the digest was recorded load unverified; models saved before the reference bank existed load
+with ``reference=None``.
 
 Formats: ``spade_sd.model/2`` saves the configuration as one section per stage (``SpadeConfig.to_dict``);
 ``spade_sd.model/1`` saved it as one flat dict, which :meth:`SpadeModel.load` migrates on load
@@ -19,7 +22,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ from spade_sd.config import SpadeConfig, config_from_format_1
 from spade_sd.encoders.backbone import Backbone
 from spade_sd.model.clustering import ExpertClustering
 from spade_sd.model.heads import ExpertMixture
+from spade_sd.model.reference import ReferenceBank
 from spade_sd.model.routing import expert_weights
 from spade_sd.model.standardization import FeatureScaler, fit_slide_scaler
 from spade_sd.model.subspace import EmbeddingSubspace
@@ -79,6 +83,10 @@ class SpadeModel:
         is projected onto; ``None`` keeps the heads' outputs as they are.
     history
         Training history (epochs, losses, spots per expert).
+    reference
+        Reference spots (image embeddings and measured expression) for :func:`spade_sd.tl.predict_expression` and
+        :func:`spade_sd.tl.query`; ``None`` for a model trained with ``reference_size=0`` or saved before banks
+        existed.
     """
 
     backbone: Backbone
@@ -90,6 +98,7 @@ class SpadeModel:
     config: SpadeConfig
     subspace: EmbeddingSubspace | None = None
     history: dict[str, Any] = field(default_factory=dict)
+    reference: ReferenceBank | None = None
 
     def __post_init__(self) -> None:
         self.mixture.eval()
@@ -108,7 +117,8 @@ class SpadeModel:
         return (
             f"SpadeModel(n_experts={self.n_experts}, n_fine={self.clustering.n_fine}, genes={len(self.panel)}, "
             f"backbone={self.backbone.name!r}, dim={self.mixture.config['out_dim']}, "
-            f"n_comps={None if self.subspace is None else self.subspace.n_comps}, tau={self.tau:.3g})"
+            f"n_comps={None if self.subspace is None else self.subspace.n_comps}, tau={self.tau:.3g}, "
+            f"reference={None if self.reference is None else len(self.reference)})"
         )
 
     @property
@@ -206,6 +216,40 @@ class SpadeModel:
             embedding[start : start + _CHUNK] = self._heads(standardized, weights[start : start + _CHUNK], "image")
         return embedding, weights
 
+    def embed_chunks(
+        self, passes: Callable[[], Iterable[tuple[int, np.ndarray]]], n: int, *, hard: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Image-side embedding of all ``n`` patches of one slide whose features arrive in chunks.
+
+        This is how :func:`spade_sd.tl.embed` embeds a slide (and how training embeds its reference spots): with
+        per-slide standardization a first pass over the chunks collects the slide's statistics, a second embeds.
+
+        Parameters
+        ----------
+        passes
+            Returns a fresh iterator of ``(start, features)`` chunks covering rows ``0 … n - 1``; called twice for a
+            model with ``standardize="slide"``, once otherwise.
+        n
+            Number of patches.
+        hard
+            Route each patch to the expert of its nearest fine centroid only.
+
+        Returns
+        -------
+        The embedding ``(n, out_dim)`` and the expert weights ``(n, n_experts)``.
+        """
+        embedding = np.empty((n, self.mixture.config["out_dim"]), dtype=np.float32)
+        weights = np.empty((n, self.n_experts), dtype=np.float32)
+        slide_scaler = (
+            self.slide_scaler(features for _, features in passes()) if self.standardization == "slide" else None
+        )
+        for start, features in passes():
+            stop = start + len(features)
+            embedding[start:stop], weights[start:stop] = self.embed_features(
+                features, hard=hard, slide_scaler=slide_scaler
+            )
+        return embedding, weights
+
     def embed_expression(self, expression: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """Gene-side embedding ``(n, out_dim)`` of panel expression (``panel.transform``) under given weights."""
         expression = np.asarray(expression, dtype=np.float32)
@@ -216,10 +260,13 @@ class SpadeModel:
         return self._heads(expression, np.asarray(weights, dtype=np.float32), "gene")
 
     def identity(self) -> str:
-        """Digest of every trained array and the configuration: equal for a model and its reloaded copy."""
+        """Digest of every trained array and the configuration: equal for a model and its reloaded copy.
+
+        The reference bank is left out: it changes what the model can predict, not how it embeds.
+        """
         arrays, metadata = self._arrays_and_metadata()
         digest = hashlib.sha256(json.dumps(metadata["config"], sort_keys=True).encode())
-        for key in sorted(arrays):
+        for key in sorted(k for k in arrays if not k.startswith("reference.")):
             digest.update(key.encode())
             digest.update(np.ascontiguousarray(arrays[key]).tobytes())
         return digest.hexdigest()[:16]
@@ -241,6 +288,9 @@ class SpadeModel:
             "backbone": self.backbone.to_config(),
             "history": self.history,
         }
+        if self.reference is not None:
+            reference_arrays, metadata["reference"] = self.reference.to_arrays()
+            arrays.update({f"reference.{k}": v for k, v in reference_arrays.items()})
         return arrays, metadata
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -399,7 +449,7 @@ class SpadeModel:
             raise ValueError(message)
         part = {
             prefix: {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{prefix}.")}
-            for prefix in ("mixture", "scaler", "clustering", "subspace")
+            for prefix in ("mixture", "scaler", "clustering", "subspace", "reference")
         }
         mixture_config = dict(metadata["mixture"])
         mixture = ExpertMixture(
@@ -419,6 +469,9 @@ class SpadeModel:
             config=SpadeConfig.from_dict(metadata["config"]),
             subspace=EmbeddingSubspace.from_arrays(part["subspace"]) if part["subspace"] else None,
             history=metadata.get("history", {}),
+            reference=ReferenceBank.from_arrays(part["reference"], metadata["reference"])
+            if part["reference"]
+            else None,
         )
 
 

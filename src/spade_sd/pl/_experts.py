@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import matplotlib as mpl
 import matplotlib.pyplot as plt
 import numpy as np
@@ -31,7 +33,11 @@ def _palette(table, key: str, categories: list[str]) -> dict[str, str]:
     return {c: colors[i % len(colors)] for i, c in enumerate(categories)}
 
 
-def _draw_spots(ax: Axes, sdata: SpatialData, geometry, labels: pd.Series, colors: dict[str, str], alpha: float):
+def draw_spots(ax: Axes, sdata: SpatialData, geometry, facecolors: Sequence, known: np.ndarray, alpha: float) -> None:
+    """The H&E (at a level of at most ``MAX_DISPLAY_SIDE`` pixels) with the ``known`` spots drawn as circles over it.
+
+    ``facecolors`` holds one matplotlib colour per known spot, in the geometry's order; the view frames the spots.
+    """
     levels = image_levels(sdata.images[geometry.image_key])
     level = _display_level(levels, MAX_DISPLAY_SIDE)
     pixels = levels[level].transpose("y", "x", "c").values
@@ -39,9 +45,7 @@ def _draw_spots(ax: Axes, sdata: SpatialData, geometry, labels: pd.Series, color
         pixels = np.repeat(pixels, 3, axis=-1)
     height, width = geometry.level_shapes[0]
     ax.imshow(pixels[..., :3], extent=(0, width, height, 0), interpolation="antialiased")
-    known = labels.notna().to_numpy()
     circles = [Circle(tuple(c), r) for c, r in zip(geometry.centers[known], geometry.radius[known], strict=True)]
-    facecolors = [colors[str(v)] for v in labels[known]]
     ax.add_collection(PatchCollection(circles, facecolors=facecolors, edgecolors="none", alpha=alpha))
     # frame the spots, not the whole slide (glass and margins take most of many scans)
     low, high = geometry.centers.min(axis=0), geometry.centers.max(axis=0)
@@ -142,7 +146,8 @@ def experts(
         )
         ax, umap_ax = axes[0, 0], (axes[0, 1] if umap else None)
     fig = ax.figure
-    _draw_spots(ax, sdata, geometry, labels, colors, alpha)
+    known = labels.notna().to_numpy()
+    draw_spots(ax, sdata, geometry, [colors[str(v)] for v in labels[known]], known, alpha)
     ax.set_title(title or f"{geometry.image_key}: {color}")
     handles = [Patch(color=colors[c], label=c) for c in categories]
     ax.legend(handles=handles, title=color, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)

@@ -15,7 +15,7 @@ from spatialdata import SpatialData
 from spatialdata.transformations import get_transformation
 from xarray import DataArray, DataTree
 
-from spade_sd.utils.constants import MPP, SPOT_DIAMETER_UM, SPOT_DIAMETERS_UM, TECHNOLOGY, UNS_KEY
+from spade_sd.utils.constants import DERIVED_FROM, MPP, SPOT_DIAMETER_UM, SPOT_DIAMETERS_UM, TECHNOLOGY, UNS_KEY
 from spade_sd.utils.validation import check_mpp, check_number
 
 
@@ -172,12 +172,10 @@ def resolve_elements(
             )
         shapes_key = choose_element("shapes", annotated, "shapes_key", "shapes elements annotated by a table")
     if table_key is None:
-        table_key = choose_element(
-            "tables",
-            [n for n, r in annotating.items() if shapes_key in r],
-            "table_key",
-            f"tables annotating {shapes_key!r}",
-        )
+        candidates = [n for n, r in annotating.items() if shapes_key in r]
+        own = [n for n in candidates if DERIVED_FROM not in sdata.tables[n].uns.get(UNS_KEY, {})]
+        # a table of predictions annotates the same spots as their own table, which is the one meant by default
+        table_key = choose_element("tables", own or candidates, "table_key", f"tables annotating {shapes_key!r}")
     elif shapes_key not in annotating[table_key]:
         raise ValueError(
             f"Table {table_key!r} does not annotate shapes {shapes_key!r}; it annotates {annotating[table_key]}."

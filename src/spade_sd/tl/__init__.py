@@ -1,8 +1,11 @@
-"""Tools: backbone features, SPADE pretraining and embedding."""
+"""Tools: features, pretraining, embedding, and what the aligned space knows (prediction, queries, label transfer)."""
 
 from spade_sd.tl._embed import embed
 from spade_sd.tl._evaluate import evaluate
 from spade_sd.tl._features import features
+from spade_sd.tl._predict import predict_expression
 from spade_sd.tl._pretrain import pretrain
+from spade_sd.tl._query import query
+from spade_sd.tl._transfer import transfer_labels
 
-__all__ = ["embed", "evaluate", "features", "pretrain"]
+__all__ = ["embed", "evaluate", "features", "predict_expression", "pretrain", "query", "transfer_labels"]

@@ -11,7 +11,7 @@ from spade_sd.utils.logging import logger
 from spade_sd.utils.validation import check_bool, check_int, check_key
 
 
-def _result_keys(key_added: str) -> dict[str, str]:
+def result_keys(key_added: str) -> dict[str, str]:
     stem = check_key("key_added", key_added).removeprefix("X_")
     if not stem:
         raise ValueError(f"key_added must name something after the 'X_' prefix; found {key_added!r}.")
@@ -38,32 +38,24 @@ def _panel_expression(model, spots, layer: str | None, table_key: str) -> tuple[
         return None, str(error).strip("\"'")
 
 
-def _embed_patches(
-    model, patches, *, hard: bool, batch_size: int, cache: bool, num_workers: int
+def embed_patches(
+    model, patches, *, hard: bool = False, batch_size: int = 64, cache: bool = True, num_workers: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Embedding and expert weights of every patch, streaming the backbone features chunk by chunk.
+    """Embedding and expert weights of every patch, as :func:`embed` computes them, streaming the backbone features.
 
     A model with per-slide standardization needs the slide's feature statistics first: one pass over the
-    features collects them (computing the features once, into the cache or a temporary file), a second embeds.
+    features collects them (computing the features once, into the cache or a temporary file), a second embeds
+    (:meth:`SpadeModel.embed_chunks <spade_sd.SpadeModel.embed_chunks>`).
     """
     from spade_sd.encoders.features import iter_features, rereadable_features
 
-    embedding = np.empty((len(patches), model.mixture.config["out_dim"]), dtype=np.float32)
-    weights = np.empty((len(patches), model.n_experts), dtype=np.float32)
-    per_slide = model.standardization == "slide"
     options = {"batch_size": batch_size, "cache": cache, "num_workers": num_workers}
-    if per_slide:
+    if model.standardization == "slide":
         source = rereadable_features(patches, model.backbone, **options)
     else:  # one pass: no temporary file even without the cache
         source = nullcontext(lambda: iter_features(patches, model.backbone, **options))
     with source as passes:
-        slide_scaler = model.slide_scaler(features for _, features in passes()) if per_slide else None
-        for start, features in passes():
-            stop = start + len(features)
-            embedding[start:stop], weights[start:stop] = model.embed_features(
-                features, hard=hard, slide_scaler=slide_scaler
-            )
-    return embedding, weights
+        return model.embed_chunks(passes, len(patches), hard=hard)
 
 
 def embed(
@@ -136,20 +128,20 @@ def embed(
     with ``standardize="slide"`` standardizes the features by the statistics of all patches embedded here
     (a first pass over the features; at least 30 patches), so embed a slide's spots or tiles in one call.
     """
-    keys = _result_keys(key_added)
+    keys = result_keys(key_added)
     num_workers = _checked_options(genes=genes, hard=hard, cache=cache, batch_size=batch_size, num_workers=num_workers)
     if layer is not None:
         check_key("layer", layer)
-    model = _the_model(
+    model = resolve_model(
         sdata, model, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=mpp, layer=layer
     )
-    geometry, spot_patches = _spot_patches(
+    geometry, spot_patches = model_patches(
         sdata, model, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=mpp
     )
     table = sdata.tables[geometry.table_key]
     rows = geometry.table_rows
     expression = _expression(model, table[rows], genes, layer, geometry.table_key)
-    embedding, weights = _embed_patches(
+    embedding, weights = embed_patches(
         model, spot_patches, hard=hard, batch_size=batch_size, cache=cache, num_workers=num_workers
     )
     outputs = {keys["embedding"]: embedding, keys["weights"]: weights}
@@ -198,7 +190,7 @@ def _checked_options(*, genes, hard, cache, batch_size, num_workers) -> int:
     return check_num_workers(num_workers)
 
 
-def _the_model(sdata: SpatialData, model, *, layer: str | None, **elements):
+def resolve_model(sdata: SpatialData, model, *, layer: str | None = None, **elements):
     """The model given, else the one pretrain attached to ``sdata``, else one trained on it now (logged)."""
     from spade_sd.model.spade_model import SpadeModel
 
@@ -214,7 +206,7 @@ def _the_model(sdata: SpatialData, model, *, layer: str | None, **elements):
     return model
 
 
-def _spot_patches(sdata: SpatialData, model, **elements):
+def model_patches(sdata: SpatialData, model, **elements):
     """The elements' geometry and lazy patches at the model's patch geometry, enough of them for its standardization."""
     from spade_sd.model.standardization import MIN_SLIDE_PATCHES
     from spade_sd.spots.patches import resolve_patches

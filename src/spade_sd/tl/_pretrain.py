@@ -160,6 +160,8 @@ def pretrain(
     cache: bool = True,
     seed: int = TrainingConfig.seed,
     train_threads: int | None = TrainingConfig.train_threads,
+    reference_size: int = TrainingConfig.reference_size,
+    reference_genes: int = TrainingConfig.reference_genes,
     accelerator: str = "auto",
     devices: int | str | Sequence[int] = "auto",
     num_nodes: int = 1,
@@ -253,6 +255,14 @@ def pretrain(
     train_threads
         Torch CPU threads while training the (small) heads; ``None`` leaves torch's setting. On a CPU one thread is
         usually fastest: the heads are too small to gain from more.
+    reference_size
+        Training spots the model keeps as its reference bank (:attr:`SpadeModel.reference
+        <spade_sd.SpadeModel.reference>`) for :func:`spade_sd.tl.predict_expression` and :func:`spade_sd.tl.query`:
+        their image embeddings and measured expression, drawn per expert in proportion to its spots with ``seed``.
+        0 keeps none. 2000 spots over 2000 genes take about 10 MB in the saved model.
+    reference_genes
+        Genes of the reference bank: the panel's, then the training slides' shared highly variable genes, up to this
+        many in all; predictions can cover any of them.
     accelerator, devices, num_nodes, strategy, **trainer_kwargs
         Passed to :class:`lightning.pytorch.Trainer`, and only there (e.g. ``strategy="ddp"``, ``devices=4``);
         a training option given among ``trainer_kwargs`` (e.g. ``warmup_steps``) is refused with a TypeError

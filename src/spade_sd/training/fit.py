@@ -1,4 +1,8 @@
-"""From per-slide features and tables to a trained SpadeModel: gene panel, standardization, experts, training."""
+"""From per-slide features and tables to a trained SpadeModel: gene panel, standardization, experts, training.
+
+Training ends with the reference bank: a bounded draw of the training spots, whose embeddings and expression the
+model keeps for expression prediction and queries.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from anndata import AnnData
 from spade_sd.config import PanelConfig, SpadeConfig, TrainingConfig, check_n_comps
 from spade_sd.model.clustering import two_stage_kmeans
 from spade_sd.model.heads import ExpertMixture
+from spade_sd.model.reference import ReferenceBank, stratified_sample
 from spade_sd.model.routing import default_tau, expert_weights
 from spade_sd.model.spade_model import SpadeModel
 from spade_sd.model.standardization import MIN_SLIDE_PATCHES, FeatureScaler, fit_slide_scaler
@@ -85,7 +90,8 @@ def fit_model(
 
     Returns
     -------
-    The trained model.
+    The trained model, with a reference bank of ``config.training.reference_size`` of the spots (see
+    :func:`reference_bank`) unless that is 0.
     """
     start = time.perf_counter()
     n_spots = sum(len(f) for f in features)
@@ -112,8 +118,77 @@ def fit_model(
         history=_json_safe(history),
     )
     model = _with_subspace(model, X_std, expression, config.training.n_comps)
+    if config.training.reference_size > 0:
+        model = replace(model, reference=reference_bank(model, features, tables, slides))
     logger.info("Fitted the SpadeModel in %.1f s", time.perf_counter() - start)
     return model
+
+
+def reference_bank(
+    model: SpadeModel, features: Sequence[np.ndarray], tables: Sequence[AnnData], slides: Sequence[str]
+) -> ReferenceBank:
+    """The reference bank of a trained model: a per-expert stratified draw of its training spots.
+
+    Every training slide is embedded as :func:`spade_sd.tl.embed` embeds it (all of its spots, the features in the
+    chunks the feature cache serves, so the per-slide statistics and the embeddings are the same); the draw is
+    ``config.training.reference_size`` spots, each expert (largest routing weight) in proportion to its spots, with
+    ``config.training.seed``. Their expression is ``log1p`` of counts normalized to the panel's ``target_sum`` over
+    the bank's genes (:func:`reference_genes`).
+
+    Parameters
+    ----------
+    model
+        The trained model (with its subspace).
+    features, tables, slides
+        Backbone features, tables (raw counts, same rows) and names of the training slides, as given to
+        :func:`fit_model`.
+    """
+    from spade_sd.encoders.features import CHUNK_SIZE
+
+    embedded = [model.embed_chunks(lambda f=f: _chunks(f, CHUNK_SIZE), len(f)) for f in features]
+    embedding = np.concatenate([e for e, _ in embedded])
+    expert = np.concatenate([w.argmax(axis=1) for _, w in embedded])
+    slide = np.concatenate([np.full(len(f), name) for f, name in zip(features, slides, strict=True)])
+    training = model.config.training
+    chosen = stratified_sample(expert, training.reference_size, training.seed)
+    genes = reference_genes(model.panel, tables, training.reference_genes, model.config.panel.layer)
+    normalizer = GenePanel(genes, target_sum=model.panel.target_sum)
+    offsets = np.cumsum([0, *map(len, tables)])
+    rows = [
+        chosen[(chosen >= start) & (chosen < stop)] - start
+        for start, stop in zip(offsets[:-1], offsets[1:], strict=True)
+    ]
+    expression = np.concatenate(
+        [normalizer.transform(table[r], layer=model.config.panel.layer) for table, r in zip(tables, rows, strict=True)]
+    )
+    bank = ReferenceBank(
+        embedding=embedding[chosen],
+        expression=expression,
+        genes=genes,
+        expert=expert[chosen],
+        slide=slide[chosen],
+        obs_names=[name for table, r in zip(tables, rows, strict=True) for name in table.obs_names[r]],
+        target_sum=model.panel.target_sum,
+    )
+    logger.info("Reference bank: %d of %d training spots, %d genes", len(bank), len(slide), len(genes))
+    return bank
+
+
+def reference_genes(panel: GenePanel, tables: Sequence[AnnData], n_genes: int, layer: str | None) -> list[str]:
+    """The panel's genes, then the others among the ``n_genes - len(panel)`` most variable genes shared by ``tables``.
+
+    Genes are highly variable over all tables together; at most ``n_genes`` in all, the panel always whole.
+    """
+    n_more = n_genes - len(panel)
+    if n_more <= 0:
+        return list(panel.genes)
+    in_panel = set(panel.genes)
+    hvgs = GenePanel.fit(list(tables), n_top_genes=n_more, flavor="global", layer=layer).genes
+    return list(panel.genes) + [g for g in hvgs if g not in in_panel]
+
+
+def _chunks(features: np.ndarray, size: int) -> Iterator[tuple[int, np.ndarray]]:
+    return ((start, features[start : start + size]) for start in range(0, len(features), size))
 
 
 def _check_sizes(features: Sequence[np.ndarray], slides: Sequence[str], config: SpadeConfig, n_spots: int) -> None:

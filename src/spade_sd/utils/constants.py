@@ -9,6 +9,8 @@ SAMPLE = "sample"
 MPP = "mpp"
 SPOT_DIAMETER_UM = "spot_diameter_um"
 TECHNOLOGY = "technology"
+# ... the table (spots' own) a derived table was computed from (tl.predict_expression's): inference prefers the own
+DERIVED_FROM = "derived_from"
 # obs column naming the sample (slide) of each spot, also read by GenePanel and tl.evaluate
 SAMPLE_KEY = "sample"
 # obsm key of spot centers (x, y)
@@ -16,5 +18,9 @@ SPATIAL_KEY = "spatial"
 # Default output keys of tl.features and tl.embed
 BACKBONE_KEY = "X_backbone"
 EMBEDDING_KEY = "X_spade"
+# Default output keys of tl.predict_expression (a table), tl.query (an obs column) and tl.transfer_labels
+PREDICTED_KEY = "spade_predicted"
+QUERY_KEY = "spade_query"
+LABELS_KEY = "spade_labels"
 # Spot diameters (µm) of technologies whose tables spade_sd recognises without a user-given scale
 SPOT_DIAMETERS_UM = {"Visium": 55.0, "legacy_ST": 100.0}

@@ -1,0 +1,197 @@
+"""sd.tl.predict_expression: expression of every spot or tile predicted from its H&E through the aligned space."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from spatialdata import SpatialData
+
+from spade_sd.tl._common import check_free_table_name, given_or_attached_model
+from spade_sd.tl._embed import embed_patches, model_patches
+from spade_sd.tl._reference import ExpressionReference, expression_reference
+from spade_sd.utils.constants import DERIVED_FROM, PREDICTED_KEY, UNS_KEY
+from spade_sd.utils.logging import logger
+from spade_sd.utils.validation import check_bool, check_choice, check_int, check_key
+
+METHODS = ("knn", "ridge")
+# Ridge penalties searched by leave-one-out, relative to the total variance of the reference embeddings
+_RIDGE_GRID = np.logspace(-6, 0, 13)
+
+
+def predict_expression(
+    sdata: SpatialData,
+    model=None,
+    *,
+    reference: SpatialData | AnnData | None = None,
+    genes: Sequence[str] | None = None,
+    method: Literal["knn", "ridge"] = "knn",
+    k: int = 50,
+    key_added: str = PREDICTED_KEY,
+    image_key: str | None = None,
+    shapes_key: str | None = None,
+    table_key: str | None = None,
+    layer: str | None = None,
+    batch_size: int = 64,
+    cache: bool = True,
+) -> None:
+    """Predict the expression of every spot or tile from its H&E patch alone.
+
+    Each patch is embedded on the image side exactly as :func:`spade_sd.tl.embed` embeds it, then compared with
+    reference spots whose expression was measured. Slides without ST work the same way, on tiles from
+    :func:`spade_sd.pp.tile_image`.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with an H&E image, spots or tiles, and a table annotating them.
+    model
+        A :class:`~spade_sd.SpadeModel`; ``None`` uses the one :func:`spade_sd.tl.pretrain` attached to ``sdata``.
+    reference
+        Spots with measured expression. ``None``: the model's reference bank (:attr:`SpadeModel.reference
+        <spade_sd.SpadeModel.reference>`, training spots over the panel and the training slides' most variable
+        genes). A SpatialData: its spots are embedded with the model and its table's raw counts normalized. An
+        AnnData: a table embedded by this very model with :func:`spade_sd.tl.embed` (``.obsm['X_spade']``, checked
+        against ``.uns['spade']['model']['identity']``) holding raw counts.
+    genes
+        Genes to predict; ``None``: every gene of the reference. Unknown genes are an error, before any work.
+    method
+        ``"knn"`` (BLEEP): the mean expression of the ``k`` reference spots most similar by cosine similarity,
+        weighted by the positive part of the similarity, exactly as :func:`spade_sd.metrics.knn_predict` (the
+        rule :func:`spade_sd.metrics.knn_expression` scores). ``"ridge"``: a linear map from the embedding, fitted
+        on the reference spots by ridge regression, the penalty chosen by leave-one-out over a grid
+        (:class:`~sklearn.linear_model.RidgeCV`); smoother than retrieval, and it extrapolates between references.
+    k
+        Neighbours of ``"knn"``, at most the number of reference spots.
+    key_added
+        Name of the new table. A table this function wrote earlier under that name is replaced; any other element
+        of that name is an error.
+    image_key, shapes_key, table_key
+        Elements of ``sdata``; inferred when unambiguous.
+    layer
+        Layer of the reference's table holding raw counts (SpatialData or AnnData reference); ``None`` uses ``X``.
+    batch_size, cache
+        Feature extraction batch size and on-disk feature cache.
+
+    Returns
+    -------
+    Nothing; adds
+
+    ``.tables[key_added]``
+        A new table annotating the same shapes element as the spots' own table (same region and instance keys),
+        one row per spot in the same order and with the same ``obs_names`` as the spots' rows of their table:
+        ``X`` the predicted ``log1p(10⁴ · counts / library size)`` (float32; the panel's ``target_sum``),
+        ``var_names`` the genes, ``.obsm['spatial']`` copied where the spots' table has it, and
+        ``.uns['spade_sd']`` the spots' table's metadata with ``derived_from`` naming that table (element inference
+        then prefers the spots' own table).
+    ``.tables[key_added].uns[key_added]``
+        ``params`` (method, k, ridge penalty, reference, elements, genes) and the ``model``'s identity.
+    """
+    check_choice("method", method, METHODS)
+    check_int("k", k, minimum=1)
+    check_key("key_added", key_added)
+    check_int("batch_size", batch_size, minimum=1)
+    check_bool("cache", cache)
+    if layer is not None:
+        check_key("layer", layer)
+    model = given_or_attached_model(sdata, model, "predict_expression")
+    source = expression_reference(model, reference, layer=layer, batch_size=batch_size, cache=cache)
+    genes = _chosen_genes(genes, source)
+    if method == "knn" and k > source.n_spots:
+        raise ValueError(f"k={k} exceeds the {source.n_spots} reference spots ({source.kind}); pass a smaller k.")
+    elements = {"image_key": image_key, "shapes_key": shapes_key, "table_key": table_key}
+    geometry, patches = model_patches(sdata, model, **elements)
+    check_free_table_name(sdata, key_added)
+
+    query, _ = embed_patches(model, patches, batch_size=batch_size, cache=cache)
+    ref_embedding, ref_expression = source.load(genes)
+    prediction, alpha = _predicted(method, query, ref_embedding, ref_expression, k)
+    table = _prediction_table(sdata, geometry, prediction.astype(np.float32), genes)
+    table.uns[key_added] = {
+        "params": {
+            "method": method,
+            **({"k": k} if alpha is None else {"alpha": alpha}),
+            "reference": source.kind,
+            "n_reference": source.n_spots,
+            "n_genes": len(genes),
+            **({"target_sum": model.panel.target_sum} if model.panel.target_sum is not None else {}),
+            "image_key": geometry.image_key,
+            "shapes_key": geometry.shapes_key,
+            "table_key": geometry.table_key,
+        },
+        "model": {"identity": model.identity()},
+    }
+    sdata.tables[key_added] = table
+    logger.info(
+        "Added table %r: %d genes predicted (%s, %s reference of %d spots) for %d spots of %r",
+        key_added,
+        len(genes),
+        method,
+        source.kind,
+        source.n_spots,
+        len(prediction),
+        geometry.shapes_key,
+    )
+
+
+def _chosen_genes(genes: Sequence[str] | None, source: ExpressionReference) -> list[str]:
+    if genes is None:
+        return list(source.genes)
+    genes = [genes] if isinstance(genes, str) else list(genes)
+    not_names = [g for g in genes if not isinstance(g, str)]
+    if not_names:
+        raise TypeError(f"genes must be gene names (strings); found {not_names[:5]}.")
+    if not genes:
+        raise ValueError("genes is empty: name at least one gene, or pass None for every gene of the reference.")
+    duplicated = sorted({g for g in genes if genes.count(g) > 1})
+    if duplicated:
+        raise ValueError(f"genes holds duplicates: {duplicated}.")
+    missing = pd.Index(genes).difference(pd.Index(source.genes), sort=False)
+    if len(missing):
+        raise KeyError(
+            f"{len(missing)} of the {len(genes)} genes are not measured by the reference ({source.kind}, "
+            f"{len(source.genes)} genes): {list(missing[:10])}. Choose among its genes, or pass a reference that "
+            "measures them."
+        )
+    return list(genes)
+
+
+def _predicted(
+    method: str, query: np.ndarray, ref_embedding: np.ndarray, ref_expression: np.ndarray, k: int
+) -> tuple[np.ndarray, float | None]:
+    """The prediction for every query, and the ridge penalty chosen (``None`` for knn)."""
+    if method == "knn":
+        from spade_sd.metrics import knn_predict
+
+        return knn_predict(query, ref_embedding, ref_expression, k=k, metric="cosine"), None
+    from sklearn.linear_model import RidgeCV
+
+    X = np.asarray(ref_embedding, dtype=np.float64)
+    total = float(np.square(X - X.mean(axis=0)).sum()) or 1.0
+    ridge = RidgeCV(alphas=total * _RIDGE_GRID).fit(X, np.asarray(ref_expression, dtype=np.float64))
+    return ridge.predict(np.asarray(query, dtype=np.float64)), float(ridge.alpha_)
+
+
+def _prediction_table(sdata: SpatialData, geometry, prediction: np.ndarray, genes: list[str]) -> AnnData:
+    """A table annotating the spots' shapes like their own table does, rows in the same order and names."""
+    from spatialdata.models import TableModel
+
+    own = sdata.tables[geometry.table_key]
+    attrs = own.uns["spatialdata_attrs"]
+    region_key, instance_key = attrs["region_key"], attrs["instance_key"]
+    rows = geometry.table_rows
+    obs = pd.DataFrame(
+        {
+            region_key: pd.Categorical([geometry.shapes_key] * len(rows)),
+            instance_key: own.obs[instance_key].to_numpy()[rows],
+        },
+        index=own.obs_names[rows],
+    )
+    table = AnnData(X=prediction, obs=obs, var=pd.DataFrame(index=pd.Index(genes, dtype=str)))
+    if "spatial" in own.obsm:
+        table.obsm["spatial"] = np.asarray(own.obsm["spatial"])[rows]
+    table.uns[UNS_KEY] = {**own.uns.get(UNS_KEY, {}), DERIVED_FROM: geometry.table_key}
+    return TableModel.parse(table, region=geometry.shapes_key, region_key=region_key, instance_key=instance_key)
