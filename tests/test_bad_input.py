@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import spatialdata
 from anndata import AnnData
+from helpers import CountingMeans
 from scipy import sparse
 from spatialdata import SpatialData
 from spatialdata.models import Image2DModel, PointsModel, TableModel
@@ -24,23 +25,6 @@ import spade_sd as sd
 
 PATCH = {"size_um": 64.0, "size_px": 64}
 FAST = {"n_experts": 2, "n_fine": 4, "max_epochs": 2, "quiet": True, "cache": False, **PATCH}
-
-
-class CountingMeans:
-    """A cheap backbone (channel means and standard deviations) that counts the batches it encodes."""
-
-    dim = 6
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self, patches: np.ndarray) -> np.ndarray:
-        self.calls += 1
-        x = patches.astype(np.float32) / 255
-        return np.c_[x.mean(axis=(1, 2)), x.std(axis=(1, 2))]
-
-    def to_config(self) -> dict:
-        return {"features": "channel means and standard deviations"}
 
 
 def _slides(n: int = 2, seed: int = 0) -> list[SpatialData]:
@@ -433,7 +417,8 @@ from pathlib import Path
 import numpy as np
 sys.path.insert(0, {tests!r})
 import spade_sd as sd
-from test_bad_input import FAST, CountingMeans, _slides
+from helpers import CountingMeans
+from test_bad_input import FAST, _slides
 
 slides = _slides()
 model = sd.tl.pretrain(slides, backbone=sd.Backbone(CountingMeans()), seed=0, **FAST)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import latent_data
 from scipy.stats import pearsonr
 from sklearn.decomposition import PCA
 from sklearn.linear_model import Ridge
@@ -19,19 +20,6 @@ from spade_sd import metrics
 MOB_DIR = Path("/work/shared/data/stutility_mob/inst/extdata/counts")
 
 
-def _latent_data(n_slides=4, n_per_slide=150, d_latent=5, d_x=64, n_genes=20, seed=0):
-    """Y linear in a latent Z (offset like uncentred log1p values); X_good a rotated Z, X_bad pure noise."""
-    rng = np.random.default_rng(seed)
-    n = n_slides * n_per_slide
-    z = rng.normal(size=(n, d_latent))
-    y = 5 + z @ rng.normal(size=(d_latent, n_genes)) + 0.5 * rng.normal(size=(n, n_genes))
-    rotation, _ = np.linalg.qr(rng.normal(size=(d_x, d_latent)))
-    x_good = z @ rotation.T + 0.1 * rng.normal(size=(n, d_x))
-    x_bad = rng.normal(size=(n, d_x))
-    slide = np.repeat([f"s{i}" for i in range(n_slides)], n_per_slide)
-    return x_good, x_bad, y, slide
-
-
 @pytest.fixture(autouse=True)
 def _single_blas_thread():
     # These matrices are tiny: multithreaded BLAS only adds contention (10x slower on a busy 2-core machine).
@@ -41,7 +29,7 @@ def _single_blas_thread():
 
 @pytest.fixture(scope="module")
 def latent():
-    return _latent_data()
+    return latent_data()
 
 
 def _mean(df):

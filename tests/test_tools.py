@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import spatialdata
+from helpers import CountingMeans
 from sklearn.metrics import balanced_accuracy_score
 
 import spade_sd as sd
@@ -191,23 +192,6 @@ def test_a_model_saved_before_banks_loads_without_one():
 
 
 # --- hostile input: refused before any work, nothing written
-
-
-class CountingMeans:
-    """A cheap backbone (channel means and standard deviations) that counts the batches it encodes."""
-
-    dim = 6
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self, patches: np.ndarray) -> np.ndarray:
-        self.calls += 1
-        x = patches.astype(np.float32) / 255
-        return np.c_[x.mean(axis=(1, 2)), x.std(axis=(1, 2))]
-
-    def to_config(self) -> dict:
-        return {"features": "channel means and standard deviations, counted"}
 
 
 @pytest.fixture(scope="module")
