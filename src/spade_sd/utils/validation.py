@@ -12,6 +12,8 @@ from collections.abc import Collection
 from numbers import Integral, Real
 from typing import Any
 
+import numpy as np
+
 # µm per pixel a microscope image can plausibly have: 1 nm (beyond any light microscope) to 1 mm per pixel
 MPP_RANGE = (1e-3, 1e3)
 # The side of a patch in µm: up to a centimetre
@@ -69,7 +71,7 @@ def check_choice(name: str, value: Any, choices: Collection[Any]) -> Any:
 
 def check_bool(name: str, value: Any) -> bool:
     """``value`` if it is a bool (``numpy.bool_`` included)."""
-    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+    if not isinstance(value, bool | np.bool_):
         raise TypeError(f"{name} must be True or False; found {_found(value)}.")
     return bool(value)
 
