@@ -28,11 +28,11 @@ def query(
     quantile: float = 0.95,
     markers: Literal["spots", "raised"] = "spots",
     key_added: str = QUERY_KEY,
+    batch_size: int = 64,
+    cache: bool = True,
     image_key: str | None = None,
     shapes_key: str | None = None,
     table_key: str | None = None,
-    batch_size: int = 64,
-    cache: bool = True,
 ) -> None:
     """Score every spot or tile by how well its H&E matches an expression query (gene → image retrieval).
 
@@ -45,9 +45,10 @@ def query(
     Parameters
     ----------
     sdata
-        SpatialData with an H&E image, spots or tiles, and a table annotating them.
+        SpatialData whose spots or tiles (with their H&E image and table) are scored.
     model
-        A :class:`~spade_sd.SpadeModel`; ``None`` uses the one :func:`spade_sd.tl.pretrain` attached to ``sdata``.
+        The :class:`~spade_sd.SpadeModel` whose joint space answers the query; ``None``: the model
+        :func:`spade_sd.tl.pretrain` attached to ``sdata``.
     genes
         Marker genes, as a list: "where these genes are high", turned into a profile over the panel from the
         reference bank's spots as ``markers`` says. Or a mapping gene → value in log1p-normalized units
