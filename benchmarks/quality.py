@@ -108,7 +108,7 @@ def _gene_side(section: Section, model) -> np.ndarray:
     """The section's gene-side embedding; NaN where its table lacks panel genes (then it is not scored)."""
     if "X_spade_gene" in section.table.obsm:
         return section.rep("X_spade_gene")
-    return np.full((section.rows.sum(), model.mixture.config["out_dim"]), np.nan)
+    return np.full((section.rows.sum(), model.dim), np.nan)
 
 
 def _spots(table) -> np.ndarray:
@@ -214,8 +214,17 @@ def evaluate_fold(
     return frames
 
 
-def run_dataset(dataset: str, variants: list[str], *, patch: dict, n_repeats: int, seeds: list[int]) -> pd.DataFrame:
+def run_dataset(
+    dataset: str, variants: list[str], *, patch: dict, n_repeats: int, seeds: list[int], extra=None
+) -> pd.DataFrame:
+    """Every variant's scores on every held-out section of ``dataset``.
+
+    ``extra`` (used by ``benchmarks/morphology.py``) is called once with the loaded sections, targets and section
+    names and returns a scorer ``(label, X, held_out) -> list of frames`` run on every fold next to
+    :func:`evaluate_fold`.
+    """
     sections, Y, section, genes = load(dataset, patch)
+    score_extra = None if extra is None else extra(sections, Y, section)
     domains = {s.name: metrics.expression_domains(Y[section == s.name], seed=0) for s in sections}
     log.info(
         "%s: %d spots, %d genes, domains per section %s",
@@ -250,6 +259,8 @@ def run_dataset(dataset: str, variants: list[str], *, patch: dict, n_repeats: in
                     seed=0,
                     probes=probes,
                 )
+                if score_extra is not None:
+                    frames += score_extra(spec, X, held_out)
         else:
             for seed in seeds:
                 label = spec  # seeds are pooled in the summary (the ``seed`` column keeps them apart)
@@ -265,6 +276,8 @@ def run_dataset(dataset: str, variants: list[str], *, patch: dict, n_repeats: in
                     fold = evaluate_fold(
                         label, X, G, Y, section, s_out.name, domains[s_out.name], genes, n_repeats=n_repeats, seed=0
                     )
+                    if score_extra is not None:
+                        fold += score_extra(label, X, s_out.name)
                     epochs = model.history.get("epochs")
                     frames += [f.assign(seed=seed, epochs=epochs) for f in fold]
         timings[spec] = time.perf_counter() - start

@@ -207,3 +207,51 @@ def test_writes_and_reads_zarr(tmp_path):
 def test_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError, match="must|cannot"):
         synthetic(**kwargs)
+
+
+def _patch_statistics(sdata) -> np.ndarray:
+    """Mean and standard deviation of every RGB channel over each spot's patch: a minimal image encoder."""
+    from spade_sd.spots.patches import resolve_patches
+
+    _, patches = resolve_patches(sdata, size_um=50.0, size_px=16)
+    pixels = patches.read(np.arange(len(patches))).astype(float) / 255
+    return np.c_[pixels.mean(axis=(1, 2)), pixels.std(axis=(1, 2))]
+
+
+def _transfer_accuracy(train: np.ndarray, test: np.ndarray, y_train: np.ndarray, y_test: np.ndarray) -> float:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(train, y_train)
+    return float((model.predict(test) == y_test).mean())
+
+
+def test_type_expression_zero_plants_types_the_image_shows_and_expression_barely_explains():
+    def accuracies(type_expression):
+        slides = synthetic(n_slides=2, grid=(12, 12), mpp=2.0, n_genes=60, type_expression=type_expression, seed=3)
+        tables = [s.tables["table"] for s in slides]
+        types = [t.obs["tissue_type"].to_numpy() for t in tables]
+        image = _transfer_accuracy(*map(_patch_statistics, slides), *types)
+        expression = _transfer_accuracy(*map(_log_normalised, tables), *types)
+        return image, expression, slides
+
+    image, expression, slides = accuracies(0.0)
+    # slide 0 → slide 1, 4 types (chance 0.25): observed image 0.98, expression 0.40
+    assert image > 0.9 and expression < 0.6, (image, expression)
+    image_default, expression_default, default = accuracies(1.0)
+    assert image_default > 0.9 and expression_default > 0.9  # observed 0.98 and 1.0
+    # the option changes the expression only: the images are the same
+    for weak, strong in zip(slides, default, strict=True):
+        pixels = [
+            s.images[f"{s.tables['table'].uns['spade_sd']['sample']}_image"]["scale0"]["image"].values
+            for s in (weak, strong)
+        ]
+        np.testing.assert_array_equal(*pixels)
+        pd.testing.assert_frame_equal(weak.tables["table"].obs, strong.tables["table"].obs)
+
+
+@pytest.mark.parametrize("type_expression", [-0.5, float("nan"), True])
+def test_rejects_bad_type_expression(type_expression):
+    with pytest.raises(ValueError, match="type_expression must be"):
+        synthetic(grid=(4, 4), n_genes=20, type_expression=type_expression)

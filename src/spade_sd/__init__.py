@@ -19,6 +19,7 @@ __version__ = _version("spade_sd")
 _SUBMODULES = ("pp", "tl", "pl", "datasets", "metrics")
 _CLASSES = {
     "Backbone": "spade_sd.encoders.backbone",
+    "FineTunedBackbone": "spade_sd.encoders.finetuned",
     "MorphologyFeatures": "spade_sd.encoders.morphology",
     "SpadeModel": "spade_sd.model.spade_model",
     "GenePanel": "spade_sd.spots.genes",
@@ -30,6 +31,7 @@ __all__ = [*_SUBMODULES, *_CLASSES, "__version__", "settings"]
 if TYPE_CHECKING:
     from spade_sd import datasets, metrics, pl, pp, tl  # noqa: F401
     from spade_sd.encoders.backbone import Backbone  # noqa: F401
+    from spade_sd.encoders.finetuned import FineTunedBackbone  # noqa: F401
     from spade_sd.encoders.morphology import MorphologyFeatures  # noqa: F401
     from spade_sd.model.spade_model import SpadeModel  # noqa: F401
     from spade_sd.spots.genes import GenePanel  # noqa: F401

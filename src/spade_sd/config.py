@@ -30,6 +30,8 @@ STANDARDIZE = ("slide", "global")
 PANEL_FLAVORS = ("union", "global")
 LossName = Literal["soft_target", "clip"]
 LOSSES: tuple[str, ...] = ("soft_target", "clip")
+OutputName = Literal["aligned", "joint"]
+OUTPUTS: tuple[str, ...] = ("aligned", "joint")
 
 
 def _set(config: Any, name: str, value: Any) -> None:
@@ -170,6 +172,21 @@ class TrainingConfig(_Config):
     n_comps
         Keep every embedding in the span of the ``n_comps`` leading principal directions of the training spots'
         image embeddings; ``None`` keeps the heads' outputs.
+    output
+        ``"aligned"``: the embedding is the heads' (aligned) coordinates; ``"joint"``: the aligned coordinates
+        followed by a block of the standardized backbone features (:class:`~spade_sd.model.backbone_block.BackboneBlock`),
+        so that nothing the backbone knew is projected away. The gene side fills that block with zeros.
+    backbone_comps
+        With ``output="joint"``: how many leading principal components of the training spots' standardized backbone
+        features the block keeps; ``None`` keeps the standardized features themselves (no projection).
+    backbone_weight
+        With ``output="joint"``: the block's total variance over the training spots, relative to the aligned
+        coordinates' (it sets the block's share in cosine similarities; per-coordinate standardized probes ignore it).
+    reconstruction
+        Weight of a reconstruction term added to the contrastive loss: every expert gets a linear decoder from its
+        image embedding back to the standardized backbone features, and the mean squared error of that decoding
+        (about 1 for a decoder that knows nothing) is added with this weight, so the image embedding keeps what is
+        needed to recover the backbone features. 0: none (SPADE's loss alone).
     dropout
         Dropout of the heads.
     batch_size
@@ -210,6 +227,10 @@ class TrainingConfig(_Config):
     temperature: float = 1.0
     out_dim: int = 256
     n_comps: int | None = 16
+    output: OutputName = "aligned"
+    backbone_comps: int | None = 64
+    backbone_weight: float = 1.0
+    reconstruction: float = 0.0
     dropout: float = 0.1
     batch_size: int = 128
     max_epochs: int = 50
@@ -233,6 +254,11 @@ class TrainingConfig(_Config):
         _set(self, "temperature", check_number("temperature", self.temperature, **positive))
         _set(self, "out_dim", check_int("out_dim", self.out_dim, minimum=1))
         check_n_comps(self.n_comps, self.out_dim)
+        check_choice("output", self.output, OUTPUTS)
+        if self.backbone_comps is not None:
+            _set(self, "backbone_comps", check_int("backbone_comps", self.backbone_comps, minimum=1))
+        _set(self, "backbone_weight", check_number("backbone_weight", self.backbone_weight, **positive))
+        _set(self, "reconstruction", check_number("reconstruction", self.reconstruction, minimum=0))
         _set(self, "dropout", check_number("dropout", self.dropout, minimum=0, maximum=1, exclusive_maximum=True))
         _set(self, "batch_size", check_int("batch_size", self.batch_size, minimum=2))  # a batch needs negatives
         _set(self, "max_epochs", check_int("max_epochs", self.max_epochs, minimum=1))
@@ -404,3 +430,96 @@ def config_from_format_1(
 
 def _field_names(kind: type) -> tuple[str, ...]:
     return tuple(f.name for f in fields(kind))
+
+
+@dataclass(frozen=True)
+class SealConfig(_Config):
+    """SEAL fine-tuning (:func:`spade_sd.tl.finetune`): LoRA on the backbone's last blocks, a VAE on the genes.
+
+    Attributes
+    ----------
+    n_blocks
+        Final blocks of the backbone that receive LoRA adapters (see :func:`~spade_sd.encoders.lora.plan_adapters`).
+    rank, alpha, lora_dropout
+        LoRA rank ``r``, scale numerator ``α`` (updates are scaled by ``α / r``) and dropout on the adapters' input.
+    n_genes
+        Size of the global highly variable gene panel the omics side reads (genes keyed by name).
+    embed_dim
+        Dimension of the shared space: the image projection and the VAE's latent ``μ``.
+    temperature
+        Fixed temperature ``τ`` of the CLIP InfoNCE loss on L2-normalised embeddings.
+    contrastive_weight, gene_weight, image_gene_weight
+        Weights of the InfoNCE loss, of the VAE's gene reconstruction and of the image → gene reconstruction.
+    mse_weight
+        Within a reconstruction loss: ``(1 − mean per-gene Pearson r) + mse_weight × MSE`` on z-scored genes.
+    kl_weight
+        Weight of the VAE's KL divergence to the standard normal prior.
+    lr, weight_decay
+        AdamW learning rate (adapters and heads) and weight decay; the rate follows a cosine decay per step.
+    batch_size
+        Spots per batch (per process); a contrastive batch needs at least 2.
+    max_epochs, patience
+        Most epochs, and epochs without improvement of the validation loss before stopping.
+    val_slides, val_fraction, min_val_slides
+        Validation by slide, as in :class:`TrainingConfig`.
+    min_spots
+        Fewest training spots accepted.
+    augment
+        Flip and rotate every training patch at random (by multiples of 90°) at every step. The frozen prefix's
+        activations then differ at every step, so they are not cached: every step runs the full forward pass.
+    seed
+        Seed of the adapters' and heads' initialisation, batching, the VAE's noise, augmentation and the validation
+        draw.
+    train_threads
+        Torch CPU threads while training; ``None`` leaves torch's setting.
+    """
+
+    n_blocks: int = 2
+    rank: int = 8
+    alpha: float = 32.0
+    lora_dropout: float = 0.15
+    n_genes: int = 256
+    embed_dim: int = 256
+    temperature: float = 0.05
+    contrastive_weight: float = 1.0
+    gene_weight: float = 1.0
+    image_gene_weight: float = 1.0
+    mse_weight: float = 5.0
+    kl_weight: float = 1e-4
+    lr: float = 1e-3
+    weight_decay: float = 0.2
+    batch_size: int = 64
+    max_epochs: int = 20
+    patience: int = 3
+    val_slides: tuple[str, ...] | None = None
+    val_fraction: float = 0.2
+    min_val_slides: int = 4
+    min_spots: int = 64
+    augment: bool = False
+    seed: int = 0
+    train_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        positive = {"minimum": 0, "exclusive_minimum": True}
+        for name in ("n_blocks", "rank", "n_genes", "embed_dim", "max_epochs"):
+            _set(self, name, check_int(name, getattr(self, name), minimum=1))
+        _set(self, "alpha", check_number("alpha", self.alpha, **positive))
+        dropout = check_number("lora_dropout", self.lora_dropout, minimum=0, maximum=1, exclusive_maximum=True)
+        _set(self, "lora_dropout", dropout)
+        for name in ("temperature", "lr"):
+            _set(self, name, check_number(name, getattr(self, name), **positive))
+        for name in ("contrastive_weight", "gene_weight", "image_gene_weight", "mse_weight", "kl_weight"):
+            _set(self, name, check_number(name, getattr(self, name), minimum=0))
+        _set(self, "weight_decay", check_number("weight_decay", self.weight_decay, minimum=0))
+        _set(self, "batch_size", check_int("batch_size", self.batch_size, minimum=2))
+        _set(self, "patience", check_int("patience", self.patience, minimum=0))
+        _set(self, "val_slides", _slide_names(self.val_slides))
+        _set(self, "val_fraction", check_number("val_fraction", self.val_fraction, minimum=0, maximum=1))
+        _set(self, "min_val_slides", check_int("min_val_slides", self.min_val_slides, minimum=2))
+        _set(self, "min_spots", check_int("min_spots", self.min_spots, minimum=2))
+        _set(self, "augment", check_bool("augment", self.augment))
+        _set(self, "seed", check_seed(self.seed))
+        if self.train_threads is not None:
+            _set(self, "train_threads", check_int("train_threads", self.train_threads, minimum=1))
+        if self.contrastive_weight + self.gene_weight + self.image_gene_weight == 0:
+            raise ValueError("contrastive_weight, gene_weight and image_gene_weight are all 0: nothing would train.")

@@ -4,14 +4,16 @@ Every slide is tiled by Voronoi regions of a few tissue types. A type is visible
 fibre stripes, nucleus size and density) and in the expression (a type-specific gene program). On top of that a
 smooth random field modulates the nucleus density inside every type; the expected nuclear area fraction of a spot
 (``obs["image_signal"]``) drives a second, continuous gene program, so an image↔expression link exists beyond the
-discrete types.
+discrete types. With ``type_expression`` below 1 the types' own gene programs are weakened (0: shared by all
+types), which plants tissue types that the image shows but expression barely explains: morphology labels for
+checking that an embedding keeps what its backbone saw.
 """
 
 from __future__ import annotations
 
 import colorsys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import anndata as ad
 import dask.array as da
@@ -128,6 +130,7 @@ def synthetic(
     mpp: float = 0.5,
     n_genes: int = 200,
     genes_dropped_per_slide: int = 0,
+    type_expression: float = 1.0,
     technology: str = "synthetic",
     seed: int = 0,
 ) -> SpatialData | list[SpatialData]:
@@ -161,6 +164,12 @@ def synthetic(
         Number of simulated genes, named ``gene_0000``, ``gene_0001``, ….
     genes_dropped_per_slide
         How many genes each slide lacks; the slides drop disjoint subsets, so their gene sets differ.
+    type_expression
+        Strength of the types' own gene programs, a factor on their logit effects (at least 0). 1: every type
+        raises its marker genes clearly; 0: all types share one expression program, so the types differ in the
+        image (colour, fibres, nucleus size and density) and in expression only through the image-linked genes,
+        which follow the nucleus density that also varies within every type. The image is the same for every
+        value.
     technology
         Recorded in ``uns["spade_sd"]["technology"]``.
     seed
@@ -180,11 +189,14 @@ def synthetic(
       drives the gene); ``uns["spade_sd"]`` (``dataset``, ``sample``, ``technology``, ``spot_diameter_um``).
     """
     _check_arguments(n_slides, n_types, grid, spot_pitch_um, spot_diameter_um, mpp, n_genes, genes_dropped_per_slide)
+    if isinstance(type_expression, bool) or not np.isfinite(type_expression) or type_expression < 0:
+        raise ValueError(f"type_expression must be a finite number >= 0, got {type_expression!r}.")
     start = time.perf_counter()
     shared_seq, *slide_seqs = np.random.SeedSequence(seed).spawn(n_slides + 1)
     shared_rng = np.random.default_rng(shared_seq)
     looks = _type_looks(n_types, shared_rng)
     programs = _gene_programs(n_genes, n_types, shared_rng)
+    programs = replace(programs, type_effect=programs.type_effect * float(type_expression))
     dropped = shared_rng.permutation(n_genes)[: n_slides * genes_dropped_per_slide].reshape(n_slides, -1)
     slides = [
         _slide(

@@ -189,11 +189,7 @@ class Backbone:
     """
 
     name: str
-    kind: Literal["packaged", "timm", "module", "callable"]
-    dim: int
-
-    name: str
-    kind: Literal["packaged", "timm", "module", "callable"]
+    kind: Literal["packaged", "timm", "module", "callable", "finetuned"]
     dim: int
     input_size: int | None
     mean: tuple[float, float, float] | None

@@ -28,6 +28,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from spade_sd.encoders.finetuned import FineTunedBackbone, PrefixEncoder
 from spade_sd.spots.patches import SpotPatches
 from spade_sd.utils.logging import logger
 from spade_sd.utils.settings import settings
@@ -378,6 +379,29 @@ def _remove_stale_partials(folder: Path) -> None:
         )
 
 
+def _encoded_batches(
+    patches: SpotPatches, backbone, batch_size: int, num_workers: int, *, cached: bool
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(indices, features)`` batches in order.
+
+    A :class:`~spade_sd.FineTunedBackbone` whose features are cached runs only its adapted suffix, on its frozen
+    prefix's activations, which are cached too (and shared by every fine-tuning of the same base and split); any
+    other backbone encodes the patches.
+    """
+    if cached and isinstance(backbone, FineTunedBackbone):
+        encoder = PrefixEncoder(backbone)
+        # whole batches per chunk, so the batches yielded start at multiples of batch_size like the patches' do
+        chunk_size = max(1, 2**24 // (encoder.dim * batch_size)) * batch_size
+        options = {"batch_size": batch_size, "cache": True, "chunk_size": chunk_size, "num_workers": num_workers}
+        for start, chunk in iter_features(patches, encoder, **options):
+            for offset in range(0, len(chunk), batch_size):
+                prefix = chunk[offset : offset + batch_size].reshape(-1, *encoder.shape)
+                yield start + offset + np.arange(len(prefix)), backbone.features_from_prefix(prefix)
+        return
+    for indices, batch in iter_batches(patches, batch_size, num_workers=num_workers):
+        yield indices, backbone(batch)
+
+
 def _compute_chunks(
     patches: SpotPatches, backbone, batch_size: int, chunk_size: int, path: Path | None, *, num_workers: int = 0
 ) -> Iterator[tuple[int, np.ndarray]]:
@@ -389,8 +413,10 @@ def _compute_chunks(
     try:
         with nullcontext() if partial is None else open_locked_npy(partial, (n, dim)) as file:
             chunk, chunk_start = np.empty((min(chunk_size, n), dim), dtype=np.float32), 0
-            for indices, batch in iter_batches(patches, batch_size, num_workers=num_workers):
-                chunk[indices - chunk_start] = backbone(batch)
+            for indices, features in _encoded_batches(
+                patches, backbone, batch_size, num_workers, cached=path is not None
+            ):
+                chunk[indices - chunk_start] = features
                 filled = int(indices[-1]) + 1 - chunk_start
                 if filled < len(chunk):
                     continue
@@ -490,3 +516,29 @@ def extract_features(
     for start, chunk in chunks:
         features[start : start + len(chunk)] = chunk
     return features
+
+
+def mapped_features(
+    patches: SpotPatches, backbone, *, batch_size: int = 64, cache: bool = True, num_workers: int = 0
+) -> np.ndarray:
+    """All the patches' features as a read-only memory map of their cache file (computed into it if missing).
+
+    For wide features (the activations inside a backbone): the features are computed, or checked, chunk by chunk
+    of at most about 64 MB, and then read from disk only where rows are used. Without the cache (``cache=False``,
+    or a backbone without a stable identity) they are collected in memory instead.
+
+    Returns
+    -------
+    float32 array ``(len(patches), backbone.dim)``, memory-mapped when cached.
+    """
+    chunk_size = max(1, 2**24 // max(backbone.dim, 1))
+    if not _cache_allowed(backbone, cache):
+        features = np.empty((len(patches), backbone.dim), dtype=np.float32)
+        options = {"batch_size": batch_size, "cache": False, "chunk_size": chunk_size, "num_workers": num_workers}
+        for start, chunk in iter_features(patches, backbone, **options):
+            features[start : start + len(chunk)] = chunk
+        return features
+    options = {"batch_size": batch_size, "cache": True, "chunk_size": chunk_size, "num_workers": num_workers}
+    for _ in iter_features(patches, backbone, **options):
+        pass
+    return np.load(_features_cache_dir() / f"{cache_key(patches, backbone)}.npy", mmap_mode="r")

@@ -65,6 +65,9 @@ class ExpertMixture(nn.Module):
         Embedding dimension.
     dropout
         Dropout of every head.
+    decoder
+        Give every expert a linear decoder from its image embedding back to the image features (trained by the
+        ``reconstruction`` term; embedding never uses it).
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class ExpertMixture(nn.Module):
         *,
         out_dim: int = TrainingConfig.out_dim,
         dropout: float = TrainingConfig.dropout,
+        decoder: bool = False,
     ) -> None:
         super().__init__()
         if n_experts < 1:
@@ -86,6 +90,9 @@ class ExpertMixture(nn.Module):
             "out_dim": out_dim,
             "dropout": dropout,
         }
+        if decoder:  # recorded only when set: the configuration of a mixture without decoders is unchanged
+            self.config["decoder"] = True
+            self.decoders = nn.ModuleList(nn.Linear(out_dim, image_dim) for _ in range(n_experts))
         self.image_heads = nn.ModuleList(ProjectionHead(image_dim, out_dim, dropout) for _ in range(n_experts))
         self.gene_heads = nn.ModuleList(ProjectionHead(gene_dim, out_dim, dropout) for _ in range(n_experts))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / CLIP_TEMPERATURE_INIT)))
@@ -114,8 +121,14 @@ class ExpertMixture(nn.Module):
             for e in range(self.n_experts) if experts is None else experts:
                 self.image_heads[e].load_state_dict(generalist.image_heads[0].state_dict())
                 self.gene_heads[e].load_state_dict(generalist.gene_heads[0].state_dict())
+                if hasattr(self, "decoders") and hasattr(generalist, "decoders"):
+                    self.decoders[e].load_state_dict(generalist.decoders[0].state_dict())
             if experts is None:
                 self.logit_scale.copy_(generalist.logit_scale)
+
+    def reconstruction_error(self, x: torch.Tensor, image: torch.Tensor, expert: int) -> torch.Tensor:
+        """Mean squared error of one expert's decoding of its image embeddings ``image`` back to the features ``x``."""
+        return torch.nn.functional.mse_loss(self.decoders[expert](image), x)
 
     def expert_embeddings(self, x: torch.Tensor, y: torch.Tensor, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Image and expression embeddings of one expert's heads, each (n, out_dim)."""

@@ -32,6 +32,7 @@ import torch
 
 from spade_sd.config import SpadeConfig, config_from_format_1
 from spade_sd.encoders.backbone import Backbone
+from spade_sd.model.backbone_block import BackboneBlock
 from spade_sd.model.clustering import ExpertClustering
 from spade_sd.model.heads import ExpertMixture
 from spade_sd.model.reference import ReferenceBank
@@ -87,6 +88,10 @@ class SpadeModel:
         Reference spots (image embeddings and measured expression) for :func:`spade_sd.tl.predict_expression` and
         :func:`spade_sd.tl.query`; ``None`` for a model trained with ``reference_size=0`` or saved before banks
         existed.
+    block
+        For ``output="joint"``: the block of standardized backbone features appended to every image-side embedding
+        (zeros on the gene side); ``None`` (``output="aligned"``, and every model saved before the option existed)
+        embeds the aligned coordinates only.
     """
 
     backbone: Backbone
@@ -99,6 +104,7 @@ class SpadeModel:
     subspace: EmbeddingSubspace | None = None
     history: dict[str, Any] = field(default_factory=dict)
     reference: ReferenceBank | None = None
+    block: BackboneBlock | None = None
 
     def __post_init__(self) -> None:
         self.mixture.eval()
@@ -116,10 +122,16 @@ class SpadeModel:
     def __repr__(self) -> str:
         return (
             f"SpadeModel(n_experts={self.n_experts}, n_fine={self.clustering.n_fine}, genes={len(self.panel)}, "
-            f"backbone={self.backbone.name!r}, dim={self.mixture.config['out_dim']}, "
+            f"backbone={self.backbone.name!r}, dim={self.dim}, "
             f"n_comps={None if self.subspace is None else self.subspace.n_comps}, tau={self.tau:.3g}, "
             f"reference={None if self.reference is None else len(self.reference)})"
         )
+
+    @property
+    def dim(self) -> int:
+        """Width of the embedding: ``out_dim``, plus the backbone block's width for a joint output."""
+        out_dim = self.mixture.config["out_dim"]
+        return out_dim if self.block is None else out_dim + self.block.width(self.mixture.config["image_dim"])
 
     @property
     def n_experts(self) -> int:
@@ -174,13 +186,16 @@ class SpadeModel:
 
     def _heads(self, inputs: np.ndarray, weights: np.ndarray, side: str) -> np.ndarray:
         embed = self.mixture.embed_image if side == "image" else self.mixture.embed_gene
-        out = np.empty((len(inputs), self.mixture.config["out_dim"]), dtype=np.float32)
+        out_dim = self.mixture.config["out_dim"]
+        out = np.zeros((len(inputs), self.dim), dtype=np.float32)  # the gene side's backbone block stays zero
         self.mixture.eval()
         with torch.inference_mode():
             for start in range(0, len(inputs), _CHUNK):
                 stop = start + _CHUNK
                 heads = embed(torch.from_numpy(inputs[start:stop]), torch.from_numpy(weights[start:stop])).numpy()
-                out[start:stop] = heads if self.subspace is None else self.subspace.project(heads)
+                out[start:stop, :out_dim] = heads if self.subspace is None else self.subspace.project(heads)
+                if self.block is not None and side == "image":
+                    out[start:stop, out_dim:] = self.block.transform(inputs[start:stop])
         return out
 
     def embed_features(
@@ -203,12 +218,12 @@ class SpadeModel:
 
         Returns
         -------
-        The embedding ``(n, out_dim)`` and the expert weights ``(n, n_experts)``.
+        The embedding ``(n, dim)`` and the expert weights ``(n, n_experts)``.
         """
         n = len(features)
         if slide_scaler is None and self.standardization == "slide":
             slide_scaler = self.slide_scaler(features)
-        embedding = np.empty((n, self.mixture.config["out_dim"]), dtype=np.float32)
+        embedding = np.empty((n, self.dim), dtype=np.float32)
         weights = np.empty((n, self.n_experts), dtype=np.float32)
         for start in range(0, max(n, 1), _CHUNK):
             standardized = self.standardize(features[start : start + _CHUNK], slide_scaler)
@@ -236,9 +251,9 @@ class SpadeModel:
 
         Returns
         -------
-        The embedding ``(n, out_dim)`` and the expert weights ``(n, n_experts)``.
+        The embedding ``(n, dim)`` and the expert weights ``(n, n_experts)``.
         """
-        embedding = np.empty((n, self.mixture.config["out_dim"]), dtype=np.float32)
+        embedding = np.empty((n, self.dim), dtype=np.float32)
         weights = np.empty((n, self.n_experts), dtype=np.float32)
         slide_scaler = (
             self.slide_scaler(features for _, features in passes()) if self.standardization == "slide" else None
@@ -251,7 +266,10 @@ class SpadeModel:
         return embedding, weights
 
     def embed_expression(self, expression: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """Gene-side embedding ``(n, out_dim)`` of panel expression (``panel.transform``) under given weights."""
+        """Gene-side embedding ``(n, dim)`` of panel expression (``panel.transform``) under given weights.
+
+        For a joint output (:attr:`block`) the backbone block is zero: expression says nothing about the image.
+        """
         expression = np.asarray(expression, dtype=np.float32)
         if expression.ndim != 2 or expression.shape[1] != len(self.panel):
             raise ValueError(
@@ -278,6 +296,8 @@ class SpadeModel:
         arrays.update({f"clustering.{k}": v for k, v in clustering_arrays.items()})
         if self.subspace is not None:
             arrays.update({f"subspace.{k}": v for k, v in self.subspace.to_arrays().items()})
+        if self.block is not None:
+            arrays.update({f"block.{k}": v for k, v in self.block.to_arrays().items()})
         metadata = {
             "format": MODEL_FORMAT,
             "config": self.config.to_dict(),
@@ -449,7 +469,7 @@ class SpadeModel:
             raise ValueError(message)
         part = {
             prefix: {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{prefix}.")}
-            for prefix in ("mixture", "scaler", "clustering", "subspace", "reference")
+            for prefix in ("mixture", "scaler", "clustering", "subspace", "reference", "block")
         }
         mixture_config = dict(metadata["mixture"])
         mixture = ExpertMixture(
@@ -472,6 +492,7 @@ class SpadeModel:
             reference=ReferenceBank.from_arrays(part["reference"], metadata["reference"])
             if part["reference"]
             else None,
+            block=BackboneBlock.from_arrays(part["block"]) if part["block"] else None,
         )
 
 

@@ -110,7 +110,8 @@ def embed(
     Nothing; adds to the table (with the default ``key_added="X_spade"``):
 
     ``.obsm['X_spade']``
-        Image-side embedding ``(n_obs, out_dim)`` of every spot.
+        Image-side embedding ``(n_obs, model.dim)`` of every spot: ``out_dim`` aligned coordinates, followed for a
+        model trained with ``output="joint"`` by its block of standardized backbone features.
     ``.obs['spade_expert']``
         Categorical expert with the largest routing weight.
     ``.obsm['X_spade_weights']``
@@ -124,7 +125,7 @@ def embed(
 
     All outputs are computed before any is written, so a failure leaves the table as it was. Features are
     computed (or read from the cache) and embedded a chunk of patches at a time, so a whole slide's backbone
-    features never sit in memory: peak memory grows only with the ``(n_obs, out_dim)`` outputs. A model trained
+    features never sit in memory: peak memory grows only with the ``(n_obs, model.dim)`` outputs. A model trained
     with ``standardize="slide"`` standardizes the features by the statistics of all patches embedded here
     (a first pass over the features; at least 30 patches), so embed a slide's spots or tiles in one call.
     """

@@ -40,7 +40,7 @@ class _Slide:
     patches: Any
 
 
-def _resolve_slides(
+def resolve_slides(
     sdatas: list[SpatialData],
     image_key,
     shapes_key,
@@ -76,7 +76,7 @@ def _resolve_slides(
     return slides
 
 
-def _check_val_slides(val_slides: tuple[str, ...] | None, names: list[str]) -> None:
+def check_val_slides(val_slides: tuple[str, ...] | None, names: list[str]) -> None:
     if val_slides is None:
         return
     unknown = sorted(set(val_slides) - set(names))
@@ -101,7 +101,7 @@ def _checked_arguments(keywords: dict[str, Any]) -> tuple[SpadeConfig, dict[str,
     return config, {**lightning, **check_trainer_kwargs(keywords["trainer_kwargs"], keywords)}
 
 
-def _as_list(sdata: SpatialData | Sequence[SpatialData]) -> list[SpatialData]:
+def as_list(sdata: SpatialData | Sequence[SpatialData]) -> list[SpatialData]:
     sdatas = [sdata] if isinstance(sdata, SpatialData) else list(sdata)
     if not sdatas or not all(isinstance(s, SpatialData) for s in sdatas):
         raise TypeError(
@@ -111,7 +111,7 @@ def _as_list(sdata: SpatialData | Sequence[SpatialData]) -> list[SpatialData]:
     return sdatas
 
 
-def _unique(names: list[str]) -> list[str]:
+def unique_names(names: list[str]) -> list[str]:
     seen: dict[str, int] = {}
     unique = []
     for name in names:
@@ -142,6 +142,10 @@ def pretrain(
     temperature: float = TrainingConfig.temperature,
     out_dim: int = TrainingConfig.out_dim,
     n_comps: int | None = TrainingConfig.n_comps,
+    output: Literal["aligned", "joint"] = TrainingConfig.output,
+    backbone_comps: int | None = TrainingConfig.backbone_comps,
+    backbone_weight: float = TrainingConfig.backbone_weight,
+    reconstruction: float = TrainingConfig.reconstruction,
     dropout: float = TrainingConfig.dropout,
     batch_size: int = TrainingConfig.batch_size,
     max_epochs: int = TrainingConfig.max_epochs,
@@ -235,6 +239,17 @@ def pretrain(
         little to expression retrieval, but a linear probe fitted with little regularization or on few spots
         overfits them, and they memorize the training spots: pass ``None`` to retrieve the training spots
         themselves.
+    output, backbone_comps, backbone_weight
+        ``"aligned"``: the embedding is the aligned coordinates only. ``"joint"``: they are followed by a block of
+        the standardized backbone features (the heads' input), or of their ``backbone_comps`` leading principal
+        components over the training spots (``None``: every feature), scaled so that the block's total variance is
+        ``backbone_weight`` times the aligned coordinates'; the gene side's block is zero. The joint embedding keeps
+        what the backbone knew about morphology next to what was learnt about expression
+        (:attr:`SpadeModel.block <spade_sd.SpadeModel.block>`; measured in ``docs/quality.md``).
+    reconstruction
+        Weight of a term added to the contrastive loss: the mean squared error of a linear decoder (one per expert,
+        kept in the model) from the image embedding back to the standardized backbone features, so that the
+        embedding keeps what recovers them; 0 trains with the contrastive loss alone.
     batch_size, max_epochs, lr, weight_decay, patience, warmup_steps
         Training (AdamW with ``warmup_steps`` of linear warm-up, then a cosine schedule; early stopping after
         ``patience`` epochs without improvement).
@@ -279,13 +294,13 @@ def pretrain(
     from spade_sd.encoders.features import extract_features
     from spade_sd.training.fit import fit_model
 
-    sdatas = _as_list(sdata)
+    sdatas = as_list(sdata)
     backbone = as_backbone(backbone)
-    slides = _resolve_slides(
+    slides = resolve_slides(
         sdatas, image_key, shapes_key, table_key, mpp, patches=config.patches, groupby=config.clustering.groupby
     )
-    names = _unique([slide.name for slide in slides])
-    _check_val_slides(config.training.val_slides, names)
+    names = unique_names([slide.name for slide in slides])
+    check_val_slides(config.training.val_slides, names)
     tables = [slide.table for slide in slides]
     check_expression_tables(list(zip(names, tables, strict=True)), layer=config.panel.layer, panel=panel)
     options = {"batch_size": feature_batch_size, "cache": cache, "num_workers": feature_num_workers}

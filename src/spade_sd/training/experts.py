@@ -7,12 +7,8 @@ different experts are interleaved, and each step updates only that batch's exper
 
 from __future__ import annotations
 
-import logging
-import math
 import time
-import warnings
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -24,11 +20,9 @@ from lightning.pytorch.strategies import DDPStrategy
 from spade_sd.config import LossName, TrainingConfig, check_trainer_kwargs
 from spade_sd.model.heads import ExpertMixture
 from spade_sd.training.data import ExpertDataModule, split_by_slide
+from spade_sd.training.lightning_loop import HISTORY, BestWeights, lightning_quiet, torch_flags_restored, warmup_cosine
 from spade_sd.training.losses import contrastive_loss
 from spade_sd.utils.logging import logger
-
-_LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
-_HISTORY = "history/"
 
 
 class ExpertsModule(L.LightningModule):
@@ -51,13 +45,16 @@ class ExpertsModule(L.LightningModule):
     def _loss(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y, expert = batch
         image, gene = self.mixture.expert_embeddings(x, y, int(expert[0]))
-        return contrastive_loss(
+        loss = contrastive_loss(
             image,
             gene,
             loss=self.config.loss,
             temperature=self.config.temperature,
             logit_scale=self.mixture.logit_scale,
         )
+        if self.config.reconstruction > 0:
+            loss = loss + self.config.reconstruction * self.mixture.reconstruction_error(x, image, int(expert[0]))
+        return loss
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         """Contrastive loss of one single-expert batch."""
@@ -81,56 +78,8 @@ class ExpertsModule(L.LightningModule):
         ]
         optimizer = torch.optim.AdamW(groups, lr=self.config.lr)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(self.config.warmup_steps, total))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.config.warmup_steps, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-
-def _warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-class _BestWeights(L.Callback):
-    """Keeps the weights of the best epoch in memory, restores them at the end, and records the loss curves.
-
-    The curves travel back in ``trainer.callback_metrics``, the channel Lightning also uses to return results
-    from spawned processes.
-    """
-
-    def __init__(self, monitor: str) -> None:
-        self.monitor = monitor
-        self.best, self.best_epoch = math.inf, -1
-        self.state: dict[str, torch.Tensor] | None = None
-        self.curves: dict[str, list[float]] = {"train_loss": [], "val_loss": []}
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._record(trainer, pl_module, "val_loss")
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._record(trainer, pl_module, "train_loss")
-
-    def _record(self, trainer: L.Trainer, pl_module: L.LightningModule, key: str) -> None:
-        if key not in trainer.callback_metrics:
-            return
-        value = float(trainer.callback_metrics[key])
-        self.curves[key].append(value)
-        if key == self.monitor and value < self.best:
-            self.best, self.best_epoch = value, trainer.current_epoch
-            self.state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.state is not None:
-            pl_module.load_state_dict(self.state)
-        for key, curve in self.curves.items():
-            trainer.callback_metrics[_HISTORY + key] = torch.tensor(curve, dtype=torch.float64)
-        trainer.callback_metrics[_HISTORY + "best_epoch"] = torch.tensor(self.best_epoch)
-        trainer.callback_metrics[_HISTORY + "best_loss"] = torch.tensor(self.best, dtype=torch.float64)
 
 
 def train_experts(
@@ -211,9 +160,16 @@ def train_experts(
         config.loss,
     )
     start = time.perf_counter()
-    with _lightning_quiet(quiet), _torch_flags_restored():
+    with lightning_quiet(quiet), torch_flags_restored():
         L.seed_everything(config.seed, workers=True, verbose=not quiet)
-        mixture = ExpertMixture(n_experts, X_std.shape[1], Y.shape[1], out_dim=config.out_dim, dropout=config.dropout)
+        mixture = ExpertMixture(
+            n_experts,
+            X_std.shape[1],
+            Y.shape[1],
+            out_dim=config.out_dim,
+            dropout=config.dropout,
+            decoder=config.reconstruction > 0,
+        )
         if init is not None:
             mixture.start_from(init)
         module = ExpertsModule(mixture, config)
@@ -316,7 +272,7 @@ def _trainer(
     early_stopping = EarlyStopping(
         monitor=monitor, patience=config.patience, mode="min", check_on_train_epoch_end=not has_validation
     )
-    callbacks = [early_stopping, _BestWeights(monitor), *trainer_kwargs.pop("callbacks", [])]
+    callbacks = [early_stopping, BestWeights(monitor), *trainer_kwargs.pop("callbacks", [])]
     options = {
         "deterministic": True,
         "enable_checkpointing": False,  # the best weights are kept in memory: nothing is written to disk
@@ -347,12 +303,12 @@ def _history(
     untrained: list[int],
 ) -> dict[str, Any]:
     metrics = trainer.callback_metrics
-    curves = {key: metrics[_HISTORY + key].tolist() for key in ("train_loss", "val_loss")}
-    best_loss = float(metrics[_HISTORY + "best_loss"])
+    curves = {key: metrics[HISTORY + key].tolist() for key in ("train_loss", "val_loss")}
+    best_loss = float(metrics[HISTORY + "best_loss"])
     return {
         "epochs": len(curves["train_loss"]),
         "monitor": monitor,
-        "best_epoch": int(metrics[_HISTORY + "best_epoch"]),
+        "best_epoch": int(metrics[HISTORY + "best_epoch"]),
         "best_loss": best_loss,
         "best_val_loss": best_loss if monitor == "val_loss" else None,
         **curves,
@@ -361,35 +317,3 @@ def _history(
         "val_spots_per_expert": np.bincount(expert_idx[val_mask], minlength=n_experts).tolist(),
         "untrained_experts": untrained,
     }
-
-
-@contextmanager
-def _lightning_quiet(quiet: bool) -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        if not quiet:
-            yield
-            return
-        warnings.filterwarnings("ignore", module="lightning")
-        loggers = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]
-        levels = [log.level for log in loggers]
-        for log in loggers:
-            log.setLevel(logging.WARNING)
-        try:
-            yield
-        finally:
-            for log, level in zip(loggers, levels, strict=True):
-                log.setLevel(level)
-
-
-@contextmanager
-def _torch_flags_restored() -> Iterator[None]:
-    # Trainer(deterministic=True) switches torch to deterministic algorithms process-wide; undo that afterwards
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    benchmark = torch.backends.cudnn.benchmark
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-        torch.backends.cudnn.benchmark = benchmark

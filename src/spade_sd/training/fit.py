@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -16,6 +15,7 @@ import numpy as np
 from anndata import AnnData
 
 from spade_sd.config import PanelConfig, SpadeConfig, TrainingConfig, check_n_comps
+from spade_sd.model.backbone_block import BackboneBlock
 from spade_sd.model.clustering import two_stage_kmeans
 from spade_sd.model.heads import ExpertMixture
 from spade_sd.model.reference import ReferenceBank, stratified_sample
@@ -25,21 +25,8 @@ from spade_sd.model.standardization import MIN_SLIDE_PATCHES, FeatureScaler, fit
 from spade_sd.model.subspace import EmbeddingSubspace
 from spade_sd.spots.genes import GenePanel
 from spade_sd.training.experts import train_experts
+from spade_sd.training.lightning_loop import torch_threads
 from spade_sd.utils.logging import logger
-
-
-@contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """Run with ``n`` torch CPU threads, restoring the previous number afterwards."""
-    import torch
-
-    previous = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _versions() -> dict[str, str]:
@@ -105,7 +92,7 @@ def fit_model(
     )
     expert = clustering.assign(X_std)[1]
     options = {"coords": coords, "quiet": quiet, "trainer_kwargs": trainer_kwargs}
-    with _torch_threads(config.training.train_threads):
+    with torch_threads(config.training.train_threads):
         mixture, history = _train(X_std, expression, expert, slide, clustering.n_experts, config.training, **options)
     model = SpadeModel(
         backbone=backbone,
@@ -118,6 +105,7 @@ def fit_model(
         history=_json_safe(history),
     )
     model = _with_subspace(model, X_std, expression, config.training.n_comps)
+    model = _with_block(model, X_std, config.training)
     if config.training.reference_size > 0:
         model = replace(model, reference=reference_bank(model, features, tables, slides))
     logger.info("Fitted the SpadeModel in %.1f s", time.perf_counter() - start)
@@ -201,6 +189,14 @@ def _check_sizes(features: Sequence[np.ndarray], slides: Sequence[str], config: 
                 "Pass standardize='global' or leave these slides out."
             )
     check_n_comps(config.training.n_comps, config.training.out_dim, n_spots)
+    n_features = features[0].shape[1] if len(features) and np.ndim(features[0]) == 2 else None
+    comps = config.training.backbone_comps
+    if config.training.output == "joint" and comps is not None and n_features is not None:
+        if comps > min(n_spots, n_features):
+            raise ValueError(
+                f"backbone_comps must be at most min(training spots, backbone features) = "
+                f"{min(n_spots, n_features)}; found {comps}."
+            )
 
 
 def _panel_expression(
@@ -261,6 +257,15 @@ def _with_subspace(model: SpadeModel, X_std: np.ndarray, expression: np.ndarray,
     heads = model._heads(X_std, weights, "image")
     _check_finite(heads, model._heads(expression, weights, "gene"), model.tau)
     return model if n_comps is None else replace(model, subspace=EmbeddingSubspace.fit(heads, n_comps))
+
+
+def _with_block(model: SpadeModel, X_std: np.ndarray, config: TrainingConfig) -> SpadeModel:
+    """The model with its backbone block for ``output="joint"`` (scaled against the training spots' aligned part)."""
+    if config.output != "joint":
+        return model
+    aligned = model._heads(X_std, expert_weights(X_std, model.clustering, tau=model.tau), "image")
+    block = BackboneBlock.fit(X_std, aligned, config.backbone_comps, config.backbone_weight)
+    return replace(model, block=block)
 
 
 def _check_finite(image: np.ndarray, gene: np.ndarray, tau: float) -> None:

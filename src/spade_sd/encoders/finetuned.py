@@ -1,0 +1,380 @@
+"""A backbone whose last blocks carry LoRA adapters, its frozen prefix, and its adapters on disk.
+
+:class:`FineTunedBackbone` is a :class:`~spade_sd.Backbone` (every tool accepts it) built from a base backbone: a
+copy of the base's timm model gets LoRA adapters on its last ``n_blocks`` blocks (:mod:`spade_sd.encoders.lora`);
+the base itself is not modified. Its identity digests the base's weights, the adapters and their configuration, so
+it differs from the base's and changes whenever the adapters do.
+
+:class:`PrefixEncoder` computes what enters the first adapted block. It depends on the base backbone and the
+split point only, so its outputs are cached on disk like features (:mod:`spade_sd.encoders.features`) and every
+fine-tuning run with the same split reads them back, running only the adapted suffix in its training steps.
+
+The adapters are saved as ``adapters.safetensors`` + ``adapters.json`` (no pickle), the JSON naming the base
+backbone's identity; loading them on another base is an error. Other tensors (SEAL's heads) travel in the same
+files as *attachments*, opaque to this module.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from spade_sd.encoders.backbone import Backbone
+from spade_sd.encoders.identity import identity_digest
+from spade_sd.encoders.lora import AdapterPlan, SplitForward, adapter_state, inject_lora, merged_copy, plan_adapters
+from spade_sd.encoders.lora import split_forward as checked_split
+from spade_sd.encoders.modules import eval_mode
+from spade_sd.utils.logging import logger
+
+ADAPTERS_FORMAT = "spade_sd.adapters/1"
+ADAPTERS_CONFIG = "adapters.json"
+ADAPTERS_WEIGHTS = "adapters.safetensors"
+_FILES = frozenset({ADAPTERS_CONFIG, ADAPTERS_WEIGHTS})
+
+
+def _base_module(base: Backbone) -> torch.nn.Module:
+    if not isinstance(base, Backbone):
+        raise TypeError(
+            f"Fine-tuning needs a spade_sd.Backbone (or its constructor input) as the base; found {type(base).__name__}."
+        )
+    if isinstance(base, FineTunedBackbone):
+        raise ValueError("The base backbone is already fine-tuned; merge it first (backbone.merge()) to tune further.")
+    if base.module is None:
+        raise ValueError(
+            f"LoRA fine-tuning needs a torch model; backbone {base.name!r} is a plain callable ({base.kind}), whose "
+            "layers cannot be adapted. Pass a timm name, the default backbone or a timm torch.nn.Module."
+        )
+    return base.module
+
+
+class FineTunedBackbone(Backbone):
+    """A backbone with LoRA adapters on its last blocks (SEAL): uint8 patches in, pooled features out.
+
+    Built by :func:`spade_sd.tl.finetune`, or by :meth:`load`. Its adapters start at zero (the features equal the
+    base's) until trained.
+
+    Parameters
+    ----------
+    base
+        The backbone to adapt: the default, a timm model or a timm :class:`torch.nn.Module` (a Vision Transformer
+        or an EfficientNet). It is copied, not modified.
+    n_blocks
+        Final blocks receiving adapters.
+    rank, alpha, dropout
+        LoRA rank, scale numerator (updates scaled by ``alpha / rank``) and dropout.
+    seed
+        Seed of the adapters' random initialisation.
+    """
+
+    def __init__(
+        self,
+        base: Backbone,
+        *,
+        n_blocks: int = 1,
+        rank: int = 8,
+        alpha: float = 8.0,
+        dropout: float = 0.15,
+        seed: int = 0,
+    ) -> None:
+        module = _base_module(base)
+        self.plan: AdapterPlan = plan_adapters(module, n_blocks)
+        self.base_config = base.to_config() | {"model_kwargs": dict(base.model_kwargs)}
+        self.lora = {"rank": int(rank), "alpha": float(alpha), "dropout": float(dropout), "seed": int(seed)}
+        copied = copy.deepcopy(module)
+        with _seeded(seed):
+            inject_lora(copied, self.plan, rank=rank, alpha=alpha, dropout=dropout)
+        super().__init__(
+            copied,
+            engine="torch",
+            device=str(base.device),
+            batch_size=base.batch_size,
+            dim=base.dim,
+            input_size=base.input_size,
+            mean=base.mean,
+            std=base.std,
+        )
+        self.kind = "finetuned"
+        self.name = f"{base.name}+lora{n_blocks}"
+        self.attachments: dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]] = {}
+        self._split: SplitForward | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"FineTunedBackbone(base={self.base_config['name']!r}, n_blocks={self.plan.n_blocks}, "
+            f"rank={self.lora['rank']}, alpha={self.lora['alpha']}, adapted={len(self.plan.targets)} layers, "
+            f"dim={self.dim})"
+        )
+
+    @property
+    def base_identity(self) -> str:
+        """Identity of the backbone the adapters were trained on."""
+        return self.base_config["identity"]
+
+    def _state_token(self) -> Any:
+        return super()._state_token(), json.dumps(self.lora, sort_keys=True)
+
+    def _architecture(self) -> dict[str, Any]:
+        return super()._architecture() | {
+            "adapters": {"lora": self.lora, "targets": list(self.plan.targets), "base": self.base_identity}
+        }
+
+    @property
+    def split(self) -> SplitForward:
+        """The forward pass cut before the first adapted block (checked against the full pass once)."""
+        if self._split is None:
+            probe = self._preprocess(
+                np.random.default_rng(0).integers(0, 256, (2, self.input_size, self.input_size, 3), dtype=np.uint8)
+            )
+            with eval_mode(self.module):
+                self._split = checked_split(self.module, self.plan, probe)
+        return self._split
+
+    def prefix(self, patches: np.ndarray) -> torch.Tensor:
+        """What enters the first adapted block, for uint8 patches ``(batch, height, width, 3)``."""
+        with eval_mode(self.module), torch.inference_mode():
+            return self.split.prefix(self._preprocess(np.asarray(patches, dtype=np.uint8)))
+
+    def features_from_prefix(self, prefix: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Pooled features from cached prefix activations ``(n, *prefix_shape)``: only the adapted suffix runs.
+
+        Equal to calling the backbone on the patches (to float tolerance), at a fraction of the cost.
+        """
+        out = np.empty((len(prefix), self.dim), dtype=np.float32)
+        with eval_mode(self.module), torch.inference_mode():
+            for start in range(0, len(prefix), batch_size):
+                h = torch.as_tensor(np.asarray(prefix[start : start + batch_size]), device=self.device)
+                out[start : start + len(h)] = self.split.suffix(h).float().cpu().numpy()
+        return out
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The adapters' tensors by name (CPU copies)."""
+        return adapter_state(self.module)
+
+    def merge(self) -> Backbone:
+        """A plain :class:`~spade_sd.Backbone` with the adapters merged into the weights (faster inference).
+
+        Its timm model has no adapter layers, so ``engine="auto"`` runs it with onnxruntime on the CPU. Its
+        features equal this backbone's to float tolerance; its identity is that of the merged weights.
+        """
+        merged = Backbone(
+            merged_copy(self.module),
+            device=str(self.device),
+            batch_size=self.batch_size,
+            dim=self.dim,
+            input_size=self.input_size,
+            mean=self.mean,
+            std=self.std,
+        )
+        merged.name = f"{self.name}-merged"
+        return merged
+
+    def attach(self, name: str, metadata: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+        """Keep ``tensors`` and JSON ``metadata`` with the adapters (saved and loaded with them), under ``name``."""
+        self.attachments[name] = (dict(metadata), {k: np.ascontiguousarray(v) for k, v in tensors.items()})
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Write ``adapters.json`` and ``adapters.safetensors`` into the folder ``path``.
+
+        Parameters
+        ----------
+        path
+            A folder that does not exist yet (or is empty).
+        overwrite
+            Replace the two files of a folder that holds exactly them; a folder with anything else is refused.
+
+        Raises
+        ------
+        FileExistsError
+            ``path`` exists and is not replaceable, with nothing written.
+        """
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        _check_target(path, overwrite)
+        tensors = {f"adapter.{k}": v.numpy() for k, v in self.adapter_tensors().items()}
+        for name, (_, arrays) in self.attachments.items():
+            tensors |= {f"{name}.{k}": v for k, v in arrays.items()}
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path, prefix=".staging-") as staging:
+            weights = Path(staging) / ADAPTERS_WEIGHTS
+            save_file(tensors, weights)
+            config = self._saved_config(hashlib.sha256(weights.read_bytes()).hexdigest())
+            (Path(staging) / ADAPTERS_CONFIG).write_text(json.dumps(config, indent=1, sort_keys=True))
+            for name in (ADAPTERS_WEIGHTS, ADAPTERS_CONFIG):
+                (Path(staging) / name).replace(path / name)
+        logger.info("Saved the adapters of %s to %s", self.name, path)
+
+    def _saved_config(self, digest: str) -> dict[str, Any]:
+        return {
+            "format": ADAPTERS_FORMAT,
+            "base": self.base_config,
+            "n_blocks": self.plan.n_blocks,
+            "targets": list(self.plan.targets),
+            "lora": self.lora,
+            "identity": self.identity(),
+            "attachments": {name: metadata for name, (metadata, _) in self.attachments.items()},
+            "weights_sha256": digest,
+        }
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, base: Backbone | None = None) -> FineTunedBackbone:
+        """Load adapters saved with :meth:`save` onto their base backbone; no code is run (no pickle).
+
+        Parameters
+        ----------
+        path
+            The folder written by :meth:`save`.
+        base
+            The base backbone. Default: the packaged default or the timm name recorded in the file (timm weights
+            are downloaded); any other base must be passed. Its identity must equal the recorded one.
+
+        Raises
+        ------
+        ValueError
+            The files are damaged or of another format, or ``base`` is not the backbone the adapters were
+            trained on.
+        """
+        config, arrays = _read(Path(path))
+        base = _recorded_base(config["base"]) if base is None else base
+        if base.identity() != config["base"]["identity"]:
+            raise ValueError(
+                f"The adapters in {path} were trained on backbone {config['base']['name']!r} (identity "
+                f"{config['base']['identity'][:12]}); found {base.name!r} (identity {base.identity()[:12]}). Load "
+                "them on the backbone they were trained on."
+            )
+        lora = config["lora"]
+        tuned = cls(
+            base,
+            n_blocks=config["n_blocks"],
+            rank=lora["rank"],
+            alpha=lora["alpha"],
+            dropout=lora["dropout"],
+            seed=lora["seed"],
+        )
+        adapters = {
+            k.removeprefix("adapter."): torch.from_numpy(v) for k, v in arrays.items() if k.startswith("adapter.")
+        }
+        expected = tuned.adapter_tensors()
+        if set(adapters) != set(expected) or any(adapters[k].shape != expected[k].shape for k in expected):
+            raise ValueError(f"The adapter tensors in {path} do not fit the recorded plan {config['targets']}.")
+        tuned.module.load_state_dict(adapters, strict=False)
+        for name, metadata in config["attachments"].items():
+            tensors = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{name}.")}
+            tuned.attach(name, metadata, tensors)
+        if tuned.identity() != config["identity"]:
+            raise ValueError(
+                f"The adapters loaded from {path} do not reproduce the saved identity; the file is damaged."
+            )
+        return tuned
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch's global generator for the block, restoring its state afterwards."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def _check_target(path: Path, overwrite: bool) -> None:
+    if path.is_symlink() or path.is_file():
+        raise FileExistsError(f"{path} is a file or a link; adapters are saved into a folder of their own.")
+    if not path.exists():
+        return
+    found = {p.name for p in path.iterdir()}
+    if not found:
+        return
+    if found != _FILES or not overwrite:
+        raise FileExistsError(
+            f"{path} already holds {sorted(found)[:8]}; "
+            + (
+                "pass overwrite=True to replace saved adapters."
+                if found == _FILES
+                else f"adapters are only written into a new or empty folder, or over exactly {sorted(_FILES)}."
+            )
+        )
+
+
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    config_path, weights_path = path / ADAPTERS_CONFIG, path / ADAPTERS_WEIGHTS
+    for required in (config_path, weights_path):
+        if not required.is_file():
+            raise FileNotFoundError(f"{required} is missing: {path} is not a folder written by FineTunedBackbone.save.")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path} is damaged (not valid JSON: {error}).") from error
+    if not isinstance(config, dict) or config.get("format") != ADAPTERS_FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{config_path} holds format {found!r}; expected {ADAPTERS_FORMAT!r}.")
+    data = weights_path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != config["weights_sha256"]:
+        raise ValueError(
+            f"{weights_path} does not match {config_path}: SHA-256 {digest[:12]}… found, "
+            f"{config['weights_sha256'][:12]}… expected. The file is damaged or belongs to other adapters."
+        )
+    try:
+        return config, load(data)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{weights_path} is damaged and cannot be read: {error}") from error
+
+
+def _recorded_base(saved: dict[str, Any]) -> Backbone:
+    if saved["kind"] not in ("packaged", "timm"):
+        raise ValueError(
+            f"The adapters were trained on a {saved['kind']} backbone {saved['name']!r}; pass it as base=."
+        )
+    return Backbone(saved["name"], **saved.get("model_kwargs", {}))
+
+
+class PrefixEncoder:
+    """The frozen part of a fine-tuned backbone as a feature extractor, for the on-disk feature cache.
+
+    Its "features" are the flattened activations entering the first adapted block. They depend only on the base
+    backbone and the split point, so its :meth:`identity` names exactly those: fine-tuning runs with other ranks,
+    seeds or losses share the cache.
+
+    Parameters
+    ----------
+    backbone
+        The fine-tuned backbone whose prefix is computed.
+    """
+
+    stable_identity = True
+
+    def __init__(self, backbone: FineTunedBackbone) -> None:
+        self.backbone = backbone
+        self.name = f"{backbone.base_config['name']} up to {backbone.plan.blocks[0]}"
+        self.batch_size = backbone.batch_size
+        side = backbone.input_size
+        probe = np.zeros((1, side, side, 3), dtype=np.uint8)
+        self.shape = tuple(backbone.prefix(probe).shape[1:])
+        self.dim = math.prod(self.shape)
+
+    def identity(self) -> str:
+        """Digest of the base backbone's identity and the split point."""
+        return identity_digest(
+            {"prefix of": self.backbone.base_identity, "block": self.backbone.plan.blocks[0], "shape": self.shape}, []
+        )
+
+    def __call__(self, patches: np.ndarray) -> np.ndarray:
+        """Flattened float32 prefix activations ``(batch, dim)`` of uint8 patches."""
+        return self.backbone.prefix(patches).float().reshape(len(patches), -1).cpu().numpy()
