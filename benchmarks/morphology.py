@@ -166,13 +166,7 @@ def summary(df: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
 
 
 def write(df: pd.DataFrame, out: Path, tag: str, config: dict) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / f"morphology_{tag}.csv", index=False)
-    numbers = metrics.summarize(
-        df.drop(columns=["group"], errors="ignore").assign(encoder=df["dataset"] + " | " + df["encoder"])
-    )
-    with (out / f"morphology_{tag}.json").open("w") as fh:
-        json.dump({"config": config, "summary": numbers.to_dict(orient="records")}, fh, indent=1, default=str)
+    quality.write_raw(df, out, f"morphology_{tag}", config)
     lines = [
         f"# Morphology benchmark ({tag})",
         "",

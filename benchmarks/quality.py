@@ -310,15 +310,20 @@ def _markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def write(df: pd.DataFrame, out: Path, tag: str, config: dict) -> pd.DataFrame:
+def write_raw(df: pd.DataFrame, out: Path, name: str, config: dict) -> None:
+    """``<name>.csv`` (every score) and ``<name>.json`` (the config and a summary per data set and encoder)."""
     out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / f"quality_{tag}.csv", index=False)
-    table = summary_table(df)
+    df.to_csv(out / f"{name}.csv", index=False)
     numbers = metrics.summarize(
         df.drop(columns=["group"], errors="ignore").assign(encoder=df["dataset"] + " | " + df["encoder"])
     )
-    with (out / f"quality_{tag}.json").open("w") as fh:
+    with (out / f"{name}.json").open("w") as fh:
         json.dump({"config": config, "summary": numbers.to_dict(orient="records")}, fh, indent=1, default=str)
+
+
+def write(df: pd.DataFrame, out: Path, tag: str, config: dict) -> pd.DataFrame:
+    write_raw(df, out, f"quality_{tag}", config)
+    table = summary_table(df)
     lines = [
         f"# SPADE quality benchmark ({tag})",
         "",

@@ -43,6 +43,12 @@ ADAPTERS_WEIGHTS = "adapters.safetensors"
 _FILES = frozenset({ADAPTERS_CONFIG, ADAPTERS_WEIGHTS})
 
 
+def _same_input(backbone: Backbone) -> dict[str, Any]:
+    """The keywords that give a new :class:`Backbone` this one's device, batches, input and output size."""
+    names = ("batch_size", "dim", "input_size", "mean", "std")
+    return {"device": str(backbone.device)} | {name: getattr(backbone, name) for name in names}
+
+
 def _base_module(base: Backbone) -> torch.nn.Module:
     if not isinstance(base, Backbone):
         raise TypeError(
@@ -94,16 +100,7 @@ class FineTunedBackbone(Backbone):
         copied = copy.deepcopy(module)
         with _seeded(seed):
             inject_lora(copied, self.plan, rank=rank, alpha=alpha, dropout=dropout)
-        super().__init__(
-            copied,
-            engine="torch",
-            device=str(base.device),
-            batch_size=base.batch_size,
-            dim=base.dim,
-            input_size=base.input_size,
-            mean=base.mean,
-            std=base.std,
-        )
+        super().__init__(copied, engine="torch", **_same_input(base))
         self.kind = "finetuned"
         self.name = f"{base.name}+lora{n_blocks}"
         self.attachments: dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]] = {}
@@ -167,15 +164,7 @@ class FineTunedBackbone(Backbone):
         Its timm model has no adapter layers, so ``engine="auto"`` runs it with onnxruntime on the CPU. Its
         features equal this backbone's to float tolerance; its identity is that of the merged weights.
         """
-        merged = Backbone(
-            merged_copy(self.module),
-            device=str(self.device),
-            batch_size=self.batch_size,
-            dim=self.dim,
-            input_size=self.input_size,
-            mean=self.mean,
-            std=self.std,
-        )
+        merged = Backbone(merged_copy(self.module), **_same_input(self))
         merged.name = f"{self.name}-merged"
         return merged
 
