@@ -161,7 +161,7 @@ def finetune(
     A :class:`~spade_sd.FineTunedBackbone`: use it wherever a backbone is accepted (``tl.features``,
     ``tl.pretrain(backbone=...)``); save its adapters with :meth:`~spade_sd.FineTunedBackbone.save`, merge them
     with :meth:`~spade_sd.FineTunedBackbone.merge`. SEAL's heads, panel and training history travel with it
-    (:class:`~spade_sd.model.seal_heads.SealAlignment.from_backbone`).
+    (:meth:`SealAlignment.from_backbone <spade_sd.model.seal_heads.SealAlignment.from_backbone>`).
 
     Examples
     --------
