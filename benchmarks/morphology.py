@@ -53,15 +53,7 @@ DEFAULT_VARIANTS = (
     "spade:output=joint",
     "spade:output=joint,backbone_comps=None",
 )
-EXPRESSION_METRICS = (
-    "probe (hest α)",
-    "probe (cv α)",
-    "few-shot probe 20%",
-    "kNN retrieval",
-    "kNN retrieval (joint)",
-    "recall@10",
-    "balanced_accuracy@5",
-)
+EXPRESSION_METRICS = quality.METRIC_ORDER
 MORPHOLOGY_METRICS = tuple(f"{name} bacc@{k}" for name in LABELS for k in SHOTS)
 SPOT_WINDOW_UM, SPOT_WINDOW_PX = 100.0, 32
 CONTEXT_WINDOW_UM, CONTEXT_WINDOW_PX = 400.0, 64

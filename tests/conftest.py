@@ -43,6 +43,15 @@ def her2st_c2(data_dir):
     return sd.datasets.her2st("C2")
 
 
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    """A fresh, empty feature cache (``SPADE_SD_CACHE_DIR``) for the tests of one module."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("cache")
+        mp.setenv("SPADE_SD_CACHE_DIR", str(path))
+        yield path
+
+
 SMALL_PATCH = {"size_um": 64.0, "size_px": 64}
 
 

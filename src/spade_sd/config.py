@@ -266,9 +266,7 @@ class TrainingConfig(_Config):
         _set(self, "weight_decay", check_number("weight_decay", self.weight_decay, minimum=0))
         _set(self, "patience", check_int("patience", self.patience, minimum=0))
         _set(self, "warmup_steps", check_int("warmup_steps", self.warmup_steps, minimum=0))
-        _set(self, "val_slides", _slide_names(self.val_slides))
-        _set(self, "val_fraction", check_number("val_fraction", self.val_fraction, minimum=0, maximum=1))
-        _set(self, "min_val_slides", check_int("min_val_slides", self.min_val_slides, minimum=2))
+        _check_validation_split(self)
         _set(self, "warm_start", check_bool("warm_start", self.warm_start))
         _set(self, "expert_lr_factor", check_number("expert_lr_factor", self.expert_lr_factor, **positive))
         _set(self, "seed", check_seed(self.seed))
@@ -276,6 +274,13 @@ class TrainingConfig(_Config):
             _set(self, "train_threads", check_int("train_threads", self.train_threads, minimum=1))
         _set(self, "reference_size", check_int("reference_size", self.reference_size, minimum=0))
         _set(self, "reference_genes", check_int("reference_genes", self.reference_genes, minimum=1))
+
+
+def _check_validation_split(config: Any) -> None:
+    """Validate and normalise a validation split by slide: ``val_slides``, ``val_fraction``, ``min_val_slides``."""
+    _set(config, "val_slides", _slide_names(config.val_slides))
+    _set(config, "val_fraction", check_number("val_fraction", config.val_fraction, minimum=0, maximum=1))
+    _set(config, "min_val_slides", check_int("min_val_slides", config.min_val_slides, minimum=2))
 
 
 def _slide_names(val_slides: Any) -> tuple[str, ...] | None:
@@ -513,9 +518,7 @@ class SealConfig(_Config):
         _set(self, "weight_decay", check_number("weight_decay", self.weight_decay, minimum=0))
         _set(self, "batch_size", check_int("batch_size", self.batch_size, minimum=2))
         _set(self, "patience", check_int("patience", self.patience, minimum=0))
-        _set(self, "val_slides", _slide_names(self.val_slides))
-        _set(self, "val_fraction", check_number("val_fraction", self.val_fraction, minimum=0, maximum=1))
-        _set(self, "min_val_slides", check_int("min_val_slides", self.min_val_slides, minimum=2))
+        _check_validation_split(self)
         _set(self, "min_spots", check_int("min_spots", self.min_spots, minimum=2))
         _set(self, "augment", check_bool("augment", self.augment))
         _set(self, "seed", check_seed(self.seed))

@@ -16,12 +16,8 @@ from spade_sd.encoders.lora import plan_adapters
 TINY_VIT = {"depth": 3, "img_size": 32, "patch_size": 8, "embed_dim": 64, "num_heads": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache_dir(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("cache")
-        mp.setenv("SPADE_SD_CACHE_DIR", str(path))
-        yield path
+# a fresh, empty feature cache for this module (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("cache_dir")
 
 
 @pytest.fixture(scope="module")

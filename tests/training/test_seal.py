@@ -11,12 +11,8 @@ from spade_sd.encoders.backbone import Backbone
 from spade_sd.encoders.finetuned import FineTunedBackbone, PrefixEncoder
 from spade_sd.training.seal import PrefixRows, random_dihedral, reconstruction_loss, train_seal
 
-
-@pytest.fixture(scope="module", autouse=True)
-def cache_dir(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SPADE_SD_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        yield
+# a fresh, empty feature cache for this module (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("cache_dir")
 
 
 def test_reconstruction_loss_is_zero_for_a_perfect_prediction_and_two_for_its_negative():

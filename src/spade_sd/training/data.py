@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from spade_sd.config import TrainingConfig
+from spade_sd.config import SealConfig, TrainingConfig
 from spade_sd.utils.logging import logger
 
 
@@ -179,6 +179,20 @@ def split_by_slide(
         100 * val_fraction,
     )
     return _blocks(slide, np.asarray(coords, dtype=np.float64), val_fraction)
+
+
+def validation_mask(
+    slide: np.ndarray, config: TrainingConfig | SealConfig, coords: np.ndarray | None = None
+) -> np.ndarray:
+    """:func:`split_by_slide` with a configuration's ``val_slides``, ``val_fraction``, ``min_val_slides`` and ``seed``."""
+    return split_by_slide(
+        slide,
+        val_slides=config.val_slides,
+        val_fraction=config.val_fraction,
+        coords=coords,
+        min_val_slides=config.min_val_slides,
+        seed=config.seed,
+    )
 
 
 def _blocks(slide: np.ndarray, coords: np.ndarray, val_fraction: float) -> np.ndarray:

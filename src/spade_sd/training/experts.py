@@ -19,7 +19,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from spade_sd.config import LossName, TrainingConfig, check_trainer_kwargs
 from spade_sd.model.heads import ExpertMixture
-from spade_sd.training.data import ExpertDataModule, split_by_slide
+from spade_sd.training.data import ExpertDataModule, validation_mask
 from spade_sd.training.lightning_loop import HISTORY, BestWeights, lightning_quiet, torch_flags_restored, warmup_cosine
 from spade_sd.training.losses import contrastive_loss
 from spade_sd.utils.logging import logger
@@ -139,14 +139,7 @@ def train_experts(
     """
     trainer_kwargs = check_trainer_kwargs(trainer_kwargs or {})
     X_std, Y, expert_idx, slide = _validated(X_std, Y, expert_idx, slide, n_experts)
-    val_mask = split_by_slide(
-        slide,
-        val_slides=config.val_slides,
-        val_fraction=config.val_fraction,
-        coords=coords,
-        min_val_slides=config.min_val_slides,
-        seed=config.seed,
-    )
+    val_mask = validation_mask(slide, config, coords)
     train_counts = np.bincount(expert_idx[~val_mask], minlength=n_experts)
     untrained = np.flatnonzero(train_counts < 2).tolist()
     if untrained:

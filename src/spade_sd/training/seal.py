@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from spade_sd.config import SealConfig, check_trainer_kwargs
 from spade_sd.encoders.finetuned import FineTunedBackbone
 from spade_sd.model.seal_heads import SealHeads
-from spade_sd.training.data import split_by_slide
+from spade_sd.training.data import validation_mask
 from spade_sd.training.lightning_loop import (
     HISTORY,
     BestWeights,
@@ -313,14 +313,7 @@ def train_seal(
     The trained heads (on the CPU, eval mode) and the training history.
     """
     trainer_kwargs = check_trainer_kwargs(trainer_kwargs or {})
-    val_mask = split_by_slide(
-        slide,
-        val_slides=config.val_slides,
-        val_fraction=config.val_fraction,
-        coords=coords,
-        min_val_slides=config.min_val_slides,
-        seed=config.seed,
-    )
+    val_mask = validation_mask(slide, config, coords)
     monitor = "val_loss" if val_mask.any() else "train_loss"
     start = time.perf_counter()
     with lightning_quiet(quiet), torch_flags_restored(), torch_threads(config.train_threads):
