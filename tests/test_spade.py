@@ -199,6 +199,30 @@ def test_real_data_end_to_end(loader, sections, data_dir):
         )
 
 
+def test_slides_unlike_the_training_data_are_flagged(data_dir, caplog):
+    # trained on the mouse olfactory bulb, the subspace keeps far less of a human breast section's embedding
+    training = [sd.datasets.mouse_olfactory_bulb(s) for s in ("MOB1", "MOB2")]
+    model = sd.tl.pretrain(training, n_experts=2, max_epochs=15, quiet=True, seed=0)
+    held_out, other = sd.datasets.mouse_olfactory_bulb("MOB3"), sd.datasets.her2st("C2")
+    with caplog.at_level(logging.WARNING, logger="spade_sd"):
+        sd.tl.embed(held_out, model)
+    assert "unlike the training slides" not in caplog.text
+    same = held_out.tables["table"].uns["spade"]["subspace"]
+    assert same["kept_variance"] > 0.85 * same["training_kept_variance"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spade_sd"):
+        sd.tl.embed(other, model)
+    assert "unlike the training slides" in caplog.text and "model.full_rank()" in caplog.text
+    unlike = other.tables["table"].uns["spade"]["subspace"]
+    assert unlike["kept_variance"] < 0.85 * unlike["training_kept_variance"] < same["kept_variance"]
+    # the full-rank embedding holds the subspace's: projecting it gives X_spade back
+    sd.tl.embed(other, model.full_rank(), key_added="X_spade_full")
+    table = other.tables["table"]
+    assert "subspace" not in table.uns["spade_full"]
+    assert table.uns["spade_full"]["model"]["identity"] != table.uns["spade"]["model"]["identity"]
+    np.testing.assert_allclose(model.subspace.project(table.obsm["X_spade_full"]), table.obsm["X_spade"], atol=1e-4)
+
+
 def test_embeddings_lie_in_the_training_spots_principal_subspace(trained, morphology):
     model, slides = trained
     assert model.subspace is not None and model.subspace.n_comps == model.config.training.n_comps == 16
@@ -213,6 +237,31 @@ def test_embeddings_lie_in_the_training_spots_principal_subspace(trained, morpho
     heads = full.embed_features(X)[0]
     assert np.linalg.matrix_rank(heads - heads.mean(axis=0), tol=1e-3) > 16
     np.testing.assert_allclose(model.subspace.project(heads), model.embed_features(X)[0], atol=1e-5)
+    # the subspace is fitted after training: dropping it gives the n_comps=None model's embeddings, bit for bit
+    unprojected = model.full_rank()
+    assert unprojected.subspace is None and unprojected.reference is None and model.subspace is not None
+    assert unprojected.identity() != model.identity()
+    np.testing.assert_array_equal(unprojected.embed_features(X)[0], heads)
+
+
+def test_kept_share_of_the_training_spots_is_recorded_and_reported(trained, morphology):
+    model, slides = trained
+    unprojected = model.full_rank()
+    heads = [  # each training slide standardized by its own statistics, as training did
+        unprojected.embed_features(morphology(sd.pp.spot_patches(s, **PATCH).read(np.arange(s.tables["table"].n_obs))))[
+            0
+        ]
+        for s in slides
+    ]
+    centered = np.concatenate(heads) - model.subspace.mean
+    inside = np.square(centered @ model.subspace.basis).sum() / np.square(centered).sum()
+    assert 0.3 < model.subspace.kept < 1 and model.subspace.kept == pytest.approx(inside, rel=1e-3)
+    report = slides[0].tables["table"].uns["spade"]["subspace"]
+    assert report["n_comps"] == 16 and report["training_kept_variance"] == model.subspace.kept
+    one = heads[0] - model.subspace.mean
+    assert report["kept_variance"] == pytest.approx(
+        np.square(one @ model.subspace.basis).sum() / np.square(one).sum(), rel=1e-3
+    )
 
 
 @pytest.mark.parametrize(

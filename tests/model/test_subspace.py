@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spade_sd.model.subspace import EmbeddingSubspace, check_n_comps
+from spade_sd.model.subspace import EmbeddingSubspace, KeptShare, check_n_comps
 
 
 def _low_rank_plus_noise(rank: int, dim: int = 32, n: int = 500, noise: float = 0.01, seed: int = 0):
@@ -74,3 +74,30 @@ def test_a_fitted_subspace_projects_exactly_like_its_saved_copy():
     copy = EmbeddingSubspace.from_arrays({k: np.array(v) for k, v in subspace.to_arrays().items()})
     assert subspace.basis.flags.c_contiguous
     np.testing.assert_array_equal(subspace.project(embedding), copy.project(embedding))
+
+
+def test_kept_share_is_the_variance_inside_the_subspace():
+    embedding, _ = _low_rank_plus_noise(rank=4, noise=0.5)
+    subspace = EmbeddingSubspace.fit(embedding, 4)
+    centered = embedding - embedding.mean(axis=0)
+    inside = np.square(centered @ subspace.basis).sum() / np.square(centered).sum()
+    assert 0.5 < subspace.kept < 1 and subspace.kept == pytest.approx(inside, rel=1e-5)
+    # projecting in chunks accumulates the same share as one call on all rows
+    share = KeptShare()
+    for start in range(0, len(embedding), 64):
+        subspace.project(embedding[start : start + 64], share)
+    assert share.share == pytest.approx(subspace.kept_share(embedding).share, rel=1e-5)
+    # rows off the subspace lower it: isotropic noise around the mean keeps about n_comps / dim of its variance
+    noise = subspace.mean + np.random.default_rng(1).normal(size=(2000, 32))
+    assert subspace.kept_share(noise).share == pytest.approx(4 / 32, abs=0.02)
+    assert KeptShare().share is None
+
+
+def test_kept_share_round_trips_and_older_subspaces_have_none():
+    embedding, _ = _low_rank_plus_noise(rank=4)
+    subspace = EmbeddingSubspace.fit(embedding, 4)
+    assert EmbeddingSubspace.from_arrays(subspace.to_arrays()).kept == subspace.kept
+    older = {k: v for k, v in subspace.to_arrays().items() if k != "kept"}  # saved before the share was recorded
+    restored = EmbeddingSubspace.from_arrays(older)
+    assert restored.kept is None and "kept" not in restored.to_arrays()
+    np.testing.assert_array_equal(restored.project(embedding), subspace.project(embedding))

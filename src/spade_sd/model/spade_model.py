@@ -23,7 +23,7 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from spade_sd.model.heads import ExpertMixture
 from spade_sd.model.reference import ReferenceBank
 from spade_sd.model.routing import expert_weights
 from spade_sd.model.standardization import FeatureScaler, fit_slide_scaler
-from spade_sd.model.subspace import EmbeddingSubspace
+from spade_sd.model.subspace import EmbeddingSubspace, KeptShare
 from spade_sd.spots.genes import GenePanel
 from spade_sd.utils.logging import logger
 
@@ -138,6 +138,20 @@ class SpadeModel:
         """Number of experts."""
         return self.clustering.n_experts
 
+    def full_rank(self) -> SpadeModel:
+        """The same model without its principal subspace: embeddings keep every direction of the heads' output.
+
+        Training does not depend on the subspace (it is fitted afterwards), so this is the model
+        ``sd.tl.pretrain(..., n_comps=None)`` trains with the same data and seed. It keeps more of what the backbone
+        knew about the image, most of all on slides unlike the training data, and loses the nearly unregularised
+        linear probes (HEST's): ``docs/quality.md`` has the measurements. Its reference bank is left out (the
+        bank's embeddings are the subspace's); pass ``reference=`` to :func:`spade_sd.tl.predict_expression`.
+        Its :meth:`identity` differs from this model's, so the embeddings of the two are never mixed.
+        """
+        if self.subspace is None:
+            return self
+        return replace(self, subspace=None, reference=None)
+
     @property
     def standardization(self) -> str:
         """``"slide"``: every slide's features are first standardized by that slide's own statistics; ``"global"``: not."""
@@ -184,7 +198,7 @@ class SpadeModel:
             features = (slide_scaler or self.slide_scaler(features)).transform(features)
         return self.scaler.transform(features)
 
-    def _heads(self, inputs: np.ndarray, weights: np.ndarray, side: str) -> np.ndarray:
+    def _heads(self, inputs: np.ndarray, weights: np.ndarray, side: str, share: KeptShare | None = None) -> np.ndarray:
         embed = self.mixture.embed_image if side == "image" else self.mixture.embed_gene
         out_dim = self.mixture.config["out_dim"]
         out = np.zeros((len(inputs), self.dim), dtype=np.float32)  # the gene side's backbone block stays zero
@@ -193,13 +207,18 @@ class SpadeModel:
             for start in range(0, len(inputs), _CHUNK):
                 stop = start + _CHUNK
                 heads = embed(torch.from_numpy(inputs[start:stop]), torch.from_numpy(weights[start:stop])).numpy()
-                out[start:stop, :out_dim] = heads if self.subspace is None else self.subspace.project(heads)
+                out[start:stop, :out_dim] = heads if self.subspace is None else self.subspace.project(heads, share)
                 if self.block is not None and side == "image":
                     out[start:stop, out_dim:] = self.block.transform(inputs[start:stop])
         return out
 
     def embed_features(
-        self, features: np.ndarray, *, hard: bool = False, slide_scaler: FeatureScaler | None = None
+        self,
+        features: np.ndarray,
+        *,
+        hard: bool = False,
+        slide_scaler: FeatureScaler | None = None,
+        share: KeptShare | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Image-side embedding of backbone features.
 
@@ -216,6 +235,10 @@ class SpadeModel:
             For a model with ``standardize="slide"``: the slide's standardization (:meth:`slide_scaler`), needed
             when ``features`` are only part of a slide; ``None`` fits it on ``features`` (a whole slide).
 
+        share
+            Accumulates the share of the heads' output variance the principal subspace keeps (see
+            :meth:`EmbeddingSubspace.kept_share <spade_sd.model.subspace.EmbeddingSubspace.kept_share>`).
+
         Returns
         -------
         The embedding ``(n, dim)`` and the expert weights ``(n, n_experts)``.
@@ -228,11 +251,18 @@ class SpadeModel:
         for start in range(0, max(n, 1), _CHUNK):
             standardized = self.standardize(features[start : start + _CHUNK], slide_scaler)
             weights[start : start + _CHUNK] = expert_weights(standardized, self.clustering, tau=self.tau, hard=hard)
-            embedding[start : start + _CHUNK] = self._heads(standardized, weights[start : start + _CHUNK], "image")
+            embedding[start : start + _CHUNK] = self._heads(
+                standardized, weights[start : start + _CHUNK], "image", share
+            )
         return embedding, weights
 
     def embed_chunks(
-        self, passes: Callable[[], Iterable[tuple[int, np.ndarray]]], n: int, *, hard: bool = False
+        self,
+        passes: Callable[[], Iterable[tuple[int, np.ndarray]]],
+        n: int,
+        *,
+        hard: bool = False,
+        share: KeptShare | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Image-side embedding of all ``n`` patches of one slide whose features arrive in chunks.
 
@@ -242,7 +272,10 @@ class SpadeModel:
         Parameters
         ----------
         passes
-            Returns a fresh iterator of ``(start, features)`` chunks covering rows ``0 … n - 1``; called twice for a
+            share
+            Accumulates the share of the heads' output variance the principal subspace keeps.
+
+        Returns a fresh iterator of ``(start, features)`` chunks covering rows ``0 … n - 1``; called twice for a
             model with ``standardize="slide"``, once otherwise.
         n
             Number of patches.
@@ -261,7 +294,7 @@ class SpadeModel:
         for start, features in passes():
             stop = start + len(features)
             embedding[start:stop], weights[start:stop] = self.embed_features(
-                features, hard=hard, slide_scaler=slide_scaler
+                features, hard=hard, slide_scaler=slide_scaler, share=share
             )
         return embedding, weights
 

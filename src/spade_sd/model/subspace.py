@@ -4,6 +4,16 @@ After training, SPADE keeps its embeddings in the span of their ``n_comps`` lead
 the training spots' image embeddings). The trailing directions hold much of the variance but add little to
 expression retrieval, while a linear probe fitted on few spots overfits them; ``docs/quality.md`` has the
 measurements.
+
+The subspace is fitted to the training tissue. On images unlike it (another tissue, stain or resolution) the heads'
+outputs spread into the trailing directions, and projecting them away costs what the backbone knew about those
+images: trained on her2st and applied to the mouse olfactory bulb (or the other way round), the subspace keeps
+33–52 % of the new slides' embedding variance against 55–75 % on training and held-out sections of the training
+data set (``benchmarks/kept_share.py``), and the embedding falls below its backbone on H&E labels
+(``benchmarks/morphology_transfer.py``).
+:meth:`EmbeddingSubspace.kept_share` measures that share, :func:`spade_sd.tl.embed` records it and warns below
+:data:`UNLIKE_TRAINING` of the training share, and :meth:`SpadeModel.full_rank <spade_sd.SpadeModel.full_rank>`
+embeds without the subspace.
 """
 
 from __future__ import annotations
@@ -13,6 +23,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from spade_sd.config import check_n_comps
+
+UNLIKE_TRAINING = 0.85
+"""A slide whose kept share is below this fraction of the training spots' share is unlike the training data.
+
+Measured (``benchmarks/results/kept_share.md``): held-out sections of the training data set keep 0.93–1.0 of the
+training share (7 of 7 above the threshold), sections of the other data set 0.56–0.70 (24 of 24 below).
+"""
 
 
 @dataclass
@@ -25,10 +42,14 @@ class EmbeddingSubspace:
         Mean training embedding, ``(out_dim,)``.
     basis
         Orthonormal columns spanning the kept directions, ``(out_dim, n_comps)``.
+    kept
+        Share of the training embeddings' variance (around :attr:`mean`) inside the subspace; ``None`` for models
+        saved before it was recorded.
     """
 
     mean: np.ndarray
     basis: np.ndarray
+    kept: float | None = None
 
     @property
     def n_comps(self) -> int:
@@ -47,18 +68,55 @@ class EmbeddingSubspace:
         basis *= np.sign(basis[np.abs(basis).argmax(axis=0), np.arange(n_comps)])
         # C order, as a reloaded copy has: a transposed (Fortran-order) basis takes another BLAS path, whose
         # rounding made a model's embeddings differ from its reloaded copy's by ~1e-6
-        return cls(mean.astype(np.float32), np.ascontiguousarray(basis, dtype=np.float32))
+        subspace = cls(mean.astype(np.float32), np.ascontiguousarray(basis, dtype=np.float32))
+        subspace.kept = subspace.kept_share(embedding).share
+        return subspace
 
-    def project(self, embedding: np.ndarray) -> np.ndarray:
-        """``mean + (embedding − mean) · basis · basisᵀ``: same shape, coordinates and distances within the subspace."""
+    def project(self, embedding: np.ndarray, share: KeptShare | None = None) -> np.ndarray:
+        """``mean + (embedding − mean) · basis · basisᵀ``: same shape, coordinates and distances within the subspace.
+
+        ``share``, if given, accumulates how much of ``embedding``'s variance the projection keeps.
+        """
         centered = np.asarray(embedding, dtype=np.float32) - self.mean
-        return (self.mean + (centered @ self.basis) @ self.basis.T).astype(np.float32)
+        coordinates = centered @ self.basis
+        if share is not None:
+            share.add(coordinates, centered)
+        return (self.mean + coordinates @ self.basis.T).astype(np.float32)
+
+    def kept_share(self, embedding: np.ndarray) -> KeptShare:
+        """How much of the variance of ``embedding`` ``(n, out_dim)`` (around :attr:`mean`) lies in the subspace."""
+        centered = np.asarray(embedding, dtype=np.float64) - self.mean
+        share = KeptShare()
+        share.add(centered @ self.basis, centered)
+        return share
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Arrays to save."""
-        return {"mean": self.mean, "basis": self.basis}
+        arrays = {"mean": self.mean, "basis": self.basis}
+        if self.kept is not None:
+            arrays["kept"] = np.asarray([self.kept], dtype=np.float64)
+        return arrays
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> EmbeddingSubspace:
         """Inverse of :meth:`to_arrays`."""
-        return cls(np.asarray(arrays["mean"], dtype=np.float32), np.asarray(arrays["basis"], dtype=np.float32))
+        kept = float(arrays["kept"][0]) if "kept" in arrays else None
+        return cls(np.asarray(arrays["mean"], dtype=np.float32), np.asarray(arrays["basis"], dtype=np.float32), kept)
+
+
+@dataclass
+class KeptShare:
+    """Running sums of squares of embeddings around the subspace's mean: all of it, and the part inside it."""
+
+    inside: float = 0.0
+    total: float = 0.0
+
+    def add(self, coordinates: np.ndarray, centered: np.ndarray) -> None:
+        """Add rows given by their subspace ``coordinates`` and their ``centered`` embeddings."""
+        self.inside += float(np.square(coordinates, dtype=np.float64).sum())
+        self.total += float(np.square(centered, dtype=np.float64).sum())
+
+    @property
+    def share(self) -> float | None:
+        """``inside / total``; ``None`` before any row with variance."""
+        return self.inside / self.total if self.total > 0 else None

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 from spatialdata import SpatialData
 
+from spade_sd.model.subspace import UNLIKE_TRAINING, KeptShare
 from spade_sd.tl._common import ATTACHED_MODELS, rows_filled
 from spade_sd.utils.logging import logger
 from spade_sd.utils.validation import check_bool, check_int, check_key
@@ -39,13 +40,21 @@ def _panel_expression(model, spots, layer: str | None, table_key: str) -> tuple[
 
 
 def embed_patches(
-    model, patches, *, hard: bool = False, batch_size: int = 64, cache: bool = True, num_workers: int = 0
+    model,
+    patches,
+    *,
+    hard: bool = False,
+    batch_size: int = 64,
+    cache: bool = True,
+    num_workers: int = 0,
+    share: KeptShare | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Embedding and expert weights of every patch, as :func:`embed` computes them, streaming the backbone features.
 
     A model with per-slide standardization needs the slide's feature statistics first: one pass over the
     features collects them (computing the features once, into the cache or a temporary file), a second embeds
-    (:meth:`SpadeModel.embed_chunks <spade_sd.SpadeModel.embed_chunks>`).
+    (:meth:`SpadeModel.embed_chunks <spade_sd.SpadeModel.embed_chunks>`). ``share``, if given, accumulates how
+    much of the heads' output variance the model's principal subspace keeps.
     """
     from spade_sd.encoders.features import iter_features, rereadable_features
 
@@ -55,7 +64,7 @@ def embed_patches(
     else:  # one pass: no temporary file even without the cache
         source = nullcontext(lambda: iter_features(patches, model.backbone, **options))
     with source as passes:
-        return model.embed_chunks(passes, len(patches), hard=hard)
+        return model.embed_chunks(passes, len(patches), hard=hard, share=share)
 
 
 def embed(
@@ -121,7 +130,10 @@ def embed(
     ``.uns['spade']``
         ``params`` of this call (elements, routing, expression source, patch geometry), the ``model``'s identity,
         backbone and configuration (:meth:`SpadeConfig.to_dict <spade_sd.config.SpadeConfig.to_dict>`), and the
-        package ``versions`` that trained it.
+        package ``versions`` that trained it; for a model with a principal subspace, ``subspace``: its ``n_comps``,
+        the share of these patches' embedding variance it keeps (``kept_variance``) and that share on the
+        training spots (``training_kept_variance``). Below 0.85 of the training share a warning says the images are
+        unlike the training slides and suggests :meth:`SpadeModel.full_rank <spade_sd.SpadeModel.full_rank>`.
 
     All outputs are computed before any is written, so a failure leaves the table as it was. Features are
     computed (or read from the cache) and embedded a chunk of patches at a time, so a whole slide's backbone
@@ -142,8 +154,9 @@ def embed(
     table = sdata.tables[geometry.table_key]
     rows = geometry.table_rows
     expression = _expression(model, table[rows], genes, layer, geometry.table_key)
+    share = None if model.subspace is None else KeptShare()
     embedding, weights = embed_patches(
-        model, spot_patches, hard=hard, batch_size=batch_size, cache=cache, num_workers=num_workers
+        model, spot_patches, hard=hard, batch_size=batch_size, cache=cache, num_workers=num_workers, share=share
     )
     outputs = {keys["embedding"]: embedding, keys["weights"]: weights}
     if expression is not None:
@@ -169,6 +182,8 @@ def embed(
         "versions": dict(model.config.versions),
         "outputs": sorted(outputs) + [keys["expert"]],
     }
+    if share is not None:
+        table.uns[keys["uns"]]["subspace"] = _subspace_report(model, share, keys["embedding"])
     logger.info(
         "Added .obsm[%s], .obs[%r] and .uns[%r] to table %r (%d spots)",
         ", ".join(repr(k) for k in outputs),
@@ -177,6 +192,27 @@ def embed(
         geometry.table_key,
         len(rows),
     )
+
+
+def _subspace_report(model, share: KeptShare, key: str) -> dict:
+    """The principal subspace's kept share of these patches' embedding variance; warns when they are unlike training."""
+    kept, training = share.share, model.subspace.kept
+    report = {"n_comps": model.subspace.n_comps, "kept_variance": kept, "training_kept_variance": training}
+    # models saved before the training share was recorded lack it; anndata cannot write None
+    report = {name: value for name, value in report.items() if value is not None}
+    if kept is not None and training is not None and kept < UNLIKE_TRAINING * training:
+        logger.warning(
+            "The model's %d-d principal subspace keeps %.0f%% of these patches' embedding variance, against %.0f%% "
+            "on its training spots: the images are unlike the training slides (another tissue, stain or "
+            "resolution), and .obsm[%r] may know less about their morphology than the backbone's features. For "
+            "morphology tasks (clustering, label transfer) embed them with model.full_rank() as well, e.g. "
+            "sd.tl.embed(sdata, model.full_rank(), key_added='X_spade_full'); docs/quality.md has the measurements.",
+            model.subspace.n_comps,
+            100 * kept,
+            100 * training,
+            key,
+        )
+    return report
 
 
 def _checked_options(*, genes, hard, cache, batch_size, num_workers) -> int:
