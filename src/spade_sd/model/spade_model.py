@@ -234,7 +234,6 @@ class SpadeModel:
         slide_scaler
             For a model with ``standardize="slide"``: the slide's standardization (:meth:`slide_scaler`), needed
             when ``features`` are only part of a slide; ``None`` fits it on ``features`` (a whole slide).
-
         share
             Accumulates the share of the heads' output variance the principal subspace keeps (see
             :meth:`EmbeddingSubspace.kept_share <spade_sd.model.subspace.EmbeddingSubspace.kept_share>`).
@@ -272,15 +271,14 @@ class SpadeModel:
         Parameters
         ----------
         passes
-            share
-            Accumulates the share of the heads' output variance the principal subspace keeps.
-
-        Returns a fresh iterator of ``(start, features)`` chunks covering rows ``0 … n - 1``; called twice for a
+            Returns a fresh iterator of ``(start, features)`` chunks covering rows ``0 … n - 1``; called twice for a
             model with ``standardize="slide"``, once otherwise.
         n
             Number of patches.
         hard
             Route each patch to the expert of its nearest fine centroid only.
+        share
+            Accumulates the share of the heads' output variance the principal subspace keeps.
 
         Returns
         -------
