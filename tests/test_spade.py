@@ -244,6 +244,18 @@ def test_embeddings_lie_in_the_training_spots_principal_subspace(trained, morpho
     np.testing.assert_array_equal(unprojected.embed_features(X)[0], heads)
 
 
+def test_heads_started_at_the_backbone_train_save_and_reload(trained, morphology, tmp_path):
+    model, slides = trained
+    started = sd.tl.pretrain(_slides(), backbone=morphology, seed=0, head_init="backbone", **{**TRAIN, "max_epochs": 3})
+    assert started.config.training.head_init == "backbone" and model.config.training.head_init == "random"
+    assert started.identity() != model.identity()
+    started.save(tmp_path / "started")
+    again = sd.SpadeModel.load(tmp_path / "started", backbone=morphology)
+    assert again.config.training.head_init == "backbone" and again.identity() == started.identity()
+    X = morphology(sd.pp.spot_patches(slides[0], **PATCH).read(np.arange(slides[0].tables["table"].n_obs)))
+    np.testing.assert_array_equal(again.embed_features(X)[0], started.embed_features(X)[0])
+
+
 def test_kept_share_of_the_training_spots_is_recorded_and_reported(trained, morphology):
     model, slides = trained
     unprojected = model.full_rank()

@@ -32,6 +32,8 @@ LossName = Literal["soft_target", "clip"]
 LOSSES: tuple[str, ...] = ("soft_target", "clip")
 OutputName = Literal["aligned", "joint"]
 OUTPUTS: tuple[str, ...] = ("aligned", "joint")
+HeadInitName = Literal["random", "backbone"]
+HEAD_INITS: tuple[str, ...] = ("random", "backbone")
 
 
 def _set(config: Any, name: str, value: Any) -> None:
@@ -187,6 +189,12 @@ class TrainingConfig(_Config):
         image embedding back to the standardized backbone features, and the mean squared error of that decoding
         (about 1 for a decoder that knows nothing) is added with this weight, so the image embedding keeps what is
         needed to recover the backbone features. 0: none (SPADE's loss alone).
+    head_init
+        ``"random"``: the heads start from PyTorch's default initialization. ``"backbone"``: every image head starts
+        at the backbone's leading principal components: its first linear layer is the projection onto the
+        ``out_dim`` leading principal directions of the training spots' standardized features and its residual
+        branch (second linear layer) starts at zero, so training starts from the backbone's own geometry and moves
+        only as far as the contrastive loss asks. The gene heads start at random either way.
     dropout
         Dropout of the heads.
     batch_size
@@ -231,6 +239,7 @@ class TrainingConfig(_Config):
     backbone_comps: int | None = 64
     backbone_weight: float = 1.0
     reconstruction: float = 0.0
+    head_init: HeadInitName = "random"
     dropout: float = 0.1
     batch_size: int = 128
     max_epochs: int = 50
@@ -259,6 +268,7 @@ class TrainingConfig(_Config):
             _set(self, "backbone_comps", check_int("backbone_comps", self.backbone_comps, minimum=1))
         _set(self, "backbone_weight", check_number("backbone_weight", self.backbone_weight, **positive))
         _set(self, "reconstruction", check_number("reconstruction", self.reconstruction, minimum=0))
+        check_choice("head_init", self.head_init, HEAD_INITS)
         _set(self, "dropout", check_number("dropout", self.dropout, minimum=0, maximum=1, exclusive_maximum=True))
         _set(self, "batch_size", check_int("batch_size", self.batch_size, minimum=2))  # a batch needs negatives
         _set(self, "max_epochs", check_int("max_epochs", self.max_epochs, minimum=1))

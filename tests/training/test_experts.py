@@ -253,6 +253,52 @@ def test_projection_head_and_routed_mixture():
         mixture.embed_gene(torch.randn(5, 4), torch.ones(5, 2))
 
 
+def test_image_heads_can_start_at_the_backbone_principal_components():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(200, 12)) * np.linspace(4, 1, 12) + 3.0
+    mixture = ExpertMixture(2, 12, 5, out_dim=8, dropout=0.0).eval()
+    gene_before = [p.clone() for p in mixture.gene_heads.parameters()]
+    mixture.start_at_components(features)
+    centered = features - features.mean(axis=0)
+    _, _, vt = np.linalg.svd(centered, full_matrices=False)
+    coordinates = torch.from_numpy(centered @ vt[:8].T).float()
+    x = torch.from_numpy(features).float()
+    for head in mixture.image_heads:  # the residual branch is zero: the layer-normalized principal coordinates
+        torch.testing.assert_close(head.fc(x[:, :8]), torch.zeros(200, 8))
+        out = head(x)
+        signs = torch.sign((out * F.layer_norm(coordinates, (8,))).sum(0))  # up to each direction's sign
+        torch.testing.assert_close(out, F.layer_norm(coordinates * signs, (8,)), atol=1e-4, rtol=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(gene_before, mixture.gene_heads.parameters(), strict=True))
+    # fewer directions than out_dim: the remaining rows keep their random start
+    wide = ExpertMixture(1, 12, 5, out_dim=16)
+    random_rows = wide.image_heads[0].projection.weight[12:].clone()
+    wide.start_at_components(features)
+    torch.testing.assert_close(wide.image_heads[0].projection.weight[12:], random_rows)
+    with pytest.raises(ValueError, match=r"shape \(n, 12\); found \(200, 3\)"):
+        mixture.start_at_components(features[:, :3])
+
+
+def test_backbone_start_trains_and_differs_from_the_random_start(data):
+    X, Y, slides, seen, clustering = data
+    expert = clustering.assign(X[seen])[1]
+    config = TrainingConfig(max_epochs=3, seed=0, warm_start=False)
+    runs = {
+        init: train_experts(
+            X[seen],
+            Y[seen],
+            expert,
+            slides[seen],
+            n_experts=4,
+            config=dataclasses.replace(config, head_init=init),
+            quiet=True,
+        )[0]
+        for init in ("random", "backbone")
+    }
+    first = {k: m.image_heads[0].projection.weight.detach() for k, m in runs.items()}
+    assert not torch.allclose(first["random"], first["backbone"])
+    assert all(torch.isfinite(p).all() for p in runs["backbone"].parameters())
+
+
 def test_batches_hold_one_expert_and_shard_across_processes():
     expert = np.repeat([0, 1, 2], [10, 7, 1])
     sampler = ExpertBatchSampler(expert, batch_size=4, seed=0)

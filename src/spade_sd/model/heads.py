@@ -126,6 +126,33 @@ class ExpertMixture(nn.Module):
             if experts is None:
                 self.logit_scale.copy_(generalist.logit_scale)
 
+    def start_at_components(self, standardized: np.ndarray) -> None:
+        """Start every image head at the leading principal components of ``standardized`` features ``(n, image_dim)``.
+
+        Each head's first linear layer becomes the projection onto the ``out_dim`` leading principal directions
+        (centred on the features' mean; with fewer directions than ``out_dim``, the remaining rows keep their random
+        initialization) and its second linear layer, the residual branch, is set to zero: the head's output starts
+        as the layer-normalized principal coordinates.
+        """
+        standardized = np.asarray(standardized, dtype=np.float64)
+        if standardized.ndim != 2 or standardized.shape[1] != self.config["image_dim"]:
+            raise ValueError(
+                f"Expected standardized features of shape (n, {self.config['image_dim']}); found {standardized.shape}."
+            )
+        mean = standardized.mean(axis=0)
+        _, _, vt = np.linalg.svd(standardized - mean, full_matrices=False)
+        # a deterministic sign per direction (largest loading positive), as the principal subspace has
+        vt *= np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(axis=1)])[:, None]
+        rows = min(self.config["out_dim"], len(vt))
+        weight = torch.from_numpy(vt[:rows]).float()
+        bias = torch.from_numpy(-(vt[:rows] @ mean)).float()
+        with torch.no_grad():
+            for head in self.image_heads:
+                head.projection.weight[:rows] = weight
+                head.projection.bias[:rows] = bias
+                head.fc.weight.zero_()
+                head.fc.bias.zero_()
+
     def reconstruction_error(self, x: torch.Tensor, image: torch.Tensor, expert: int) -> torch.Tensor:
         """Mean squared error of one expert's decoding of its image embeddings ``image`` back to the features ``x``."""
         return torch.nn.functional.mse_loss(self.decoders[expert](image), x)

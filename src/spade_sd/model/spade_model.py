@@ -144,9 +144,10 @@ class SpadeModel:
         Training does not depend on the subspace (it is fitted afterwards), so this is the model
         ``sd.tl.pretrain(..., n_comps=None)`` trains with the same data and seed. It keeps more of what the backbone
         knew about the image, most of all on slides unlike the training data, and loses the nearly unregularised
-        linear probes (HEST's): ``docs/quality.md`` has the measurements. Its reference bank is left out (the
-        bank's embeddings are the subspace's); pass ``reference=`` to :func:`spade_sd.tl.predict_expression`.
-        Its :meth:`identity` differs from this model's, so the embeddings of the two are never mixed.
+        linear probes (HEST's), least so for a model trained with ``head_init="backbone"``: ``docs/quality.md`` has
+        the measurements. Its reference bank is left out (the bank's embeddings are the subspace's); pass
+        ``reference=`` to :func:`spade_sd.tl.predict_expression`. Its :meth:`identity` differs from this model's, so
+        the embeddings of the two are never mixed.
         """
         if self.subspace is None:
             return self

@@ -146,6 +146,7 @@ def pretrain(
     backbone_comps: int | None = TrainingConfig.backbone_comps,
     backbone_weight: float = TrainingConfig.backbone_weight,
     reconstruction: float = TrainingConfig.reconstruction,
+    head_init: str = TrainingConfig.head_init,
     dropout: float = TrainingConfig.dropout,
     batch_size: int = TrainingConfig.batch_size,
     max_epochs: int = TrainingConfig.max_epochs,
@@ -250,6 +251,10 @@ def pretrain(
         Weight of a term added to the contrastive loss: the mean squared error of a linear decoder (one per expert,
         kept in the model) from the image embedding back to the standardized backbone features, so that the
         embedding keeps what recovers them; 0 trains with the contrastive loss alone.
+    head_init
+        ``"random"`` (PyTorch's initialization) or ``"backbone"``: every image head starts at the training spots'
+        ``out_dim`` leading principal components of the standardized features, its residual branch at zero
+        (:meth:`ExpertMixture.start_at_components <spade_sd.model.heads.ExpertMixture.start_at_components>`).
     batch_size, max_epochs, lr, weight_decay, patience, warmup_steps
         Training (AdamW with ``warmup_steps`` of linear warm-up, then a cosine schedule; early stopping after
         ``patience`` epochs without improvement).

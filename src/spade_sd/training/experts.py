@@ -165,6 +165,8 @@ def train_experts(
         )
         if init is not None:
             mixture.start_from(init)
+        elif config.head_init == "backbone":
+            mixture.start_at_components(X_std[~val_mask])
         module = ExpertsModule(mixture, config)
         data = ExpertDataModule(X_std, Y, expert_idx, val_mask, batch_size=config.batch_size, seed=config.seed)
         trainer = _trainer(config, monitor=monitor, has_validation=bool(val_mask.any()), quiet=quiet, **trainer_kwargs)
