@@ -74,7 +74,11 @@ def transfer_labels(
     k
         Neighbours of ``"knn"``.
     use_rep
-        The ``.obsm`` representation compared on both sides.
+        The ``.obsm`` representation compared on both sides. Labels drawn from the image (regions, morphology) on
+        slides unlike the training slides (:func:`spade_sd.tl.embed` warns about those) transfer better with every
+        direction of the embedding: embed both sides with :meth:`SpadeModel.full_rank
+        <spade_sd.SpadeModel.full_rank>` under another key (e.g. ``"X_spade_full"``) and pass it here
+        (``docs/quality.md``, "Morphology").
     key_added
         Where the labels go; the probabilities go to ``f"{key_added}_probabilities"``.
     image_key, shapes_key, table_key
