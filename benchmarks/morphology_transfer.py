@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("spade_sd").setLevel(logging.WARNING)
     patch = {"size_um": args.size_um, "size_px": args.size_px}
     start = time.perf_counter()
-    frames, timings, lines = [], {}, []
+    frames, timings = [], {}
     for direction in args.directions:
         df = run_direction(direction, args.variants, patch=patch, seeds=args.seeds, n_repeats=args.label_repeats)
         timings[direction] = df.attrs["timings"]
