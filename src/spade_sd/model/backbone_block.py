@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from spade_sd.model.subspace import principal_directions
+
 
 @dataclass
 class BackboneBlock:
@@ -66,12 +68,7 @@ class BackboneBlock:
                     f"backbone_comps must be at most min(training spots, backbone features) = {min(n, d)}; "
                     f"found {n_comps}."
                 )
-            centered = standardized - standardized.mean(axis=0)
-            _, _, vt = np.linalg.svd(centered, full_matrices=False)
-            basis = vt[:n_comps].T
-            # a deterministic sign per direction (largest loading positive), as EmbeddingSubspace does
-            basis *= np.sign(basis[np.abs(basis).argmax(axis=0), np.arange(n_comps)])
-            basis = np.ascontiguousarray(basis, dtype=np.float32)
+            basis = np.ascontiguousarray(principal_directions(standardized, n_comps)[1], dtype=np.float32)
         block = standardized if basis is None else standardized @ basis
         block_variance = float(block.var(axis=0).sum())
         aligned_variance = float(np.asarray(aligned, dtype=np.float64).var(axis=0).sum())

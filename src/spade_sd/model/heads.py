@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from spade_sd.config import TrainingConfig
+from spade_sd.model.subspace import principal_directions
 
 CLIP_TEMPERATURE_INIT = 0.07
 
@@ -139,13 +140,10 @@ class ExpertMixture(nn.Module):
             raise ValueError(
                 f"Expected standardized features of shape (n, {self.config['image_dim']}); found {standardized.shape}."
             )
-        mean = standardized.mean(axis=0)
-        _, _, vt = np.linalg.svd(standardized - mean, full_matrices=False)
-        # a deterministic sign per direction (largest loading positive), as the principal subspace has
-        vt *= np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(axis=1)])[:, None]
-        rows = min(self.config["out_dim"], len(vt))
-        weight = torch.from_numpy(vt[:rows]).float()
-        bias = torch.from_numpy(-(vt[:rows] @ mean)).float()
+        rows = min(self.config["out_dim"], *standardized.shape)
+        mean, basis = principal_directions(standardized, rows)
+        weight = torch.from_numpy(basis.T).float()
+        bias = torch.from_numpy(-(basis.T @ mean)).float()
         with torch.no_grad():
             for head in self.image_heads:
                 head.projection.weight[:rows] = weight

@@ -61,11 +61,7 @@ class EmbeddingSubspace:
         """The ``n_comps`` leading principal directions of ``embedding`` ``(n, out_dim)`` and its mean."""
         embedding = np.asarray(embedding, dtype=np.float64)
         check_n_comps(n_comps, embedding.shape[1], len(embedding))
-        mean = embedding.mean(axis=0)
-        _, _, vt = np.linalg.svd(embedding - mean, full_matrices=False)
-        # a deterministic sign per direction (largest loading positive), so equal inputs give equal bases
-        basis = vt[:n_comps].T
-        basis *= np.sign(basis[np.abs(basis).argmax(axis=0), np.arange(n_comps)])
+        mean, basis = principal_directions(embedding, n_comps)
         # C order, as a reloaded copy has: a transposed (Fortran-order) basis takes another BLAS path, whose
         # rounding made a model's embeddings differ from its reloaded copy's by ~1e-6
         subspace = cls(mean.astype(np.float32), np.ascontiguousarray(basis, dtype=np.float32))
@@ -102,6 +98,20 @@ class EmbeddingSubspace:
         """Inverse of :meth:`to_arrays`."""
         kept = float(arrays["kept"][0]) if "kept" in arrays else None
         return cls(np.asarray(arrays["mean"], dtype=np.float32), np.asarray(arrays["basis"], dtype=np.float32), kept)
+
+
+def principal_directions(data: np.ndarray, n_comps: int) -> tuple[np.ndarray, np.ndarray]:
+    """The mean ``(d,)`` of ``data`` ``(n, d)`` and its ``n_comps`` leading principal directions ``(d, n_comps)``.
+
+    In float64; each direction has a deterministic sign (its largest loading positive), so equal inputs give equal
+    bases. ``n_comps`` is at most ``min(n, d)``.
+    """
+    data = np.asarray(data, dtype=np.float64)
+    mean = data.mean(axis=0)
+    _, _, vt = np.linalg.svd(data - mean, full_matrices=False)
+    basis = vt[:n_comps].T
+    basis *= np.sign(basis[np.abs(basis).argmax(axis=0), np.arange(n_comps)])
+    return mean, basis
 
 
 @dataclass
