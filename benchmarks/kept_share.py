@@ -29,13 +29,10 @@ from spade_sd.model.subspace import UNLIKE_TRAINING
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--size-um", type=float, default=200.0, help="patch side in µm (features and SPADE)")
-    parser.add_argument("--size-px", type=int, default=224)
+    quality.add_patch_arguments(parser, size_um=200.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("spade_sd").setLevel(logging.ERROR)  # the warnings are what is measured here
-    patch = {"size_um": args.size_um, "size_px": args.size_px}
+    patch = quality.start_run(args, package_level=logging.ERROR)  # its warnings are measured here
     start = time.perf_counter()
     data = {name: quality.load(name, patch)[0] for name in ("mob", "her2st")}
     rows = []

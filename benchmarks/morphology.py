@@ -182,15 +182,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--datasets", nargs="+", default=list(quality.DATASETS), choices=list(quality.DATASETS))
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
     parser.add_argument("--tag", default="summary", help="results are written as morphology_<tag>.{csv,json,md}")
-    parser.add_argument("--size-um", type=float, default=200.0, help="patch side in µm (features and SPADE)")
-    parser.add_argument("--size-px", type=int, default=224)
+    quality.add_patch_arguments(parser, size_um=200.0)
     parser.add_argument("--repeats", type=int, default=3, help="draws of the expression few-shot tasks")
     parser.add_argument("--label-repeats", type=int, default=10, help="draws of the morphology few-shot tasks")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="SPADE training seeds (pooled)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("spade_sd").setLevel(logging.WARNING)
-    patch = {"size_um": args.size_um, "size_px": args.size_px}
+    patch = quality.start_run(args)
     start = time.perf_counter()
     frames, timings = [], {}
     for dataset in args.datasets:

@@ -344,20 +344,30 @@ def write(df: pd.DataFrame, out: Path, tag: str, config: dict) -> pd.DataFrame:
     return table
 
 
+def add_patch_arguments(parser: argparse.ArgumentParser, *, size_um: float) -> None:
+    """``--size-um`` (default ``size_um``) and ``--size-px``: the patch geometry of a benchmark's features and SPADE."""
+    parser.add_argument("--size-um", type=float, default=size_um, help="patch side in µm (features and SPADE)")
+    parser.add_argument("--size-px", type=int, default=224)
+
+
+def start_run(args: argparse.Namespace, *, package_level: int = logging.WARNING) -> dict:
+    """Log a benchmark's progress (``spade_sd`` itself at ``package_level``); returns the patch geometry of ``args``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("spade_sd").setLevel(package_level)
+    return {"size_um": args.size_um, "size_px": args.size_px}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
     parser.add_argument("--tag", default="summary", help="results are written as quality_<tag>.{csv,json,md,png}")
-    parser.add_argument("--size-um", type=float, default=112.0, help="patch side in µm (features and SPADE)")
-    parser.add_argument("--size-px", type=int, default=224)
+    add_patch_arguments(parser, size_um=112.0)
     parser.add_argument("--repeats", type=int, default=5, help="draws of the few-shot tasks per section")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="SPADE training seeds (pooled)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("spade_sd").setLevel(logging.WARNING)
-    patch = {"size_um": args.size_um, "size_px": args.size_px}
+    patch = start_run(args)
     start = time.perf_counter()
     frames, timings = [], {}
     for dataset in args.datasets:
