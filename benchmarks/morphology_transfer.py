@@ -92,7 +92,7 @@ def run_direction(direction: str, variants: list[str], *, patch: dict, seeds: li
 
 def table(df: pd.DataFrame) -> pd.DataFrame:
     """variant × (labels averaged @k, each label @10) of ``mean ± std`` over target sections and draws."""
-    df = df.copy()
+    df = df.assign(seed=df.get("seed", np.nan))  # raw encoders have no training seed
     df["label_name"] = df["metric"].str.split(" ", n=1).str[0]
     averaged = df.groupby(["encoder", "fold", "repeat", "k", "seed"], dropna=False)["value"].mean().reset_index()
     averaged["metric"] = "H&E labels @" + averaged["k"].astype(str)
