@@ -52,6 +52,23 @@ def cache_dir(tmp_path_factory) -> Path:
         yield path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch and one BLAS/OpenMP thread for the tests of one module.
+
+    Several per process oversubscribe a shared 2-core runner and slow training and k-means ~10x; results do not
+    depend on the thread count.
+    """
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(previous)
+
+
 SMALL_PATCH = {"size_um": 64.0, "size_px": 64}
 
 

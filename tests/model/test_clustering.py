@@ -7,17 +7,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load, save
 from sklearn.metrics import adjusted_rand_score
-from threadpoolctl import threadpool_limits
 
 from spade_sd.model.clustering import ExpertClustering, two_stage_kmeans
 from spade_sd.model.standardization import FeatureScaler, fit_slide_scaler
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # several OpenMP threads per process oversubscribe a shared 2-core runner and slow k-means ~10x
-    with threadpool_limits(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted(n=100, n_types=4, n_slides=3, d=64, seed=0):

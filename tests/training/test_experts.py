@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from threadpoolctl import threadpool_limits
 
 from spade_sd.config import TrainingConfig
 from spade_sd.model.clustering import two_stage_kmeans
@@ -22,16 +21,7 @@ from spade_sd.training.data import ExpertBatchSampler, split_by_slide
 from spade_sd.training.experts import _keep_generalist_where_better, train_experts
 from spade_sd.training.losses import clip_loss, contrastive_loss, soft_target_loss
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # several intra-op threads per process oversubscribe a shared 2-core runner and slow training ~10x;
-    # results do not depend on the thread count
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(X, Y, expert_idx, slide, *, n_experts, init=None, quiet=False, **options):

@@ -6,20 +6,12 @@ import numpy as np
 import pytest
 import torch
 from helpers import latent_data
-from threadpoolctl import threadpool_limits
 
 from spade_sd.config import TrainingConfig
 from spade_sd.model.heads import ExpertMixture
 from spade_sd.training.experts import train_experts
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data():
