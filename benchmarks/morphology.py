@@ -123,6 +123,18 @@ def image_labels(sections, Y: np.ndarray, section: np.ndarray) -> dict[str, dict
     return labels
 
 
+def label_scores(
+    label: str, X: np.ndarray, classes: dict[str, np.ndarray], section: str, n_repeats: int
+) -> list[pd.DataFrame]:
+    """Few-shot classification (5 / 10 / 20 per class) of one section's image labels ``classes`` from its rows ``X``."""
+    frames = []
+    for name, values in classes.items():
+        df = metrics.few_shot_classification(X, values, k=SHOTS, n_repeats=n_repeats, label=label, seed=0)
+        df["metric"] = df["k"].map(lambda k, name=name: f"{name} bacc@{k}")
+        frames.append(df.assign(task="morphology", fold=section))
+    return frames
+
+
 def morphology_scorer(n_repeats: int, store: dict):
     """The ``extra`` of :func:`quality.run_dataset`: scores the image labels, and the expression baseline once."""
 
@@ -131,15 +143,7 @@ def morphology_scorer(n_repeats: int, store: dict):
         store["labels"] = labels
 
         def score(label: str, X: np.ndarray, held_out: str) -> list[pd.DataFrame]:
-            test = section == held_out
-            frames = []
-            for name, classes in labels[held_out].items():
-                df = metrics.few_shot_classification(
-                    X[test], classes, k=SHOTS, n_repeats=n_repeats, label=label, seed=0
-                )
-                df["metric"] = df["k"].map(lambda k, name=name: f"{name} bacc@{k}")
-                frames.append(df.assign(task="morphology", fold=held_out))
-            return frames
+            return label_scores(label, X[section == held_out], labels[held_out], held_out, n_repeats)
 
         store["expression"] = [f for s in sections for f in score("expression", Y, s.name)]
         return score

@@ -30,7 +30,6 @@ import morphology
 import quality
 
 import spade_sd as sd
-from spade_sd import metrics
 
 log = logging.getLogger("morphology_transfer")
 
@@ -50,14 +49,11 @@ LABELS = morphology.LABELS[:3]
 
 def score_sections(label: str, X: np.ndarray, section: np.ndarray, labels: dict, n_repeats: int) -> pd.DataFrame:
     """Few-shot classification of every target section's H&E labels from ``X`` (rows of every target section)."""
-    frames = []
-    for name, per_label in labels.items():
-        rows = section == name
-        for label_name, classes in per_label.items():
-            df = metrics.few_shot_classification(
-                X[rows], classes, k=morphology.SHOTS, n_repeats=n_repeats, label=label, seed=0
-            )
-            frames.append(df.assign(metric=df["k"].map(lambda k, n=label_name: f"{n} bacc@{k}"), fold=name))
+    frames = [
+        frame
+        for name, classes in labels.items()
+        for frame in morphology.label_scores(label, X[section == name], classes, name, n_repeats)
+    ]
     return pd.concat(frames, ignore_index=True)
 
 
