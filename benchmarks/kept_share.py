@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     quality.add_patch_arguments(parser, size_um=200.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag", default="", help="results are written as kept_share[_<tag>].{csv,json,md}")
     args = parser.parse_args(argv)
     patch = quality.start_run(args, package_level=logging.ERROR)  # its warnings are measured here
     start = time.perf_counter()
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     df["ratio"] = df["kept"] / df["training kept"]
     df["warned"] = df["ratio"] < UNLIKE_TRAINING
     args.out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(args.out / "kept_share.csv", index=False)
+    name = "kept_share" + (f"_{args.tag}" if args.tag else "")
+    df.to_csv(args.out / f"{name}.csv", index=False)
     summary = df.groupby(["trained on", "kind"]).agg(
         kept_min=("kept", "min"),
         kept_max=("kept", "max"),
@@ -72,13 +74,13 @@ def main(argv: list[str] | None = None) -> None:
         n=("warned", "size"),
     )
     config = {**vars(args), "out": str(args.out), "threshold": UNLIKE_TRAINING, "total_s": time.perf_counter() - start}
-    (args.out / "kept_share.json").write_text(json.dumps(config, indent=1))
+    (args.out / f"{name}.json").write_text(json.dumps(config, indent=1))
     table = summary.round(3).reset_index()
     text = "\n".join(
         [
             "# Share of a slide's embedding variance the principal subspace keeps",
             "",
-            "Default models (4 experts, n_comps=16), leave one section out within each data set; `kept` is the "
+            f"Default models (4 experts, n_comps=16, {args.size_um:g} µm patches), leave one section out within each data set; `kept` is the "
             "embedded section's share, `training` the training spots' share, `warned` the sections below "
             f"{UNLIKE_TRAINING} × the training share (`benchmarks/kept_share.py`). Config: `{json.dumps(config)}`",
             "",
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
             "",
         ]
     )
-    (args.out / "kept_share.md").write_text(text)
+    (args.out / f"{name}.md").write_text(text)
     print(text)
 
 

@@ -203,8 +203,8 @@ def _subspace_report(model, share: KeptShare, key: str) -> dict:
     if kept is not None and training is not None and kept < UNLIKE_TRAINING * training:
         logger.warning(
             "The model's %d-d principal subspace keeps %.0f%% of these patches' embedding variance, against %.0f%% "
-            "on its training spots: the images are unlike the training slides (another tissue, stain or "
-            "resolution), and .obsm[%r] may know less about their morphology than the backbone's features. For "
+            "on its training spots: the images are unlike the training slides (another tissue, for instance), "
+            "and .obsm[%r] may know less about their morphology than the backbone's features. For "
             "morphology tasks (clustering, label transfer) embed them with model.full_rank() as well, e.g. "
             "sd.tl.embed(sdata, model.full_rank(), key_added='X_spade_full'); docs/quality.md has the measurements.",
             model.subspace.n_comps,
