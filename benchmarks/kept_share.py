@@ -80,8 +80,9 @@ def main(argv: list[str] | None = None) -> None:
         [
             "# Share of a slide's embedding variance the principal subspace keeps",
             "",
-            f"Default models (4 experts, n_comps=16, {args.size_um:g} µm patches), leave one section out within each data set; `kept` is the "
-            "embedded section's share, `training` the training spots' share, `warned` the sections below "
+            f"Default models (4 experts, n_comps=16, {args.size_um:g} µm patches), leave one section out within "
+            "each data set; `kept` is the embedded section's share, `training` the training spots' share, `warned` "
+            "the sections below "
             f"{UNLIKE_TRAINING} × the training share (`benchmarks/kept_share.py`). Config: `{json.dumps(config)}`",
             "",
             "| " + " | ".join(table.columns) + " |",

@@ -2,8 +2,8 @@
 
 The issue's held-out patient differed from the training sections in patient, staining and image resolution; the local
 her2st sections are all from patient C. This benchmark keeps the tissue and changes the imaging: leave one section
-out within a data set (MOB1–3, her2st C2–C5), train on the other sections (as they are, or imaged as ``--train-shift``
-says) and embed the held-out section from every copy of its H&E:
+out within a data set (MOB1–3, her2st C2–C5), train on the other sections (as they are, or imaged as
+``--train-shift`` says) and embed the held-out section from every copy of its H&E:
 
 - ``stain``: another staining, in the colour-deconvolution space of ``skimage.color.rgb2hed``: hematoxylin optical
   density × 0.75 and eosin × 1.25 (``STAIN``), lazily on every pyramid level;
