@@ -188,7 +188,7 @@ def report(df: pd.DataFrame, shares: pd.DataFrame, config: dict) -> str:
     ]
     for dataset, part in df.groupby("dataset", sort=False):
         shown = table(part, shares[shares["dataset"] == dataset])
-        lines += [f"## {dataset}", "", quality._markdown(shown).replace("| encoder |", "| variant |", 1), ""]
+        lines += [f"## {dataset}", "", quality._markdown(shown, "variant"), ""]
     return "\n".join(lines)
 
 

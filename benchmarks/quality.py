@@ -303,8 +303,8 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(rows)
 
 
-def _markdown(table: pd.DataFrame) -> str:
-    header = ["encoder", *table.columns]
+def _markdown(table: pd.DataFrame, index_name: str = "encoder") -> str:
+    header = [index_name, *table.columns]
     rows = [[str(index), *map(str, values)] for index, values in zip(table.index, table.to_numpy(), strict=True)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])

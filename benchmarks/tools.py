@@ -445,7 +445,7 @@ def _frame_markdown(table: pd.DataFrame, index_name: str) -> str:
     flat = table.copy()
     if isinstance(flat.index, pd.MultiIndex):
         flat.index = [" / ".join(map(str, i)) for i in flat.index]
-    return _markdown(flat).replace("| encoder |", f"| {index_name} |", 1)
+    return _markdown(flat, index_name)
 
 
 def write(df: pd.DataFrame, out: Path, tag: str, config: dict, command: str) -> dict[str, pd.DataFrame]:
