@@ -360,10 +360,12 @@ def test_a_bad_scale_stored_in_the_table_is_refused(counting, field, value, matc
 
 def test_a_patch_window_too_large_to_read_is_refused(counting):
     fn, backbone = counting
+    sdata = _slides(1)[0]
+    del sdata.tables["table"].uns["spade_sd"]["spot_diameter_um"]  # else the spots' size refuses mpp=0.001 first
     _refused(
         ValueError,
         r"A 5000 µm patch spans 2500000 px on pyramid level 1 .* at most 4096 px are read per patch. Check the scale",
-        lambda: sd.tl.features(_slides(1)[0], backbone=backbone, mpp=0.001, size_um=5000.0, size_px=64),
+        lambda: sd.tl.features(sdata, backbone=backbone, mpp=0.001, size_um=5000.0, size_px=64),
         fn,
     )
 

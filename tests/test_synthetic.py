@@ -148,6 +148,7 @@ def test_image_genes_follow_signal_within_types(sdata):
     assert correlations["base"] < 0.2  # observed ≈ 0.04
 
 
+@pytest.mark.cpu_paths
 def test_deterministic_in_seed():
     def draw(seed):
         sdata = synthetic(grid=(5, 5), mpp=2.0, n_genes=30, seed=seed)

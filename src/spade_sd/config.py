@@ -536,3 +536,38 @@ class SealConfig(_Config):
             _set(self, "train_threads", check_int("train_threads", self.train_threads, minimum=1))
         if self.contrastive_weight + self.gene_weight + self.image_gene_weight == 0:
             raise ValueError("contrastive_weight, gene_weight and image_gene_weight are all 0: nothing would train.")
+
+
+@dataclass(frozen=True)
+class DomainsConfig(_Config):
+    """Spatial domains (:func:`spade_sd.tl.domains`): Leiden clusters of a representation and its spatial context.
+
+    Attributes
+    ----------
+    spatial_weight
+        Weight λ in ``[0, 1]`` of the neighbourhood: each spot's standardized features are weighted ``√(1 − λ)``
+        and the mean of its spatial neighbours' features ``√λ`` (as BANKSY weighs them); 0 clusters the
+        representation alone.
+    spatial_neighbors
+        Nearest spots (or tiles) whose mean is the neighbourhood (squidpy's ``n_neighs``).
+    n_neighbors
+        Neighbours of scanpy's graph on the neighbourhood-augmented representation.
+    resolution
+        Leiden resolution; higher gives more domains.
+    seed
+        Seed of the graph and of Leiden.
+    """
+
+    spatial_weight: float = 0.8
+    spatial_neighbors: int = 6
+    n_neighbors: int = 15
+    resolution: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _set(self, "spatial_weight", check_number("spatial_weight", self.spatial_weight, minimum=0, maximum=1))
+        _set(self, "spatial_neighbors", check_int("spatial_neighbors", self.spatial_neighbors, minimum=1))
+        _set(self, "n_neighbors", check_int("n_neighbors", self.n_neighbors, minimum=2))
+        positive = {"minimum": 0, "exclusive_minimum": True}
+        _set(self, "resolution", check_number("resolution", self.resolution, **positive))
+        _set(self, "seed", check_seed(self.seed))

@@ -104,6 +104,7 @@ def test_the_prefix_identity_names_base_and_split_only(lite0):
     assert len({lite0.identity(), one.identity(), other.identity()}) == 3
 
 
+@pytest.mark.cpu_paths
 def test_merged_weights_give_the_same_features_and_run_on_onnxruntime(lite0):
     tuned = _perturbed(lite0)
     x = _patches(4, 96)
@@ -114,6 +115,7 @@ def test_merged_weights_give_the_same_features_and_run_on_onnxruntime(lite0):
     assert merged.identity() != tuned.identity() != lite0.identity()
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("which", ["lite0", "vit"])
 def test_adapters_save_and_load_to_identical_features(which, request, tmp_path):
     base = request.getfixturevalue(which)

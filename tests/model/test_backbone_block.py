@@ -35,6 +35,7 @@ def test_none_keeps_every_feature_up_to_one_scale():
     np.testing.assert_allclose(block.transform(x), x * block.scale, rtol=1e-6)
 
 
+@pytest.mark.cpu_paths
 def test_the_fit_is_deterministic_and_round_trips_through_arrays():
     x = _standardized()
     first, again = BackboneBlock.fit(x, x, n_comps=5), BackboneBlock.fit(x.copy(), x, n_comps=5)

@@ -61,6 +61,7 @@ def test_spot_goes_to_expert_of_nearest_centroid_over_all_groups(data, clusterin
     np.testing.assert_allclose(clustering.distances(X), brute, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.cpu_paths
 def test_same_seed_same_clustering(data, clustering):
     X, _, slides = data
     again = two_stage_kmeans(X, slides, n_fine=16, n_experts=4, seed=0)

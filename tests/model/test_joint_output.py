@@ -52,6 +52,7 @@ def test_a_joint_embedding_is_the_aligned_one_followed_by_the_backbone_block(tra
     np.testing.assert_allclose(block, joint.block.transform(joint.standardize(features)), atol=1e-5)
 
 
+@pytest.mark.cpu_paths
 def test_a_joint_model_saves_and_loads_identically(trained, tmp_path):
     backbone, _, _, joint = trained
     joint.save(tmp_path / "joint")

@@ -174,6 +174,16 @@ def test_flipped_weight_bytes_are_refused(model, morphology, tmp_path):
         sd.SpadeModel.load(tmp_path / "m", backbone=morphology)
 
 
+def test_a_model_of_the_current_format_without_digest_is_refused(model, morphology, tmp_path):
+    model.save(tmp_path / "m")
+    config_path = tmp_path / "m" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["weights_sha256"]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config\.json has no entry 'weights_sha256'"):
+        sd.SpadeModel.load(tmp_path / "m", backbone=morphology)
+
+
 def test_weights_of_another_model_are_refused(model, other_model, morphology, tmp_path):
     model.save(tmp_path / "a")
     other_model.save(tmp_path / "b")
@@ -186,12 +196,13 @@ def test_model_saved_without_digest_loads_unverified(model, morphology, features
     model.save(tmp_path / "m")
     config_path = tmp_path / "m" / "config.json"
     config = json.loads(config_path.read_text())
-    assert config["format"] == "spade_sd.model/2"
+    assert config["format"] == "spade_sd.model/3"
     config.pop("weights_sha256", None)  # as an older spade_sd wrote it
+    config["format"] = "spade_sd.model/2"
     config_path.write_text(json.dumps(config))
     with caplog.at_level(logging.INFO, logger="spade_sd"):
         loaded = sd.SpadeModel.load(tmp_path / "m", backbone=morphology)
-    assert "not verified" in caplog.text
+    assert "the weights were not verified" in caplog.text and "config.json was not verified" in caplog.text
     assert loaded.identity() == model.identity()
     np.testing.assert_array_equal(loaded.embed_features(features)[0], model.embed_features(features)[0])
 

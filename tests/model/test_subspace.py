@@ -40,6 +40,7 @@ def test_project_keeps_shape_removes_the_rest_and_is_idempotent():
     )
 
 
+@pytest.mark.cpu_paths
 def test_fit_is_deterministic_and_round_trips_through_arrays():
     embedding, _ = _low_rank_plus_noise(rank=6)
     first, again = EmbeddingSubspace.fit(embedding, 6), EmbeddingSubspace.fit(embedding.copy(), 6)

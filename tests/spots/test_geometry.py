@@ -46,7 +46,7 @@ def test_resolves_unique_elements_and_scale_from_spot_diameter():
     np.testing.assert_allclose(geometry.centers, XY)
     assert geometry.level_downsample == ((1.0, 1.0), (2.0, 2.0))
     np.testing.assert_allclose(geometry.centers_at(1), np.asarray(XY) / 2)
-    assert resolve_geometry(sdata, mpp=0.25).mpp == 0.25
+    assert resolve_geometry(sdata, mpp=2.5).mpp == 2.5  # a given scale within 20 % of the spots' is taken as given
 
 
 def test_scale_from_technology_or_explicit_mpp_metadata():
@@ -128,3 +128,50 @@ def test_real_data_scales(her2st_c2, mob1):
     assert 0.6 < her2st.mpp < 0.75  # ~291 px per 200 µm pitch
     assert 4.2 < mob.mpp < 5.0  # ~43 px per 200 µm pitch
     assert len(her2st.level_shapes) > 3 and her2st.level_shapes[0] == (9911, 9274)
+
+
+def test_spots_a_fraction_of_a_pixel_past_the_edge_are_read_and_farther_ones_named_with_their_distance():
+    edge = [[20, 30], [-0.6, 50], [119.9, 99.5]]  # the image is 120 × 100 px
+    sdata = SpatialData(images={"he": _image()}, shapes={"s": _circles(edge)}, tables={"t": _table("s", 3)})
+    np.testing.assert_allclose(resolve_geometry(sdata).centers, edge)
+    far = SpatialData(
+        images={"he": _image()}, shapes={"s": _circles([[20, 30], [-12.5, 50]])}, tables={"t": _table("s", 2)}
+    )
+    with pytest.raises(
+        ValueError, match=r"1 of 2 spots .* up to 12.5 px \(34.4 µm\) past its edge.*bounding_box_query"
+    ):
+        resolve_geometry(far)
+
+
+def test_a_scale_disagreeing_with_the_spot_size_is_refused_with_the_actual_one():
+    sdata = SpatialData(images={"he": _image()}, shapes={"s": _circles(XY)}, tables={"t": _table("s", 3)})
+    # 55 µm spots 20 px across: 2.75 µm per pixel
+    with pytest.raises(ValueError, match=r"The mpp argument gives 0.5 µm .* 2.75 µm per pixel .* pass mpp=2.75"):
+        resolve_geometry(sdata, mpp=0.5)
+    assert resolve_geometry(sdata, mpp=3.2).mpp == 3.2  # 16 % off: the user's own scale
+    sdata.tables["t"].uns["spade_sd"]["mpp"] = 10.0
+    with pytest.raises(
+        ValueError, match=r"uns\['spade_sd'\]\['mpp'\] gives 10 µm .* correct uns\['spade_sd'\]\['mpp'\]"
+    ):
+        resolve_geometry(sdata)
+
+
+def test_the_spot_diameter_in_obs_survives_a_table_without_uns():
+    table = _table("s", 3, {})
+    table.obs["spot_diameter_um"] = 100.0
+    sdata = SpatialData(images={"he": _image()}, shapes={"s": _circles(XY)}, tables={"t": table})
+    geometry = resolve_geometry(sdata)
+    assert geometry.mpp == pytest.approx(5.0) and "obs['spot_diameter_um']" in geometry.mpp_source
+    table.obs["spot_diameter_um"] = [100.0, 55.0, 100.0]
+    with pytest.raises(ValueError, match=r"obs\['spot_diameter_um'\] must hold one positive spot diameter"):
+        resolve_geometry(sdata)
+
+
+def test_visium_hd_scale_factors_are_not_taken_for_visium():
+    table = _table("s", 3, {})
+    table.uns["spatial"] = {"lib": {"scalefactors": {"spot_diameter_fullres": 20.0, "bin_size_um": 8.0}}}
+    sdata = SpatialData(images={"he": _image()}, shapes={"s": _circles(XY)}, tables={"t": table})
+    with pytest.raises(ValueError, match="physical scale is unknown"):
+        resolve_geometry(sdata)
+    del table.uns["spatial"]["lib"]["scalefactors"]["bin_size_um"]  # Visium: Space Ranger's 55 µm spots
+    assert resolve_geometry(sdata).mpp == pytest.approx(55 / 20)

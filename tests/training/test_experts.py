@@ -105,6 +105,7 @@ def tiny_run(data, seed, batch_size=32, **kwargs):
     )  # fmt: skip
 
 
+@pytest.mark.cpu_paths
 def test_same_seed_same_weights_different_seed_different(data):
     first, history = tiny_run(data, seed=0)
     again, history_again = tiny_run(data, seed=0)

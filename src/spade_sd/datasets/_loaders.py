@@ -1,8 +1,9 @@
 """Loaders of the real data sets into SpatialData objects.
 
-Every loader returns the same layout for a sample ``S``: a multiscale H&E image, the spots as circles with their
-true radius, and a table of raw counts annotating the circles. The table's ``uns["spade_sd"]`` records the
-technology and the spot diameter in µm, from which (with the circles' radius) the µm per pixel follows.
+Every loader returns the same layout for a sample ``S``: a multiscale H&E image, the spots as circles, and a table
+of raw counts annotating the circles. The table's ``uns["spade_sd"]`` records the technology; legacy ST tables also
+record the spot diameter in µm (in ``uns`` and, as ``spatialdata.concatenate`` drops ``uns``, in ``obs``), from
+which with the circles' radius the µm per pixel follows; Visium's follows from its spot pitch on the array grid.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from spade_sd.utils.constants import (
 from spade_sd.utils.logging import logger
 
 LEGACY_ST_SPOT_DIAMETER_UM = SPOT_DIAMETERS_UM["legacy_ST"]
-VISIUM_SPOT_DIAMETER_UM = SPOT_DIAMETERS_UM["Visium"]
 # Center-to-center distance between spots one array column apart. The her2st arrays step x by one per 200 µm;
 # the MOB arrays are a staggered grid whose columns step by two per 200 µm.
 HER2ST_UM_PER_ARRAY_COLUMN = 200.0
@@ -101,6 +101,8 @@ def _legacy_st(
             "array_row": spots["y"].to_numpy(int),
             "array_col": spots["x"].to_numpy(int),
             SAMPLE_KEY: pd.Categorical([sample] * len(spots)),
+            # uns is dropped by spatialdata.concatenate; a column keeps the scale of every slide's spots
+            SPOT_DIAMETER_UM: np.full(len(spots), LEGACY_ST_SPOT_DIAMETER_UM),
         },
         index=pd.Index(spots.index, name=None),
     )
@@ -190,8 +192,11 @@ def visium_muscle(sample: str = "Vis5A_2dpi", *, data_dir: str | os.PathLike | N
 
     Returns
     -------
-    spatialdata-io's Visium layout: ``f"{sample}_lowres_image"`` (now multiscale), ``sample`` (55 µm circles in
-    full-resolution pixels) and ``"table"`` (raw counts, gene symbols made unique, ``array_row``/``array_col``).
+    spatialdata-io's Visium layout: ``f"{sample}_lowres_image"`` (now multiscale), ``sample`` (circles in
+    full-resolution pixels, as wide as Space Ranger's ``spot_diameter_fullres``, a 65 µm spot) and ``"table"`` (raw
+    counts, gene symbols made unique, ``array_row``/``array_col``). The table records the technology, so the µm per
+    pixel follows from Visium's 100 µm spot pitch on the spots' grid (~13.3 µm per pixel of the low-resolution
+    image).
     """
     from spatialdata.models import Image2DModel, TableModel
     from spatialdata.transformations import get_transformation
@@ -221,7 +226,6 @@ def visium_muscle(sample: str = "Vis5A_2dpi", *, data_dir: str | os.PathLike | N
         "dataset": "scmuscle_visium",
         SAMPLE: sample,
         TECHNOLOGY: "Visium",
-        SPOT_DIAMETER_UM: VISIUM_SPOT_DIAMETER_UM,
     }
     sdata.tables["table"] = TableModel.parse(table)
     return sdata

@@ -10,9 +10,10 @@ The timm and packaged models are built in :mod:`~spade_sd.encoders.timm_models`,
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -372,6 +373,34 @@ class Backbone:
             "dim": self.dim,
             "identity": self.identity(),
         }
+
+    def saved_config(self) -> dict[str, Any]:
+        """What a saved model or saved adapters record of their backbone: :meth:`to_config` and ``model_kwargs``.
+
+        The ``model_kwargs`` are left out when JSON cannot hold them; :meth:`from_config` then cannot rebuild the
+        backbone, which must be passed to the loader instead.
+        """
+        try:
+            kwargs = json.loads(json.dumps(self.model_kwargs))
+        except TypeError:
+            return self.to_config()
+        return self.to_config() | {"model_kwargs": kwargs}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], **options: Any) -> Backbone:
+        """The packaged or timm backbone described by :meth:`saved_config`: name, input size, normalisation, kwargs.
+
+        Its weights come from the package or from timm (downloaded for a hub name), so its :meth:`identity` equals
+        the recorded one unless the recorded backbone had other weights (``pretrained=False``, a ``weights=`` file);
+        compare them. ``options`` (``engine``, ``device``, ...) are passed on.
+        """
+        if config.get("kind") not in ("packaged", "timm"):
+            raise ValueError(
+                f"Only a packaged or timm backbone is rebuilt from its description; found a {config.get('kind')} "
+                f"backbone {config.get('name')!r}. Pass that backbone itself."
+            )
+        described = {key: config[key] for key in ("input_size", "mean", "std") if config.get(key) is not None}
+        return cls(config["name"], **described, **options, **config.get("model_kwargs", {}))
 
     def _architecture(self) -> dict[str, Any]:
         if self.module is not None:

@@ -29,6 +29,7 @@ from typing import BinaryIO
 import numpy as np
 
 from spade_sd.encoders.finetuned import FineTunedBackbone, PrefixEncoder
+from spade_sd.spots.content import BlankCount, check_sample
 from spade_sd.spots.patches import SpotPatches
 from spade_sd.utils.logging import logger
 from spade_sd.utils.settings import settings
@@ -36,6 +37,8 @@ from spade_sd.utils.settings import settings
 CACHE_FORMAT = "spade_sd.features/1"
 # Patches whose features are held at once: 4096 × 1280 float32 is 21 MB
 CHUNK_SIZE = 4096
+# The subfolder of settings.cache_dir holding the cached features
+_CACHE_FOLDER = "features"
 # Partial cache files are named <key>.<pid of the writing process>.partial.npy
 _PARTIAL_NAME = re.compile(r"[0-9a-f]+\.(\d+)\.partial\.npy")
 # A partial file last written this many seconds before its pid's process started predates that process (pid reuse)
@@ -82,7 +85,7 @@ def _cache_allowed(backbone, cache: bool) -> bool:
 
 
 def _features_cache_dir() -> Path:
-    return settings.cache_dir / "features"
+    return settings.cache_dir / _CACHE_FOLDER
 
 
 def check_num_workers(num_workers: int) -> int:
@@ -159,6 +162,11 @@ def iter_features(
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Features of consecutive patches, chunk by chunk, read from the cache or computed (and appended to it).
 
+    What the patches show is checked on patches already read (:mod:`spade_sd.spots.content`): first a sample of
+    them, spread over the spots, which refuses patches that nearly all show no tissue before any is encoded and
+    warns when they do not look like brightfield H&E; then every batch encoded, warning when more than a few
+    percent show no tissue.
+
     Parameters
     ----------
     patches
@@ -171,7 +179,9 @@ def iter_features(
         Read and write the on-disk cache (``$SPADE_SD_CACHE_DIR/features``). The cache file is written
         incrementally and only appears, complete, once every chunk was computed and found finite. A cached file
         is checked in full before its first chunk is served; a damaged one is removed (with a warning) and the
-        features computed again. Not used, with an info message, for a backbone without a stable identity.
+        features computed again. Not used, with an info message, for a backbone without a stable identity. A cache
+        folder that cannot take the file (a file itself, under a file, not writable) is refused before any patch
+        is encoded, with an error naming the setting to change (:meth:`~spade_sd.utils.settings.Settings.cache_folder`).
     chunk_size
         Patches per yielded chunk (rounded up to whole batches when computing); default ``CHUNK_SIZE``.
     num_workers
@@ -183,6 +193,7 @@ def iter_features(
     """
     chunk_size = CHUNK_SIZE if chunk_size is None else int(chunk_size)
     num_workers = check_num_workers(num_workers)
+    check_sample(patches)  # patches that nearly all show no tissue are refused before any is encoded
     cache = _cache_allowed(backbone, cache)
     path = _features_cache_dir() / f"{cache_key(patches, backbone)}.npy" if cache else None
     if path is not None and path.is_file():
@@ -193,6 +204,10 @@ def iter_features(
                 logger.info("Reading %d cached %s features from %s", len(patches), backbone.name, path)
                 yield from _rows(file, path, shape, chunk_size)
             return
+    if path is not None:  # the cache must take the features before the first patch is encoded
+        settings.cache_folder(
+            _CACHE_FOLDER, instead=", or pass cache=False to compute the features without caching them"
+        )
     chunk_size = _whole_batches(chunk_size, batch_size)
     yield from _compute_chunks(patches, backbone, batch_size, chunk_size, path, num_workers=num_workers)
 
@@ -398,8 +413,11 @@ def _encoded_batches(
                 prefix = chunk[offset : offset + batch_size].reshape(-1, *encoder.shape)
                 yield start + offset + np.arange(len(prefix)), backbone.features_from_prefix(prefix)
         return
+    blank = BlankCount()
     for indices, batch in iter_batches(patches, batch_size, num_workers=num_workers):
+        blank.add(indices, batch)
         yield indices, backbone(batch)
+    blank.report(patches)
 
 
 def _compute_chunks(

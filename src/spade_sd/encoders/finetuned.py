@@ -9,9 +9,13 @@ it differs from the base's and changes whenever the adapters do.
 split point only, so its outputs are cached on disk like features (:mod:`spade_sd.encoders.features`) and every
 fine-tuning run with the same split reads them back, running only the adapted suffix in its training steps.
 
-The adapters are saved as ``adapters.safetensors`` + ``adapters.json`` (no pickle), the JSON naming the base
-backbone's identity; loading them on another base is an error. Other tensors (SEAL's heads) travel in the same
-files as *attachments*, opaque to this module.
+The adapters are saved as ``adapters.safetensors`` + ``adapters.json`` (no pickle), the JSON describing the base
+backbone (its name, input size, normalisation, model keywords and identity); loading them on another base is an
+error that says what differs. Other tensors (SEAL's heads) travel in the same files as *attachments*, opaque to this
+module. Format ``spade_sd.adapters/2`` also writes a copy of ``adapters.json`` into the header of
+``adapters.safetensors``, whose SHA-256 ``adapters.json`` records: an edited, added or deleted entry is refused by
+name (:mod:`spade_sd.utils.saved_metadata`). Adapters saved in format ``spade_sd.adapters/1`` load with an info
+message that ``adapters.json`` was not verified (their tensors are); saving them again writes the current format.
 """
 
 from __future__ import annotations
@@ -31,15 +35,34 @@ import numpy as np
 import torch
 
 from spade_sd.encoders.backbone import Backbone
-from spade_sd.encoders.identity import identity_digest
+from spade_sd.encoders.identity import backbone_difference, identity_digest
 from spade_sd.encoders.lora import AdapterPlan, SplitForward, adapter_state, inject_lora, merged_copy, plan_adapters
 from spade_sd.encoders.lora import split_forward as checked_split
 from spade_sd.encoders.modules import eval_mode
 from spade_sd.utils.logging import logger
+from spade_sd.utils.saved_metadata import check_against_copy, require, write_weights
 
-ADAPTERS_FORMAT = "spade_sd.adapters/1"
+ADAPTERS_FORMAT = "spade_sd.adapters/2"
+# The earlier format, without the copy of adapters.json in the header of adapters.safetensors
+ADAPTERS_FORMAT_1 = "spade_sd.adapters/1"
 ADAPTERS_CONFIG = "adapters.json"
 ADAPTERS_WEIGHTS = "adapters.safetensors"
+# adapters.json key of the SHA-256 hex digest of the bytes of adapters.safetensors
+WEIGHTS_DIGEST = "weights_sha256"
+# What load reads from adapters.json
+_REQUIRED = (
+    "base.name",
+    "base.kind",
+    "base.identity",
+    "n_blocks",
+    "targets",
+    "lora.rank",
+    "lora.alpha",
+    "lora.dropout",
+    "lora.seed",
+    "identity",
+    "attachments",
+)
 _FILES = frozenset({ADAPTERS_CONFIG, ADAPTERS_WEIGHTS})
 
 
@@ -95,7 +118,7 @@ class FineTunedBackbone(Backbone):
     ) -> None:
         module = _base_module(base)
         self.plan: AdapterPlan = plan_adapters(module, n_blocks)
-        self.base_config = base.to_config() | {"model_kwargs": dict(base.model_kwargs)}
+        self.base_config = base.saved_config()
         self.lora = {"rank": int(rank), "alpha": float(alpha), "dropout": float(dropout), "seed": int(seed)}
         copied = copy.deepcopy(module)
         with _seeded(seed):
@@ -104,6 +127,8 @@ class FineTunedBackbone(Backbone):
         self.kind = "finetuned"
         self.name = f"{base.name}+lora{n_blocks}"
         self.attachments: dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]] = {}
+        # the adapters.json this backbone was loaded from, named by errors about its attachments
+        self.source: Path | None = None
         self._split: SplitForward | None = None
 
     def __repr__(self) -> str:
@@ -175,6 +200,9 @@ class FineTunedBackbone(Backbone):
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Write ``adapters.json`` and ``adapters.safetensors`` into the folder ``path``.
 
+        ``adapters.safetensors`` holds a copy of ``adapters.json`` in its header and ``adapters.json`` the SHA-256
+        of ``adapters.safetensors``: :meth:`load` refuses either file edited.
+
         Parameters
         ----------
         path
@@ -187,24 +215,22 @@ class FineTunedBackbone(Backbone):
         FileExistsError
             ``path`` exists and is not replaceable, with nothing written.
         """
-        from safetensors.numpy import save_file
-
         path = Path(path)
         _check_target(path, overwrite)
         tensors = {f"adapter.{k}": v.numpy() for k, v in self.adapter_tensors().items()}
         for name, (_, arrays) in self.attachments.items():
             tensors |= {f"{name}.{k}": v for k, v in arrays.items()}
+        config = self._saved_config()
+        copy = json.dumps(config, sort_keys=True)  # what JSON cannot hold fails here, before anything is written
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path, prefix=".staging-") as staging:
-            weights = Path(staging) / ADAPTERS_WEIGHTS
-            save_file(tensors, weights)
-            config = self._saved_config(hashlib.sha256(weights.read_bytes()).hexdigest())
+            config[WEIGHTS_DIGEST] = write_weights(tensors, Path(staging) / ADAPTERS_WEIGHTS, copy)
             (Path(staging) / ADAPTERS_CONFIG).write_text(json.dumps(config, indent=1, sort_keys=True))
             for name in (ADAPTERS_WEIGHTS, ADAPTERS_CONFIG):
                 (Path(staging) / name).replace(path / name)
         logger.info("Saved the adapters of %s to %s", self.name, path)
 
-    def _saved_config(self, digest: str) -> dict[str, Any]:
+    def _saved_config(self) -> dict[str, Any]:
         return {
             "format": ADAPTERS_FORMAT,
             "base": self.base_config,
@@ -213,34 +239,47 @@ class FineTunedBackbone(Backbone):
             "lora": self.lora,
             "identity": self.identity(),
             "attachments": {name: metadata for name, (metadata, _) in self.attachments.items()},
-            "weights_sha256": digest,
         }
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, base: Backbone | None = None) -> FineTunedBackbone:
         """Load adapters saved with :meth:`save` onto their base backbone; no code is run (no pickle).
 
+        Both files are checked before the base is built: ``adapters.safetensors`` against the SHA-256 that
+        ``adapters.json`` records, and every entry of ``adapters.json`` against the copy inside
+        ``adapters.safetensors`` (adapters saved in format ``spade_sd.adapters/1`` have no copy: their
+        ``adapters.json`` is not verified, which an info message says).
+
         Parameters
         ----------
         path
             The folder written by :meth:`save`.
         base
-            The base backbone. Default: the packaged default or the timm name recorded in the file (timm weights
-            are downloaded); any other base must be passed. Its identity must equal the recorded one.
+            The base backbone. Default: the packaged default or the timm model recorded in the file, rebuilt with
+            the recorded input size, normalisation and model keywords (timm weights are downloaded); any other base
+            must be passed. Its identity must equal the recorded one.
 
         Raises
         ------
         ValueError
-            The files are damaged or of another format, or ``base`` is not the backbone the adapters were
-            trained on.
+            The files are damaged, edited (the entry is named) or of another format, or ``base`` is not the
+            backbone the adapters were trained on (what differs is named).
         """
-        config, arrays = _read(Path(path))
-        base = _recorded_base(config["base"]) if base is None else base
-        if base.identity() != config["base"]["identity"]:
+        path = Path(path)
+        config, arrays = _read(path)
+        recorded, rebuilt = config["base"], base is None
+        if rebuilt:
+            if recorded["kind"] not in ("packaged", "timm"):
+                raise ValueError(
+                    f"The adapters in {path} were trained on a {recorded['kind']} backbone {recorded['name']!r}, which "
+                    "cannot be rebuilt from its description; pass it as base=."
+                )
+            base = Backbone.from_config(recorded)
+        if base.identity() != recorded["identity"]:
             raise ValueError(
-                f"The adapters in {path} were trained on backbone {config['base']['name']!r} (identity "
-                f"{config['base']['identity'][:12]}); found {base.name!r} (identity {base.identity()[:12]}). Load "
-                "them on the backbone they were trained on."
+                f"The adapters in {path} were trained on backbone {recorded['name']!r}; the base "
+                f"{'rebuilt from ' + ADAPTERS_CONFIG if rebuilt else 'given'} differs: "
+                f"{backbone_difference(recorded, base.saved_config())}. Pass the backbone they were trained on as base=."
             )
         lora = config["lora"]
         tuned = cls(
@@ -256,15 +295,21 @@ class FineTunedBackbone(Backbone):
         }
         expected = tuned.adapter_tensors()
         if set(adapters) != set(expected) or any(adapters[k].shape != expected[k].shape for k in expected):
-            raise ValueError(f"The adapter tensors in {path} do not fit the recorded plan {config['targets']}.")
+            raise ValueError(
+                f"The adapter tensors in {path / ADAPTERS_WEIGHTS} do not fit 'n_blocks' ({config['n_blocks']}), "
+                f"'targets' {config['targets']} and 'lora' {lora} recorded in {path / ADAPTERS_CONFIG}: that file was "
+                "edited or belongs to other adapters."
+            )
         tuned.module.load_state_dict(adapters, strict=False)
         for name, metadata in config["attachments"].items():
             tensors = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{name}.")}
             tuned.attach(name, metadata, tensors)
         if tuned.identity() != config["identity"]:
             raise ValueError(
-                f"The adapters loaded from {path} do not reproduce the saved identity; the file is damaged."
+                f"The adapters loaded from {path} do not reproduce the 'identity' recorded in "
+                f"{path / ADAPTERS_CONFIG}: its 'lora' {lora} or 'targets' were edited, or the files are damaged."
             )
+        tuned.source = path / ADAPTERS_CONFIG
         return tuned
 
 
@@ -299,6 +344,7 @@ def _check_target(path: Path, overwrite: bool) -> None:
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``adapters.json`` and the tensors of ``adapters.safetensors``, after checking each file against the other."""
     from safetensors import SafetensorError
     from safetensors.numpy import load
 
@@ -310,28 +356,36 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{config_path} is damaged (not valid JSON: {error}).") from error
-    if not isinstance(config, dict) or config.get("format") != ADAPTERS_FORMAT:
-        found = config.get("format") if isinstance(config, dict) else type(config).__name__
-        raise ValueError(f"{config_path} holds format {found!r}; expected {ADAPTERS_FORMAT!r}.")
+    found = config.get("format") if isinstance(config, dict) else type(config).__name__
+    if found not in (ADAPTERS_FORMAT, ADAPTERS_FORMAT_1):
+        raise ValueError(
+            f"{config_path} holds format {found!r}; expected {ADAPTERS_FORMAT!r} (or {ADAPTERS_FORMAT_1!r})."
+        )
+    require(config, (WEIGHTS_DIGEST,), config_path, "FineTunedBackbone.save")
+    # the bytes that are hashed are the bytes that are parsed
     data = weights_path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
-    if digest != config["weights_sha256"]:
+    if digest != config[WEIGHTS_DIGEST]:
         raise ValueError(
             f"{weights_path} does not match {config_path}: SHA-256 {digest[:12]}… found, "
-            f"{config['weights_sha256'][:12]}… expected. The file is damaged or belongs to other adapters."
+            f"{str(config[WEIGHTS_DIGEST])[:12]}… expected. The file is damaged or belongs to other adapters."
         )
     try:
-        return config, load(data)
+        arrays = load(data)
     except (SafetensorError, OSError, ValueError) as error:
         raise ValueError(f"{weights_path} is damaged and cannot be read: {error}") from error
-
-
-def _recorded_base(saved: dict[str, Any]) -> Backbone:
-    if saved["kind"] not in ("packaged", "timm"):
-        raise ValueError(
-            f"The adapters were trained on a {saved['kind']} backbone {saved['name']!r}; pass it as base=."
+    if found == ADAPTERS_FORMAT:
+        check_against_copy({k: v for k, v in config.items() if k != WEIGHTS_DIGEST}, data, config_path, weights_path)
+    else:
+        logger.info(
+            "%s was saved in format %s, which keeps no copy of it with the tensors: %s was not verified (the "
+            "tensors were). Save the adapters again to record one.",
+            config_path,
+            found,
+            ADAPTERS_CONFIG,
         )
-    return Backbone(saved["name"], **saved.get("model_kwargs", {}))
+    require(config, _REQUIRED, config_path, "FineTunedBackbone.save")
+    return config, arrays
 
 
 class PrefixEncoder:

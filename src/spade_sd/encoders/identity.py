@@ -129,3 +129,28 @@ def state_token(module: nn.Module | None, *, attributes: bool) -> Any:
         plain, extra = module_attributes(module)
         tensors += [t for _, t in extra]
     return tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors), tuple(plain)
+
+
+# What a backbone's recorded description (Backbone.saved_config) holds besides its identity
+_DESCRIBED = ("name", "kind", "input_size", "mean", "std", "dim", "model_kwargs")
+
+
+def backbone_difference(recorded: Mapping[str, Any], found: Mapping[str, Any]) -> str:
+    """What tells two backbones apart, from their descriptions (``Backbone.saved_config()``), for an error message.
+
+    Returns
+    -------
+    Every described field that differs, as ``"input_size: 96 recorded, 224 found"``; when none does, that the two
+    have the same name and configuration but other weights, with both identities.
+    """
+    differing = [
+        f"{key}: {recorded[key]!r} recorded, {found.get(key)!r} found"
+        for key in _DESCRIBED
+        if key in recorded and json.dumps(recorded[key], sort_keys=True) != json.dumps(found.get(key), sort_keys=True)
+    ]
+    if differing:
+        return "; ".join(differing)
+    return (
+        f"the same name and configuration but other weights (identity {str(recorded.get('identity'))[:12]} "
+        f"recorded, {str(found.get('identity'))[:12]} found), e.g. pretrained=False or another weights= file"
+    )

@@ -25,11 +25,13 @@ from spade_sd.utils.settings import settings
 # A single ONNX protobuf cannot hold more; larger models stay on eager PyTorch
 _ONNX_MAX_BYTES = 2**31 - 1
 _ONNX_TOLERANCE = 1e-3
+# The subfolder of settings.cache_dir holding the exports
+_CACHE_FOLDER = "onnx"
 
 
 def onnx_path(identity: str) -> Path:
     """Where the ONNX export of the backbone with this :meth:`~spade_sd.Backbone.identity` is cached."""
-    return settings.cache_dir / "onnx" / f"{identity}.onnx"
+    return settings.cache_dir / _CACHE_FOLDER / f"{identity}.onnx"
 
 
 def _num_cores() -> int:
@@ -128,7 +130,9 @@ class OnnxEngine:
         return session
 
     def _export(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        settings.cache_folder(
+            _CACHE_FOLDER, instead=', or run the backbone in PyTorch: sd.Backbone(..., engine="torch")'
+        )
         dummy = torch.zeros(2, 3, self.input_size, self.input_size)
         # written next to the target and renamed, so concurrent processes never load a half-written file
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".onnx.tmp", delete=False) as tmp:

@@ -212,6 +212,7 @@ def two_stage_kmeans(
     labels = np.zeros(X.shape[0], dtype=np.int64) if groups is None else np.asarray(groups)
     if labels.shape != (X.shape[0],):
         raise ValueError(f"`groups` must have one label per spot ({X.shape[0]}); found shape {labels.shape}.")
+    check_group_sizes(labels)
     components = _principal_axes(X, n_pcs, seed)
     projected = X if components is None else X @ components.T
     centroids, centroid_group, sizes = _fine_centroids(projected, labels, n_fine, max_k, seed)
@@ -238,6 +239,25 @@ def two_stage_kmeans(
     return clustering
 
 
+def check_group_sizes(groups: np.ndarray) -> None:
+    """Refuse a stage-1 group of fewer than 2 spots, which k-means cannot cluster.
+
+    :func:`spade_sd.tl.pretrain` calls it before any patch is encoded.
+
+    Parameters
+    ----------
+    groups
+        The group label of every spot.
+    """
+    labels, counts = np.unique(np.asarray(groups), return_counts=True)
+    small = np.flatnonzero(counts < 2)
+    if small.size:
+        raise ValueError(
+            f"Group {_plain(labels[small[0]])!r} has {counts[small[0]]} spot; stage-1 k-means needs at least 2 per "
+            "group. Merge it into another group or drop it."
+        )
+
+
 def _principal_axes(X: np.ndarray, n_pcs: int | None, seed: int) -> np.ndarray | None:
     if n_pcs is None or n_pcs >= min(X.shape):
         return None
@@ -252,11 +272,6 @@ def _fine_centroids(
     centroids, centroid_group, sizes = [], [], []
     for group in np.unique(labels):
         Xg = X[labels == group]
-        if Xg.shape[0] < 2:
-            raise ValueError(
-                f"Group {_plain(group)!r} has {Xg.shape[0]} spot; stage-1 k-means needs at least 2 per group. "
-                "Merge it into another group or drop it."
-            )
         # k-means cannot place more centroids than there are distinct points
         k = _elbow_k(Xg, max_k, seed) if n_fine == "elbow" else min(int(n_fine), _n_distinct(Xg))
         if k < 1:

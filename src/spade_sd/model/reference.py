@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from spade_sd.utils.validation import did_you_mean
+
 _MAX_LISTED = 10
 
 
@@ -133,7 +135,7 @@ def gene_indices(available: Sequence[str], genes: Sequence[str], where: str) -> 
         )
         raise KeyError(
             f"{len(missing)} of the {len(genes)} genes asked for are not in {where} ({len(index)} genes, e.g. "
-            f"{', '.join(map(str, index[:5]))}): {shown}."
+            f"{', '.join(map(str, index[:5]))}): {shown}.{did_you_mean(missing, index)}"
         )
     return positions
 

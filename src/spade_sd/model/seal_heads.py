@@ -18,6 +18,7 @@ from torch import nn
 
 from spade_sd.config import SealConfig
 from spade_sd.spots.genes import GenePanel
+from spade_sd.utils.saved_metadata import require
 
 HIDDEN = (1024, 512)
 
@@ -123,20 +124,46 @@ class SealAlignment:
 
     @classmethod
     def from_backbone(cls, backbone: Any, name: str = "seal") -> SealAlignment:
-        """The alignment attached to a fine-tuned backbone by :func:`spade_sd.tl.finetune` (or loaded with it)."""
+        """The alignment attached to a fine-tuned backbone by :func:`spade_sd.tl.finetune` (or loaded with it).
+
+        Raises
+        ------
+        ValueError
+            The attachment lacks an entry, or its heads or panel do not fit its tensors, naming the entry and the
+            ``adapters.json`` the backbone was loaded from (possible only for adapters saved in format
+            ``spade_sd.adapters/1``, whose entries are not checked against the tensors on load).
+        """
         if name not in getattr(backbone, "attachments", {}):
             raise ValueError(f"{backbone!r} carries no SEAL heads (attachment {name!r}); train it with sd.tl.finetune.")
         metadata, tensors = backbone.attachments[name]
+        where = getattr(backbone, "source", None) or f"the attachments of {backbone!r}"
+        entry = f"attachments.{name}"
+        paths = [f"{entry}.{key}" for key in ("heads.image_dim", "heads.n_genes", "heads.embed_dim", "panel.genes")]
+        require(
+            {"attachments": {name: metadata}}, [*paths, f"{entry}.config", f"{entry}.history"], where, "tl.finetune"
+        )
         heads = SealHeads(**metadata["heads"])
         state = {
             k.removeprefix("heads."): torch.from_numpy(np.array(v))
             for k, v in tensors.items()
             if k.startswith("heads.")
         }
-        heads.load_state_dict(state, strict=True)
+        try:
+            heads.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            raise ValueError(
+                f"{where}: {entry + '.heads'!r} ({metadata['heads']}) does not fit the SEAL heads saved with it: "
+                f"{str(error).splitlines()[-1].strip()}"
+            ) from error
+        panel = GenePanel.from_dict(metadata["panel"])
+        if len(panel) != heads.n_genes:
+            raise ValueError(
+                f"{where}: {entry + '.panel.genes'!r} lists {len(panel)} genes, but the SEAL heads read "
+                f"{heads.n_genes}: the panel was edited."
+            )
         return cls(
             heads.eval(),
-            GenePanel.from_dict(metadata["panel"]),
+            panel,
             np.asarray(tensors["gene_mean"]),
             np.asarray(tensors["gene_std"]),
             SealConfig.from_dict(metadata["config"]),

@@ -5,13 +5,18 @@ clustering, the routing temperature, the experts' heads and its configuration (:
 It may keep a bank of reference spots (:class:`~spade_sd.model.reference.ReferenceBank`) for expression
 prediction and queries. It is saved as ``model.safetensors`` (every array) plus ``config.json`` (everything else):
 loading runs no code.
-``config.json`` records the SHA-256 of the bytes of ``model.safetensors`` (key ``weights_sha256``), checked on load;
-models saved before the digest was recorded load unverified; models saved before the reference bank existed load
-with ``reference=None``.
+``config.json`` records the SHA-256 of the bytes of ``model.safetensors`` (key ``weights_sha256``), and
+``model.safetensors`` holds a copy of ``config.json`` in its header, so the digest covers what is read back besides
+the arrays (panel genes and order, standardization, subspace, routing temperature, ...): on load, an edited, added or
+deleted entry of ``config.json`` is refused by name (:mod:`spade_sd.utils.saved_metadata`).
 
-Formats: ``spade_sd.model/2`` saves the configuration as one section per stage (``SpadeConfig.to_dict``);
-``spade_sd.model/1`` saved it as one flat dict, which :meth:`SpadeModel.load` migrates on load
-(:func:`~spade_sd.config.config_from_format_1`). The arrays are the same in both.
+Formats: ``spade_sd.model/3`` writes that copy. ``spade_sd.model/2`` (one configuration section per stage,
+``SpadeConfig.to_dict``) and ``spade_sd.model/1`` (one flat configuration dict, migrated on load by
+:func:`~spade_sd.config.config_from_format_1`) have none: they load with an info message that ``config.json`` was not
+verified, after the checks that need no copy (every entry read is present and the configuration fits the arrays:
+panel length, heads' dimensions, subspace size). Models saved before the weights digest load with an info message
+that the weights were not verified; models saved before the reference bank existed load with ``reference=None``.
+Saving a loaded model writes the current format. The arrays are the same in all three.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 
 from spade_sd.config import SpadeConfig, config_from_format_1
 from spade_sd.encoders.backbone import Backbone
+from spade_sd.encoders.identity import backbone_difference
 from spade_sd.model.backbone_block import BackboneBlock
 from spade_sd.model.clustering import ExpertClustering
 from spade_sd.model.heads import ExpertMixture
@@ -41,14 +47,33 @@ from spade_sd.model.standardization import FeatureScaler, fit_slide_scaler
 from spade_sd.model.subspace import EmbeddingSubspace, KeptShare
 from spade_sd.spots.genes import GenePanel
 from spade_sd.utils.logging import logger
+from spade_sd.utils.saved_metadata import check_against_copy, require, write_weights
 
-MODEL_FORMAT = "spade_sd.model/2"
-# The earlier format, read by migrating its flat configuration
+MODEL_FORMAT = "spade_sd.model/3"
+# The earlier formats: without the copy of config.json in model.safetensors; format 1 with a flat configuration
+FORMAT_2 = "spade_sd.model/2"
 FORMAT_1 = "spade_sd.model/1"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 # config.json key of the SHA-256 hex digest of the bytes of model.safetensors
 WEIGHTS_DIGEST = "weights_sha256"
+# What loading reads from config.json (and, for a model with a reference bank, _REFERENCE)
+_REQUIRED = (
+    "config",
+    "tau",
+    "mixture.n_experts",
+    "mixture.image_dim",
+    "mixture.gene_dim",
+    "mixture.out_dim",
+    "panel.genes",
+    "clustering.n_experts",
+    "clustering.groups",
+    "backbone.name",
+    "backbone.kind",
+    "backbone.identity",
+)
+_REFERENCE = ("reference.genes", "reference.slides", "reference.obs_names", "reference.target_sum")
+_EDITED = "The file was edited or belongs to another model; save the model again from the object that trained it."
 # Rows standardized, routed and embedded at a time: their float64 and activation temporaries stay ~10 MB
 _CHUNK = 1024
 
@@ -146,12 +171,13 @@ class SpadeModel:
         knew about the image, most of all on slides unlike the training data, and loses the nearly unregularised
         linear probes (HEST's), least so for a model trained with ``head_init="backbone"``: ``docs/quality.md`` has
         the measurements. Its reference bank is left out (the bank's embeddings are the subspace's); pass
-        ``reference=`` to :func:`spade_sd.tl.predict_expression`. Its :meth:`identity` differs from this model's, so
-        the embeddings of the two are never mixed.
+        ``reference=`` to :func:`spade_sd.tl.predict_expression`. Its configuration records ``n_comps=None`` and its
+        :meth:`identity` differs from this model's, so the embeddings of the two are never mixed.
         """
         if self.subspace is None:
             return self
-        return replace(self, subspace=None, reference=None)
+        config = replace(self.config, training=replace(self.config.training, n_comps=None))
+        return replace(self, subspace=None, reference=None, config=config)
 
     @property
     def standardization(self) -> str:
@@ -310,12 +336,18 @@ class SpadeModel:
         return self._heads(expression, np.asarray(weights, dtype=np.float32), "gene")
 
     def identity(self) -> str:
-        """Digest of every trained array and the configuration: equal for a model and its reloaded copy.
+        """Digest of what decides the embeddings: equal for a model and its reloaded copy, different otherwise.
 
-        The reference bank is left out: it changes what the model can predict, not how it embeds.
+        It covers every trained array, the configuration, the gene panel (genes, their order and normalisation),
+        the routing temperature, the heads' and the clustering's settings and the backbone's identity. The
+        reference bank is left out: it changes what the model can predict, not how it embeds.
         """
         arrays, metadata = self._arrays_and_metadata()
-        digest = hashlib.sha256(json.dumps(metadata["config"], sort_keys=True).encode())
+        decisive = {key: metadata[key] for key in ("config", "tau", "mixture", "clustering")}
+        # which spade_sd wrote the panel does not change what it selects
+        decisive["panel"] = {k: v for k, v in metadata["panel"].items() if k != "spade_sd_version"}
+        decisive["backbone"] = metadata["backbone"]["identity"]
+        digest = hashlib.sha256(json.dumps(decisive, sort_keys=True, default=_json_default).encode())
         for key in sorted(k for k in arrays if not k.startswith("reference.")):
             digest.update(key.encode())
             digest.update(np.ascontiguousarray(arrays[key]).tobytes())
@@ -337,7 +369,7 @@ class SpadeModel:
             "mixture": self.mixture.config,
             "panel": self.panel.to_dict(),
             "clustering": clustering_metadata,
-            "backbone": self.backbone.to_config(),
+            "backbone": self.backbone.saved_config(),
             "history": self.history,
         }
         if self.reference is not None:
@@ -348,8 +380,8 @@ class SpadeModel:
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Save to a folder holding ``model.safetensors`` and ``config.json`` (no pickle).
 
-        ``config.json`` records the SHA-256 digest of the bytes of ``model.safetensors``, which :meth:`load`
-        checks.
+        ``config.json`` records the SHA-256 digest of the bytes of ``model.safetensors``, and
+        ``model.safetensors`` holds a copy of ``config.json`` in its header: :meth:`load` checks both.
 
         Parameters
         ----------
@@ -372,8 +404,6 @@ class SpadeModel:
             renamed back, so either the old or the new model is at ``path``, never neither or a mixture. Staging
             folders are always removed.
         """
-        from safetensors.numpy import save_file
-
         path = Path(path)
         replacing = path.exists() or path.is_symlink()
         if replacing:
@@ -381,11 +411,13 @@ class SpadeModel:
                 raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
             _check_replaceable(path)
         arrays, metadata = self._arrays_and_metadata()
+        # what JSON cannot hold fails here, before anything is written
+        copy = json.dumps(metadata, sort_keys=True, default=_json_default)
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=path.parent))
         try:
-            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, staging / WEIGHTS_FILE)
-            metadata[WEIGHTS_DIGEST] = _sha256(staging / WEIGHTS_FILE)
+            tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+            metadata[WEIGHTS_DIGEST] = write_weights(tensors, staging / WEIGHTS_FILE, copy)
             (staging / CONFIG_FILE).write_text(json.dumps(metadata, indent=1, default=_json_default))
             if not replacing:
                 staging.replace(path)
@@ -411,10 +443,13 @@ class SpadeModel:
     def load(cls, path: str | os.PathLike, *, backbone: Backbone | None = None) -> SpadeModel:
         """Load a model saved with :meth:`save`; no code is run (safetensors and JSON only, no pickle).
 
-        The bytes of ``model.safetensors`` are checked against the SHA-256 digest recorded in ``config.json``;
-        a model saved by an older spade_sd without the digest loads with an info message that its weights were not
-        verified. A model saved in format ``spade_sd.model/1`` has its configuration migrated (see
-        :func:`~spade_sd.config.config_from_format_1`); saving it again writes the current format.
+        Before anything is built, the bytes of ``model.safetensors`` are checked against the SHA-256 digest
+        recorded in ``config.json`` and every entry of ``config.json`` against the copy inside
+        ``model.safetensors``. Models saved in an earlier format load with an info message saying what was not
+        verified: ``config.json`` (formats ``spade_sd.model/2`` and ``/1``, which keep no copy; it is still checked
+        to hold every entry read and to fit the arrays), and the weights too for a model saved without the digest.
+        A format-1 configuration is migrated (see :func:`~spade_sd.config.config_from_format_1`). Saving a loaded
+        model writes the current format.
 
         Parameters
         ----------
@@ -422,7 +457,8 @@ class SpadeModel:
             The folder written by :meth:`save`.
         backbone
             The backbone to use. Needed when the model was trained on anything but the packaged default or a
-            timm name; it must have the same identity (architecture and weights) as the one saved.
+            timm name (which are rebuilt with the recorded input size, normalisation and model keywords); it must
+            have the same identity (architecture and weights) as the one saved.
 
         Returns
         -------
@@ -433,9 +469,10 @@ class SpadeModel:
         FileNotFoundError
             ``config.json`` or ``model.safetensors`` is missing.
         ValueError
-            ``config.json`` is not valid JSON or of another format; ``model.safetensors`` cannot be read or its
-            digest differs from the recorded one (the file is damaged or belongs to another model); or the backbone
-            is not the one the model was trained on.
+            ``config.json`` is not valid JSON, of another format, edited (the entry is named), lacks an entry or
+            does not fit the arrays; ``model.safetensors`` cannot be read or its digest differs from the recorded
+            one (the file is damaged or belongs to another model); or the backbone is not the one the model was
+            trained on (what differs is named).
         """
         from safetensors import SafetensorError
         from safetensors.numpy import load
@@ -450,11 +487,13 @@ class SpadeModel:
         except json.JSONDecodeError as error:
             raise ValueError(f"{config_path} is damaged (not valid JSON: {error}).") from error
         found = metadata.get("format") if isinstance(metadata, dict) else None
-        if found not in (MODEL_FORMAT, FORMAT_1):
+        if found not in (MODEL_FORMAT, FORMAT_2, FORMAT_1):
             raise ValueError(
                 f"{path} holds model format {found!r}; this spade_sd ({_version()}) reads {MODEL_FORMAT!r} "
-                f"(and migrates {FORMAT_1!r}). Load it with the spade_sd version that saved it."
+                f"(and {FORMAT_2!r}, {FORMAT_1!r}). Load it with the spade_sd version that saved it."
             )
+        if found == MODEL_FORMAT:  # earlier formats could lack the digest
+            require(metadata, (WEIGHTS_DIGEST,), config_path, "SpadeModel.save")
         # the bytes that are hashed are the bytes that are parsed
         data = weights_path.read_bytes()
         expected = metadata.get(WEIGHTS_DIGEST)
@@ -475,34 +514,31 @@ class SpadeModel:
             arrays = load(data)
         except (SafetensorError, OSError, ValueError) as error:
             raise ValueError(f"{weights_path} is damaged and cannot be read: {error}") from error
-        return cls._from_saved(_migrated(metadata), arrays, backbone)
+        if found == MODEL_FORMAT:
+            recorded = {k: v for k, v in metadata.items() if k != WEIGHTS_DIGEST}
+            check_against_copy(recorded, data, config_path, weights_path)
+        else:
+            logger.info(
+                "%s was saved in format %s, which keeps no copy of it with the weights: %s was not verified "
+                "beyond fitting the arrays. Save the model again to record one.",
+                config_path,
+                found,
+                CONFIG_FILE,
+            )
+        return cls._from_saved(metadata, arrays, backbone, config_path)
 
     @classmethod
-    def _from_saved(cls, metadata: dict, arrays: dict[str, np.ndarray], backbone: Backbone | None) -> SpadeModel:
-        saved = metadata["backbone"]
-        if backbone is None:
-            if saved["kind"] not in ("packaged", "timm"):
-                raise ValueError(
-                    f"The model was trained on a {saved['kind']} backbone {saved['name']!r}; pass it as backbone=."
-                )
-            backbone = Backbone(saved["name"])
-        if backbone.identity() != saved["identity"]:
-            message = (
-                f"Backbone {backbone.name!r} (identity {backbone.identity()[:12]}) is not the one the model was "
-                f"trained on ({saved['name']!r}, identity {saved['identity'][:12]}): the embeddings would be "
-                "meaningless. Pass the original backbone."
-            )
-            if saved.get("kind") == "callable" or not getattr(backbone, "stable_identity", True):
-                message += (
-                    ' Plain callables must be given a stable identity with Backbone(fn, version="...") (the same '
-                    "version when training and loading): one without version= or a to_config() method has a new identity "
-                    "in every session."
-                )
-            raise ValueError(message)
+    def _from_saved(
+        cls, metadata: dict, arrays: dict[str, np.ndarray], backbone: Backbone | None, config_path: Path
+    ) -> SpadeModel:
         part = {
             prefix: {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{prefix}.")}
             for prefix in ("mixture", "scaler", "clustering", "subspace", "reference", "block")
         }
+        require(metadata, _REQUIRED + (_REFERENCE if part["reference"] else ()), config_path, "SpadeModel.save")
+        config = _saved_config(metadata, config_path)
+        _check_fits(metadata, config, part, config_path)
+        backbone = _saved_backbone(metadata["backbone"], backbone, config_path)
         mixture_config = dict(metadata["mixture"])
         mixture = ExpertMixture(
             mixture_config.pop("n_experts"),
@@ -510,7 +546,13 @@ class SpadeModel:
             mixture_config.pop("gene_dim"),
             **mixture_config,
         )
-        mixture.load_state_dict({k: torch.from_numpy(v) for k, v in part["mixture"].items()}, strict=True)
+        try:
+            mixture.load_state_dict({k: torch.from_numpy(v) for k, v in part["mixture"].items()}, strict=True)
+        except RuntimeError as error:
+            raise ValueError(
+                f"{config_path}: 'mixture' {metadata['mixture']} does not fit the expert heads in {WEIGHTS_FILE}: "
+                f"{str(error).splitlines()[-1].strip()} {_EDITED}"
+            ) from error
         return cls(
             backbone=backbone,
             panel=GenePanel.from_dict(metadata["panel"]),
@@ -518,7 +560,7 @@ class SpadeModel:
             clustering=ExpertClustering.from_arrays(part["clustering"], metadata["clustering"]),
             mixture=mixture,
             tau=float(metadata["tau"]),
-            config=SpadeConfig.from_dict(metadata["config"]),
+            config=config,
             subspace=EmbeddingSubspace.from_arrays(part["subspace"]) if part["subspace"] else None,
             history=metadata.get("history", {}),
             reference=ReferenceBank.from_arrays(part["reference"], metadata["reference"])
@@ -528,12 +570,87 @@ class SpadeModel:
         )
 
 
-def _migrated(metadata: dict[str, Any]) -> dict[str, Any]:
-    """The metadata of a saved model in the current format: a format-1 flat configuration is migrated."""
-    if metadata["format"] != FORMAT_1:
-        return metadata
-    config = config_from_format_1(metadata["config"], panel=metadata["panel"], out_dim=metadata["mixture"]["out_dim"])
-    return {**metadata, "format": MODEL_FORMAT, "config": config.to_dict()}
+def _saved_config(metadata: dict[str, Any], config_path: Path) -> SpadeConfig:
+    """The configuration of a saved model; a format-1 flat configuration is migrated."""
+    try:
+        if metadata["format"] == FORMAT_1:
+            panel, out_dim = metadata["panel"], metadata["mixture"]["out_dim"]
+            return config_from_format_1(metadata["config"], panel=panel, out_dim=out_dim)
+        return SpadeConfig.from_dict(metadata["config"])
+    except (TypeError, ValueError, AttributeError) as error:
+        raise ValueError(
+            f"{config_path}: its entry 'config' is not a valid configuration ({error}). {_EDITED}"
+        ) from error
+
+
+def _check_fits(
+    metadata: dict[str, Any], config: SpadeConfig, part: dict[str, dict[str, np.ndarray]], config_path: Path
+) -> None:
+    """Refuse entries of ``config.json`` that contradict the arrays, naming the entry (no copy is needed to tell)."""
+    heads = part["mixture"]
+    image, gene = heads.get("image_heads.0.projection.weight"), heads.get("gene_heads.0.projection.weight")
+    if image is None or gene is None:
+        raise ValueError(
+            f"{config_path.parent / WEIGHTS_FILE} holds no expert heads: it is not a SpadeModel's weights."
+        )
+    n_heads = len({key.split(".")[1] for key in heads if key.startswith("image_heads.")})
+    held = {"n_experts": n_heads, "out_dim": image.shape[0], "image_dim": image.shape[1], "gene_dim": gene.shape[1]}
+    found = {
+        **{f"mixture.{key}": metadata["mixture"][key] for key in held},
+        "config.training.out_dim": config.training.out_dim,
+        "clustering.n_experts": metadata["clustering"]["n_experts"],
+    }
+    for entry, value in found.items():
+        key = entry.rsplit(".", 1)[1]
+        if isinstance(value, bool) or value != held[key]:
+            raise ValueError(
+                f"{config_path}: {entry!r} is {value!r}, but the expert heads in {WEIGHTS_FILE} have {key} "
+                f"{held[key]}. {_EDITED}"
+            )
+    genes = metadata["panel"]["genes"]
+    if not isinstance(genes, list) or not all(isinstance(gene, str) for gene in genes):
+        raise ValueError(f"{config_path}: 'panel.genes' must be a list of gene names; found {genes!r:.80}. {_EDITED}")
+    n_genes = len(genes)
+    if n_genes != held["gene_dim"]:
+        raise ValueError(
+            f"{config_path}: 'panel.genes' lists {n_genes} genes, but the gene heads in {WEIGHTS_FILE} read "
+            f"{held['gene_dim']}. {_EDITED}"
+        )
+    basis = part["subspace"].get("basis")
+    # without a subspace n_comps cannot be told: full_rank() models saved before it recorded None keep theirs
+    if basis is not None and config.training.n_comps != basis.shape[1]:
+        raise ValueError(
+            f"{config_path}: 'config.training.n_comps' is {config.training.n_comps!r}, but {WEIGHTS_FILE} holds a "
+            f"subspace of {basis.shape[1]} principal directions. {_EDITED}"
+        )
+    tau = metadata["tau"]
+    if isinstance(tau, bool) or not isinstance(tau, int | float) or not tau > 0:
+        raise ValueError(f"{config_path}: 'tau' must be a positive number; found {tau!r}. {_EDITED}")
+
+
+def _saved_backbone(recorded: dict[str, Any], backbone: Backbone | None, config_path: Path) -> Backbone:
+    """``backbone``, or the recorded one rebuilt, after checking it is the one the model was trained on."""
+    rebuilt = backbone is None
+    if rebuilt:
+        if recorded["kind"] not in ("packaged", "timm"):
+            raise ValueError(
+                f"The model was trained on a {recorded['kind']} backbone {recorded['name']!r}; pass it as backbone=."
+            )
+        backbone = Backbone.from_config(recorded)
+    if backbone.identity() != recorded["identity"]:
+        message = (
+            f"The backbone {'rebuilt from ' + str(config_path) if rebuilt else 'given'} is not the one the model was "
+            f"trained on ({backbone_difference(recorded, backbone.saved_config())}): the embeddings would be "
+            "meaningless. Pass the original backbone as backbone=."
+        )
+        if recorded.get("kind") == "callable" or not getattr(backbone, "stable_identity", True):
+            message += (
+                ' Plain callables must be given a stable identity with Backbone(fn, version="...") (the same '
+                "version when training and loading): one without version= or a to_config() method has a new identity "
+                "in every session."
+            )
+        raise ValueError(message)
+    return backbone
 
 
 def _version() -> str:
@@ -548,14 +665,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     raise TypeError(f"Cannot store {type(value).__name__} in the model's config.json.")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_replaceable(path: Path) -> None:

@@ -33,8 +33,12 @@ def spot_patches(
     size_px
         Side of the returned patch in pixels.
     mpp
-        µm per pixel of the image's full-resolution level. Inferred from the table's ``uns['spade_sd']`` metadata
-        or from the spot diameter of a known technology (Visium 55 µm, legacy ST 100 µm) and the circles' radius.
+        µm per pixel of the image element's own full-resolution level (level 0 of its pyramid, as stored in the
+        SpatialData; for spatialdata-io's Visium low-resolution image, its own ~13 µm pixels, not Space Ranger's
+        full-resolution ones). Inferred from the table's ``uns['spade_sd']`` metadata or from the spots: Visium's
+        100 µm grid (also recognised in spatialdata-io's and scanpy's tables), or a spot diameter (legacy ST
+        100 µm, ``obs['spot_diameter_um']``) and the circles' radius. A value more than 20 % off the spots' is
+        refused (see ``docs/method.md``).
 
     Returns
     -------

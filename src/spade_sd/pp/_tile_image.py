@@ -7,10 +7,13 @@ from spatialdata import SpatialData
 from spade_sd.spots.geometry import check_element_key, choose_element, image_levels
 from spade_sd.spots.patches import check_image
 from spade_sd.spots.tiles import make_tiles
+from spade_sd.tl._common import table_owner
+from spade_sd.utils.constants import UNS_KEY, WRITTEN_BY
 from spade_sd.utils.logging import logger
 from spade_sd.utils.validation import SIZE_UM_RANGE, check_bool, check_int, check_key, check_mpp, check_number
 
 ELEMENT_KINDS = ("images", "labels", "points", "shapes", "tables")
+TOOL = "pp.tile_image"
 
 
 def _check_free(sdata: SpatialData, names: list[str]) -> None:
@@ -19,8 +22,11 @@ def _check_free(sdata: SpatialData, names: list[str]) -> None:
     for name in names:
         if name.lower() in existing:
             kind, found = existing[name.lower()]
+            owner = table_owner(sdata.tables[found]) if kind == "table" else None
+            # not even earlier tiles: tables of embeddings or predictions may annotate them
             raise ValueError(
-                f"The SpatialData already has an element {found!r} ({kind}); tile_image does not overwrite it. "
+                f"The SpatialData already has an element {found!r} ({kind}"
+                f"{', written by ' + owner if owner else ''}); tile_image does not overwrite it. "
                 f"Pass another key_added=, or delete it first with `del sdata[{found!r}]`."
             )
 
@@ -93,7 +99,8 @@ def tile_image(
         Tissue fraction, in [0, 1], a tile needs to be kept.
     key_added
         Name of the shapes element; the table is named ``f"{key_added}_table"`` (spatialdata wants element names
-        unique across element kinds). Neither may exist already.
+        unique across element kinds). Neither may exist already, not even as earlier tiles (tables may annotate
+        them).
     copy
         Return a new SpatialData, sharing ``sdata``'s elements, with the tiles added, and leave ``sdata`` unchanged.
 
@@ -112,8 +119,9 @@ def tile_image(
         - ``.obsm['spatial']``: tile centers ``(x, y)`` in level-0 pixels;
         - ``.uns['spade_sd']``: ``kind='tiles'``, ``image_key``, ``mpp`` (µm per level-0 pixel) and
           ``mpp_source``, ``size_um``, ``stride_um``, ``tissue_only``, ``min_tissue_fraction``, ``tissue_level``,
-          ``tissue_step`` (the stride within that level), ``tissue_threshold`` (the saturation threshold used) and
-          ``tissue_saturation_bounds`` (the bounds on it).
+          ``tissue_step`` (the stride within that level), ``tissue_threshold`` (the saturation threshold used),
+          ``tissue_saturation_bounds`` (the bounds on it) and ``written_by='pp.tile_image'`` (no other tool
+          replaces the table).
 
     Examples
     --------
@@ -152,6 +160,7 @@ def tile_image(
         tissue_level=tissue_level,
         min_tissue_fraction=min_tissue_fraction,
     )
+    tiles.table.uns[UNS_KEY][WRITTEN_BY] = TOOL
     if copy:
         sdata = _with_elements(sdata, {key_added: tiles.shapes}, {table_key: tiles.table})
     else:

@@ -19,6 +19,7 @@ from scipy.spatial import cKDTree
 from spade_sd.config import PANEL_FLAVORS, PanelConfig
 from spade_sd.utils.constants import SAMPLE, SAMPLE_KEY, SPATIAL_KEY, UNS_KEY
 from spade_sd.utils.logging import logger
+from spade_sd.utils.validation import did_you_mean
 
 _CHECK_CHUNK = 10_000_000
 _NEIGHBOUR_RADIUS = 1.5
@@ -71,7 +72,10 @@ class GenePanel:
     def __post_init__(self) -> None:
         self.genes = [str(g) for g in self.genes]
         if not self.genes:
-            raise ValueError("A GenePanel needs at least one gene.")
+            raise ValueError(
+                "A GenePanel needs at least one gene; found an empty list. Name its genes, or select them from raw "
+                "counts with GenePanel.fit(tables)."
+            )
         _check_options(self.flavor, self.n_top_genes, self.target_sum, self.min_counts, self.smoothing)
 
     def __len__(self) -> int:
@@ -123,11 +127,14 @@ class GenePanel:
             _check_table(table, name, layer)
         start = time.perf_counter()
         samples = [sample for name, table in named for sample in _split_samples(table, name, layer)]
+        _check_spots_to_vary(samples, flavor)
         shared = _shared_genes(samples)
         if flavor == "union":
             genes = _union_hvgs(samples, shared, n_top_genes, target_sum, min_counts)
         else:
             genes = _global_hvgs(samples, shared, n_top_genes, target_sum, min_counts)
+        if not genes:
+            raise ValueError(_no_gene_counted(samples, shared, flavor, min_counts, layer))
         logger.info(
             "GenePanel.fit: %d genes (%s) from %d sample(s) sharing %d genes in %.2f s",
             len(genes),
@@ -203,8 +210,8 @@ class GenePanel:
         if len(missing):
             raise ValueError(
                 f"Table {name!r} lacks {len(missing)} of the {len(self.genes)} panel genes, e.g. "
-                f"{_listing(missing)}. Fit the panel on tables that share these genes, or map gene names "
-                "to the same identifiers."
+                f"{_listing(missing)}.{did_you_mean(missing, table.var_names)} Fit the panel on tables that share "
+                "these genes, or map gene names to the same identifiers."
             )
 
 
@@ -274,6 +281,12 @@ def _counts_matrix(table: AnnData, layer: str | None, name: str) -> sparse.csr_m
     layers = sorted(key for key in table.layers.keys() if key is not None)
     if layer is not None and layer not in layers:
         raise KeyError(f"Table {name!r} has no layer {layer!r}; available layers: {layers}.")
+    if table.n_vars == 0:  # a table made only to annotate shapes: no layer= can help
+        raise ValueError(
+            f"Table {name!r} holds no genes (0 variables), so no expression to learn from. Pass a table of raw "
+            "counts per spot annotating the shapes (from a spatialdata-io reader, or sopa's aggregation); for an "
+            "H&E image alone, embed it with a trained model: sd.tl.embed(sdata, model)."
+        )
     matrix = table.X if layer is None else table.layers[layer]
     if matrix is None:
         raise ValueError(f"Table {name!r} has no X; pass layer= with the name of a layer of raw counts.")
@@ -322,10 +335,54 @@ def _shared_genes(samples: list[_Sample]) -> pd.Index:
     if shared.empty:
         sizes = ", ".join(f"{s.name!r} ({len(s.genes)} genes)" for s in samples)
         raise ValueError(
-            f"The samples share no gene: {sizes}. Check that they name genes the same way "
-            "(symbols vs Ensembl IDs, with or without versions)."
+            f"The samples share no gene: {sizes}.{_shared_in_another_case(samples)} Check that they name genes the "
+            "same way (symbols vs Ensembl IDs, with or without versions, letter case)."
         )
     return shared
+
+
+def _shared_in_another_case(samples: list[_Sample]) -> str:
+    """How many genes the samples share with letter case ignored, and an example of two spellings ("" if none)."""
+    spellings = [{str(g).casefold(): str(g) for g in s.genes} for s in samples]
+    common = set.intersection(*(set(names) for names in spellings))
+    if not common:
+        return ""
+    example = next(folded for folded in spellings[0] if folded in common)
+    shown = " and ".join(repr(name) for name in dict.fromkeys(names[example] for names in spellings))
+    return f" They share {len(common)} genes when letter case is ignored, e.g. {shown}."
+
+
+def _check_spots_to_vary(samples: list[_Sample], flavor: str) -> None:
+    """Refuse to select highly variable genes where there is no variance: a sample (or all of them) of one spot."""
+    sizes = {s.name: s.counts.shape[0] for s in samples}
+    union = flavor == "union"
+    small = {name: n for name, n in sizes.items() if n < 2} if union else sizes if sum(sizes.values()) < 2 else {}
+    if not small:
+        return
+    found = ", ".join(f"{name!r} has {n}" for name, n in small.items())
+    if union:
+        raise ValueError(
+            f"Highly variable genes need at least 2 spots in every sample (flavor='union'), to vary over; {found}. "
+            "Leave these samples out, or select the genes over all samples together with flavor='global' "
+            "(panel_flavor='global' in sd.tl.pretrain)."
+        )
+    raise ValueError(
+        f"Highly variable genes need at least 2 spots in all (flavor='global'), to vary over; {found}. Fit the "
+        "panel on more spots."
+    )
+
+
+def _no_gene_counted(samples: list[_Sample], shared: pd.Index, flavor: str, min_counts: int, layer: str | None) -> str:
+    """Why no gene was eligible for the panel, and what to check."""
+    where = "X" if layer is None else f"layers[{layer!r}]"
+    scope = "in any one sample" if flavor == "union" else "over all samples together"
+    totals = ", ".join(f"{s.name!r} {float(s.counts.sum()):.0f}" for s in samples)
+    return (
+        f"No gene can enter the panel: none of the {len(shared)} genes the samples share has at least "
+        f"min_counts={min_counts} counts {scope}; counts in all: {totals}. Check that {where} holds raw counts (or "
+        "pass layer= naming a layer that does), or pass a panel fitted with a lower min_counts "
+        "(sd.GenePanel.fit(tables, min_counts=...))."
+    )
 
 
 def _log_normalise(

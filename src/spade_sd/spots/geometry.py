@@ -15,8 +15,31 @@ from spatialdata import SpatialData
 from spatialdata.transformations import get_transformation
 from xarray import DataArray, DataTree
 
-from spade_sd.utils.constants import DERIVED_FROM, MPP, SPOT_DIAMETER_UM, SPOT_DIAMETERS_UM, TECHNOLOGY, UNS_KEY
+from spade_sd.utils.constants import (
+    DERIVED_FROM,
+    MPP,
+    SPOT_DIAMETER_UM,
+    SPOT_DIAMETERS_UM,
+    TECHNOLOGY,
+    UNS_KEY,
+    VISIUM_OBS,
+)
 from spade_sd.utils.validation import check_mpp, check_number
+
+# Visium's 55 µm spots lie 100 µm apart along a row of its hexagonal grid, where array_col steps by 2 per spot;
+# rows are √3/2 of that apart. Hence the µm per step of array_col and of array_row.
+VISIUM_PITCH_UM = 100.0
+_VISIUM_STEP_UM = (VISIUM_PITCH_UM / 2, VISIUM_PITCH_UM * np.sqrt(3) / 2)
+# Spots whose distances to each other measure a Visium grid's pitch (all pairs among them)
+_GRID_SPOTS = 256
+# Diameters (µm) of the circles Visium tables carry: the 55 µm spot, or Space Ranger's 65 µm spot_diameter_fullres
+VISIUM_CIRCLES_UM = (55.0, 65.0)
+# A scale (given, or a grid's) may make the spots this much larger or smaller than their technology's spot size, and
+# no more: a fitted scale or a drawn radius is off by a few percent, a wrong image level by a factor of 3 or more.
+SCALE_AGREEMENT = 0.2
+# Spots centred less than this many level-0 pixels past the image's edge are read (padded with white):
+# spatialdata.bounding_box_query crops an image to whole pixels but keeps every spot centred in the box.
+EDGE_TOLERANCE_PX = 1.0
 
 
 @dataclass(frozen=True)
@@ -124,13 +147,38 @@ def coordinate_systems(element) -> set[str]:
     return set(get_transformation(element, get_all=True))
 
 
-def choose_element(kind: str, candidates: list[str], argument: str, why: str) -> str:
-    """The only candidate element, else an error listing the candidates and the argument that chooses one."""
+def choose_element(kind: str, candidates: list[str], argument: str, why: str, *, fix: str = "") -> str:
+    """The only candidate element, else an error listing the candidates and the argument that chooses one.
+
+    ``fix`` says what to do when there is no candidate at all (a sentence added to that error).
+    """
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
-        raise ValueError(f"No {kind} fits: {why}.")
+        raise ValueError(f"No {kind} fits: {why}.{' ' + fix if fix else ''}")
     raise ValueError(f"Several {kind} could be meant: {sorted(candidates)}; pass {argument}= to choose one ({why}).")
+
+
+def _no_table_fix(shapes_key: str) -> str:
+    return (
+        f"spade_sd reads each spot's expression from a table annotating its shapes: make one with "
+        f"TableModel.parse(AnnData(X=<counts>, obs=<region and instance columns>), region={shapes_key!r}, "
+        "region_key=..., instance_key=...) and add it to sdata.tables. For an H&E image without expression (e.g. "
+        "image patches made for segmentation), sd.pp.tile_image(sdata) tiles the tissue and makes the tiles' table."
+    )
+
+
+def _no_image_fix(sdata: SpatialData, shapes_systems: set[str]) -> str:
+    if not sdata.images:
+        return (
+            f"This SpatialData has no images: add the H&E image under the spots (Image2DModel.parse) with a "
+            f"transformation to one of {sorted(shapes_systems)}."
+        )
+    found = {name: sorted(coordinate_systems(image)) for name, image in sdata.images.items()}
+    return (
+        f"The images' coordinate systems are {found}: give the H&E image a transformation to one of "
+        f"{sorted(shapes_systems)} (spatialdata.transformations.set_transformation)."
+    )
 
 
 def resolve_elements(
@@ -173,8 +221,13 @@ def resolve_elements(
         shapes_key = choose_element("shapes", annotated, "shapes_key", "shapes elements annotated by a table")
     if table_key is None:
         candidates = [n for n, r in annotating.items() if shapes_key in r]
-        own = [n for n in candidates if DERIVED_FROM not in sdata.tables[n].uns.get(UNS_KEY, {})]
+        if not candidates:
+            raise ValueError(
+                f"No table annotates shapes {shapes_key!r} ({_what_tables_annotate(sdata, tables)}). "
+                f"{_no_table_fix(shapes_key)}"
+            )
         # a table of predictions annotates the same spots as their own table, which is the one meant by default
+        own = [n for n in candidates if DERIVED_FROM not in sdata.tables[n].uns.get(UNS_KEY, {})]
         table_key = choose_element("tables", own or candidates, "table_key", f"tables annotating {shapes_key!r}")
     elif shapes_key not in annotating[table_key]:
         raise ValueError(
@@ -185,7 +238,7 @@ def resolve_elements(
     if image_key is None:
         sharing = [name for name in sdata.images if coordinate_systems(sdata.images[name]) & shapes_systems]
         why = f"images sharing a coordinate system with shapes {shapes_key!r} ({sorted(shapes_systems)})"
-        image_key = choose_element("images", sharing, "image_key", why)
+        image_key = choose_element("images", sharing, "image_key", why, fix=_no_image_fix(sdata, shapes_systems))
     image_systems = coordinate_systems(sdata.images[image_key])
     shared = sorted(image_systems & shapes_systems)
     if not shared:
@@ -215,10 +268,12 @@ def pyramid_downsample(
     factors = []
     for level in levels:
         linear = (to_level0 @ affine_to(level, coordinate_system))[:2, :2]
-        # Odd sizes make a level's x and y factors differ slightly (9911 → 4955 px is 2.0002); anything else is
-        # a rotated or sheared level, which a square patch window cannot follow.
+        # Rounding a level's size makes its x and y factors differ slightly (9911 → 4955 px is 2.0002), by up to a
+        # pixel per side: a 49 × 50 px crop's next level of 24 × 25 px has factors 2.04 and 2.0. Anything more is a
+        # rotated, sheared or stretched level, which a square patch window cannot follow.
+        rounding = 1e-2 + 1 / max(level.sizes["x"] - 1, 1) + 1 / max(level.sizes["y"] - 1, 1)
         if not np.allclose(linear, np.diag(np.diag(linear)), atol=1e-9) or not np.isclose(
-            linear[0, 0], linear[1, 1], rtol=1e-2
+            linear[0, 0], linear[1, 1], rtol=rounding
         ):
             raise ValueError(
                 f"Pyramid level {level.name!r} is not an isotropic downscaling of the full-resolution level "
@@ -244,52 +299,194 @@ def _spot_table(sdata: SpatialData, shapes_key: str, table_key: str) -> tuple[np
     return rows, instances
 
 
-def _centers_and_radius(shapes, instances: pd.Index) -> tuple[np.ndarray, np.ndarray]:
+def _centers_and_radius(shapes, instances: pd.Index, shapes_key: str) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Centers and radii of the spots in the shapes' coordinates, and whether they are circles."""
     shapes = shapes.loc[instances]
     geometry = shapes.geometry
     if (geometry.geom_type == "Point").all():
         if "radius" not in shapes:
-            raise ValueError("Point shapes need a 'radius' column to be spots (circles).")
-        return np.c_[geometry.x, geometry.y], shapes["radius"].to_numpy(float)
+            raise ValueError(
+                f"Shapes {shapes_key!r} are points without a 'radius' column; spots are circles (points with a "
+                "radius) or polygons. Add the spots' radius in the shapes' units: shapes['radius'] = ..."
+            )
+        return np.c_[geometry.x, geometry.y], shapes["radius"].to_numpy(float), True
     centroids = geometry.centroid
-    return np.c_[centroids.x, centroids.y], np.sqrt(geometry.area.to_numpy(float) / np.pi)
+    return np.c_[centroids.x, centroids.y], np.sqrt(geometry.area.to_numpy(float) / np.pi), False
 
 
-def _known_spot_diameter(table: AnnData) -> tuple[float | None, str]:
+@dataclass(frozen=True)
+class _Spots:
+    """What the scale is derived from and checked against: the spots of one shapes element, in level-0 pixels."""
+
+    image_key: str
+    shapes_key: str
+    table_key: str
+    obs: pd.DataFrame
+    centers: np.ndarray
+    radius: np.ndarray
+    circles: bool
+
+    @property
+    def diameter_px(self) -> float:
+        return 2 * float(np.median(self.radius))
+
+
+def _agree(a: float, b: float) -> bool:
+    return max(a, b) <= (1 + SCALE_AGREEMENT) * min(a, b)
+
+
+def _visium_pitch_px(spots: _Spots) -> float | None:
+    """Pixels per Visium pitch (100 µm), from the spots' distances and array positions; ``None`` without a grid.
+
+    The spots need ``obs`` columns ``array_row`` and ``array_col`` on Visium's hexagonal grid (``array_row +
+    array_col`` even) and at least two positions; the distances are those among up to ``_GRID_SPOTS`` of them.
+    """
+    if not all(name in spots.obs for name in VISIUM_OBS[1:]):
+        return None
+    row, col = (pd.to_numeric(spots.obs[name], errors="coerce").to_numpy(float) for name in VISIUM_OBS[1:])
+    if not np.isfinite(row + col).all() or (np.mod(row + col, 2) != 0).any():
+        return None
+    n = len(spots.centers)
+    sample = np.unique(np.linspace(0, n - 1, min(n, _GRID_SPOTS)).round().astype(int))
+    i, j = np.triu_indices(len(sample), k=1)
+    a, b = sample[i], sample[j]
+    um = np.hypot((col[a] - col[b]) * _VISIUM_STEP_UM[0], (row[a] - row[b]) * _VISIUM_STEP_UM[1])
+    px = np.hypot(*(spots.centers[a] - spots.centers[b]).T)
+    apart = um > 0
+    return float(np.median(px[apart] / um[apart])) * VISIUM_PITCH_UM if apart.any() else None
+
+
+def _visium_layout(spots: _Spots) -> tuple[bool, str]:
+    """Whether spots that record no technology are Visium's, from the layout its readers write; else why not.
+
+    Space Ranger's, spatialdata-io's and scanpy's Visium tables have ``obs`` columns ``in_tissue``, ``array_row``
+    and ``array_col``; the spots are circles on Visium's hexagonal grid, as wide as a Visium spot on that grid's
+    scale (55 µm, or the 65 µm of Space Ranger's ``spot_diameter_fullres``). Visium HD's bins (a square grid) and
+    cells fail these tests.
+    """
+    if not all(name in spots.obs for name in VISIUM_OBS):
+        return False, ""
+    what = f"its obs has Visium's {', '.join(VISIUM_OBS)}"
+    if not spots.circles:
+        return False, f"{what}, but shapes {spots.shapes_key!r} are polygons, not Visium's circles"
+    pitch = _visium_pitch_px(spots)
+    if pitch is None:
+        return False, f"{what}, but not as positions on Visium's hexagonal grid (array_row + array_col even)"
+    across = spots.diameter_px / pitch * VISIUM_PITCH_UM
+    low, high = VISIUM_CIRCLES_UM
+    if not low / (1 + SCALE_AGREEMENT) <= across <= high * (1 + SCALE_AGREEMENT):
+        return False, (
+            f"{what} on a hexagonal grid, but its circles would be {across:.3g} µm across if the grid's pitch were "
+            f"Visium's {VISIUM_PITCH_UM:g} µm (Visium's circles are {low:g} to {high:g} µm)"
+        )
+    return True, ""
+
+
+def _space_ranger_scalefactors(table: AnnData) -> bool:
+    """Whether ``uns['spatial']`` holds Space Ranger's Visium scale factors (scanpy's layout; not Visium HD's bins)."""
+    libraries = table.uns.get("spatial", {}).values()
+    factors = [lib.get("scalefactors", {}) for lib in libraries if isinstance(lib, dict)]
+    return any("spot_diameter_fullres" in f and "bin_size_um" not in f for f in factors)
+
+
+def _obs_spot_diameter(spots: _Spots) -> float:
+    values = pd.to_numeric(spots.obs[SPOT_DIAMETER_UM], errors="coerce").to_numpy(float)
+    if not np.isfinite(values).all() or (values <= 0).any() or np.ptp(values) > 0:
+        raise ValueError(
+            f"Table {spots.table_key!r}'s obs[{SPOT_DIAMETER_UM!r}] must hold one positive spot diameter in µm for "
+            f"the spots of shapes {spots.shapes_key!r}; found {pd.unique(values)[:5].tolist()}."
+        )
+    return float(values[0])
+
+
+def _spot_size(table: AnnData, spots: _Spots) -> tuple[float | None, str, str]:
+    """The spots' diameter in µm, where it comes from and their technology; else ``None``, why not, ``""``.
+
+    In this order: ``uns['spade_sd']``'s spot diameter or technology (spade_sd's loaders, users), the
+    ``obs[spot_diameter_um]`` column (which survives ``spatialdata.concatenate``, unlike ``uns``), then, when no
+    technology is recorded, Visium recognised from Space Ranger's scale factors (scanpy's layout) or from its grid
+    (spatialdata-io's ``visium`` reader, or any Visium table that lost its ``uns``).
+    """
     meta = table.uns.get(UNS_KEY, {})
+    technology = meta.get(TECHNOLOGY)
     if SPOT_DIAMETER_UM in meta:
         field = f"the table's uns[{UNS_KEY!r}][{SPOT_DIAMETER_UM!r}]"
-        return check_number(field, meta[SPOT_DIAMETER_UM], minimum=0, exclusive_minimum=True, unit="µm"), field
-    technology = meta.get(TECHNOLOGY)
-    if technology is None and "spatial" in table.uns:
-        libraries = table.uns["spatial"].values()
-        if any("spot_diameter_fullres" in lib.get("scalefactors", {}) for lib in libraries):
-            technology = "Visium"  # Space Ranger's scalefactors, as spatialdata-io and scanpy read them
+        diameter = check_number(field, meta[SPOT_DIAMETER_UM], minimum=0, exclusive_minimum=True, unit="µm")
+        return diameter, field, str(technology)
     if technology in SPOT_DIAMETERS_UM:
-        return SPOT_DIAMETERS_UM[technology], f"the {technology} spot diameter"
-    return None, ""
+        return SPOT_DIAMETERS_UM[technology], f"the {technology} spot diameter", technology
+    if SPOT_DIAMETER_UM in spots.obs:
+        return _obs_spot_diameter(spots), f"the table's obs[{SPOT_DIAMETER_UM!r}]", ""
+    if technology is not None:  # a technology spade_sd knows no spot size of: nothing to guess
+        return None, f"its technology {technology!r} has no known spot size", ""
+    visium, why_not = _visium_layout(spots)
+    if visium or _space_ranger_scalefactors(table):
+        return SPOT_DIAMETERS_UM["Visium"], "the Visium spot diameter (a Visium table, by its layout)", "Visium"
+    return None, why_not, ""
 
 
-def _resolve_mpp(mpp: float | None, table: AnnData, radius: np.ndarray, table_key: str) -> tuple[float, str]:
-    if mpp is not None:
-        return check_mpp("mpp", mpp), "the mpp argument"
-    meta = table.uns.get(UNS_KEY, {})
-    if MPP in meta:
-        field = f"the table's uns[{UNS_KEY!r}][{MPP!r}]"
-        return check_mpp(field, meta[MPP]), field
-    diameter, source = _known_spot_diameter(table)
-    if diameter is not None:
-        if not np.isfinite(radius).all() or (radius <= 0).any():
-            raise ValueError(f"Spots of table {table_key!r} need positive radii to derive µm per pixel from {source}.")
-        derived = diameter / (2 * float(np.median(radius)))
-        return check_mpp(f"the µm per pixel derived from {source} and the circles' radius", derived), (
-            f"{source} and the circles' radius"
+def _scale_from_spots(table: AnnData, spots: _Spots) -> tuple[float | None, str]:
+    """The µm per pixel the spots give and how; else ``None`` and why not.
+
+    Visium's spots are measured by their grid, 100 µm between neighbours, whenever the table has their array
+    positions: the circles spatialdata-io and scanpy draw are Space Ranger's ``spot_diameter_fullres``, a 65 µm
+    spot rather than the 55 µm one (measured: 100 µm pitch / diameter = 1.54 on both scMuscle samples). Other spots
+    are measured by their circles' diameter.
+    """
+    diameter, source, technology = _spot_size(table, spots)
+    if technology == "Visium" and (pitch := _visium_pitch_px(spots)) is not None:
+        return VISIUM_PITCH_UM / pitch, "Visium's 100 µm spot pitch on the spots' array_row/array_col grid"
+    if diameter is None:
+        return None, source
+    if not np.isfinite(spots.radius).all() or (spots.radius <= 0).any():
+        raise ValueError(
+            f"Spots of table {spots.table_key!r} need positive radii to derive µm per pixel from {source}."
         )
+    return diameter / spots.diameter_px, f"{source} and the circles' radius"
+
+
+def _resolve_mpp(mpp: float | None, table: AnnData, spots: _Spots) -> tuple[float, str]:
+    meta = table.uns.get(UNS_KEY, {})
+    derived, derived_source = _scale_from_spots(table, spots)
+    if mpp is None and MPP not in meta:
+        if derived is None:
+            raise ValueError(
+                f"The physical scale is unknown: table {spots.table_key!r} records no spot diameter or technology "
+                f"(uns[{UNS_KEY!r}] has {sorted(meta)}){'; ' + derived_source if derived_source else ''}, and no "
+                f"mpp was given. Pass mpp= (µm per pixel of image {spots.image_key!r}'s own full-resolution level), "
+                f"or set uns[{UNS_KEY!r}] = {{{SPOT_DIAMETER_UM!r}: ...}} on the table (known technologies: "
+                f"{SPOT_DIAMETERS_UM})."
+            )
+        return check_mpp(f"the µm per pixel derived from {derived_source}", derived), derived_source
+    source = "the mpp argument" if mpp is not None else f"the table's uns[{UNS_KEY!r}][{MPP!r}]"
+    value = check_mpp("mpp" if mpp is not None else source, mpp if mpp is not None else meta[MPP])
+    if derived is not None and not _agree(value, derived):
+        fix = f"pass mpp={derived:.4g}, or leave mpp out" if mpp is not None else f"correct uns[{UNS_KEY!r}][{MPP!r}]"
+        raise ValueError(
+            f"{source[0].upper()}{source[1:]} gives {value:.4g} µm per pixel, but the spots of shapes "
+            f"{spots.shapes_key!r} give image {spots.image_key!r} {derived:.4g} µm per pixel ({derived_source}): "
+            f"at {value:.4g} their {spots.diameter_px:.3g} px circles would be {value * spots.diameter_px:.3g} µm "
+            f"across. mpp is the µm per pixel of the image element's own full-resolution level (its level 0; for a "
+            f"Visium low-resolution PNG its own pixels, not Space Ranger's full-resolution ones): {fix}."
+        )
+    return value, source
+
+
+def _check_inside(spots: _Spots, instances: pd.Index, level0: DataArray, system: str, mpp: float) -> None:
+    """Refuse spots centred outside the image; those less than ``EDGE_TOLERANCE_PX`` past its edge are read."""
+    height, width = level0.sizes["y"], level0.sizes["x"]
+    x, y = spots.centers.T
+    past = np.max([-x, -y, x - width, y - height, np.zeros_like(x)], axis=0)
+    outside = past > EDGE_TOLERANCE_PX
+    if not outside.any():
+        return
+    farthest = f"{past.max():.1f} px" + (f" ({past.max() * mpp:.3g} µm)" if np.isfinite(mpp) else "")
     raise ValueError(
-        f"The physical scale is unknown: table {table_key!r} records no spot diameter or technology "
-        f"(uns[{UNS_KEY!r}] has {sorted(meta)}), and no mpp was given. Pass mpp= (µm per pixel of the image's "
-        f"full-resolution level), or set uns[{UNS_KEY!r}] = {{{SPOT_DIAMETER_UM!r}: ...}} on the table "
-        f"(known technologies: {SPOT_DIAMETERS_UM})."
+        f"{outside.sum()} of {len(x)} spots of {spots.shapes_key!r} lie outside image {spots.image_key!r} "
+        f"({width} × {height} px in coordinate system {system!r}), up to {farthest} past its edge, e.g. spots "
+        f"{instances[outside][:5].tolist()} at pixels {np.round(spots.centers[outside][:3], 1).tolist()}. Check "
+        "the transformations and the image_key; to keep part of a slide, crop the whole SpatialData (image, "
+        "shapes and table together) with spatialdata.bounding_box_query."
     )
 
 
@@ -311,14 +508,19 @@ def resolve_geometry(
     image_key, shapes_key, table_key
         Element names; inferred when unambiguous.
     mpp
-        µm per pixel of the image's full-resolution level; inferred from the table's metadata or the spot
-        diameter of a known technology when not given.
+        µm per pixel of the image element's own full-resolution level (level 0 of its pyramid, as stored in the
+        SpatialData: for spatialdata-io's Visium low-resolution image, its ~13 µm pixels, not Space Ranger's
+        full-resolution ones). Inferred, when not given, from the table's metadata or the spot diameter of a known
+        technology (including Visium recognised from the layout spatialdata-io and scanpy read it into). A scale
+        given (or in the table's metadata) that makes spots of a known size more than ``SCALE_AGREEMENT`` larger
+        or smaller is an error stating the image's actual µm per pixel.
     require_scale
         Whether an unknown scale is an error; otherwise ``mpp`` is NaN (for plots, which need no physical scale).
 
     Returns
     -------
-    The resolved :class:`SpotGeometry`. Spots whose center lies outside the image are an error.
+    The resolved :class:`SpotGeometry`. Spots whose center lies outside the image, by more than
+    ``EDGE_TOLERANCE_PX`` (a crop's rounding), are an error.
     """
     image_key, shapes_key, table_key, system = resolve_elements(
         sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key
@@ -331,32 +533,35 @@ def resolve_geometry(
     rows, instances = _spot_table(sdata, shapes_key, table_key)
     if len(rows) == 0:
         raise ValueError(f"Table {table_key!r} has no rows for shapes {shapes_key!r}.")
-    centers, radius = _centers_and_radius(shapes, instances)
-    centers = _apply(shapes_to_pixels, centers)
-    radius = radius * np.sqrt(abs(np.linalg.det(shapes_to_pixels[:2, :2])))
-
-    height, width = levels[0].sizes["y"], levels[0].sizes["x"]
-    outside = (centers[:, 0] < 0) | (centers[:, 1] < 0) | (centers[:, 0] >= width) | (centers[:, 1] >= height)
-    if outside.any():
-        raise ValueError(
-            f"{outside.sum()} of {len(centers)} spots of {shapes_key!r} lie outside image {image_key!r} "
-            f"({width} × {height} px in coordinate system {system!r}), e.g. spots {instances[outside][:5].tolist()} "
-            f"at pixels {np.round(centers[outside][:3], 1).tolist()}; check the transformations or the image_key."
-        )
+    centers, radius, circles = _centers_and_radius(shapes, instances, shapes_key)
+    table = sdata.tables[table_key]
+    spots = _Spots(
+        image_key,
+        shapes_key,
+        table_key,
+        table.obs.iloc[rows],
+        _apply(shapes_to_pixels, centers),
+        radius * np.sqrt(abs(np.linalg.det(shapes_to_pixels[:2, :2]))),
+        circles,
+    )
     try:
-        value, source = _resolve_mpp(mpp, sdata.tables[table_key], radius, table_key)
-    except ValueError:
-        if require_scale:
-            raise
+        value, source = _resolve_mpp(mpp, table, spots)
+    except ValueError as error:
+        unknown = error
         value, source = float("nan"), "unknown"
+    else:
+        unknown = None
+    _check_inside(spots, instances, levels[0], system, value)
+    if unknown is not None and require_scale:
+        raise unknown
     return SpotGeometry(
         image_key=image_key,
         shapes_key=shapes_key,
         table_key=table_key,
         coordinate_system=system,
         table_rows=rows,
-        centers=centers,
-        radius=radius,
+        centers=spots.centers,
+        radius=spots.radius,
         mpp=value,
         mpp_source=source,
         level_shapes=tuple((lv.sizes["y"], lv.sizes["x"]) for lv in levels),

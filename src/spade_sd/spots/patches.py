@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Sequence
+from functools import cached_property
 
 import dask
 import numpy as np
@@ -25,6 +27,14 @@ FINGERPRINT_SPOTS = 16
 MAX_WINDOW_PX = 4096
 # Channel names that say which colour a channel holds (spatialdata images carry them in the ``c`` coordinate)
 _COLOUR_NAMES = {"r": "r", "red": "r", "g": "g", "green": "g", "b": "b", "blue": "b", "a": "a", "alpha": "a"}
+# Names of the one channel of a grey image
+_GREY_NAMES = {"l", "grey", "gray", "luminance"}
+# Names that say nothing of a channel's content: spatialdata's default integers, "channel_0", "c0", OME's "Channel:0:0"
+_UNNAMED = re.compile(r"(?:c|ch|channel)?[\s_:-]*\d+(?:[\s_:-]+\d+)*", re.IGNORECASE)
+_HE_EXPECTED = (
+    "spade_sd reads brightfield H&E: RGB (3 channels) or RGBA (4) with channels unnamed or named r, g, b (a), or one "
+    "grey channel"
+)
 
 
 def choose_level(geometry: SpotGeometry, size_um: float, size_px: int) -> int:
@@ -34,15 +44,23 @@ def choose_level(geometry: SpotGeometry, size_um: float, size_px: int) -> int:
     return max(fine_enough, default=0)
 
 
-def as_rgb_uint8(window: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """(c, y, x) window of any supported image type → (y, x, 3) uint8 RGB."""
+def as_rgb_uint8(window: np.ndarray, dtype: np.dtype, where: str = "the image") -> np.ndarray:
+    """(c, y, x) window of any supported image type → (y, x, 3) uint8 RGB; ``where`` names it in errors."""
     if np.issubdtype(dtype, np.floating):
+        missing = np.count_nonzero(np.isnan(window))
+        if missing:
+            # read as white it would look like glass, as black like a dark stain: either passes unnoticed
+            raise ValueError(
+                f"The pixels of {where} hold {missing} NaN values (of {window.size}); NaN is no colour. Replace them "
+                "first, e.g. with 1.0 (white, like glass) for a float image in [0, 1]: "
+                "Image2DModel.parse(image.fillna(1.0), ...), or crop the image to where it was scanned."
+            )
         if window.size and (np.nanmin(window) < 0 or np.nanmax(window) > 1):
             raise ValueError(
                 f"Float images must hold intensities in [0, 1]; found values in [{np.nanmin(window)}, "
                 f"{np.nanmax(window)}]. Convert the image to uint8 first."
             )
-        window = np.rint(np.nan_to_num(window, nan=1.0) * WHITE)
+        window = np.rint(window * WHITE)
     window = window.astype(np.float32 if window.shape[0] == 4 else np.uint8, copy=False)
     if window.shape[0] == 1:
         window = np.repeat(window, 3, axis=0)
@@ -76,17 +94,53 @@ def rgb_channel_order(level: DataArray) -> np.ndarray | None:
     return None if np.array_equal(order, np.arange(len(order))) else order
 
 
-def check_image(level: DataArray) -> None:
-    """Reject images spade_sd cannot read as RGB, before any work."""
+def _channel_names(level: DataArray) -> list[str]:
+    return [str(name).strip() for name in level.coords["c"].values] if "c" in level.coords else []
+
+
+def _marker_names(names: list[str]) -> list[str]:
+    """The channel names that are neither colours, nor a grey channel's, nor placeholders: markers such as DAPI."""
+    grey = len(names) == 1
+    return [
+        name
+        for name in names
+        if name.lower() not in _COLOUR_NAMES
+        and not (grey and name.lower() in _GREY_NAMES)
+        and not _UNNAMED.fullmatch(name)
+    ]
+
+
+def unnamed_alpha(level: DataArray) -> bool:
+    """Whether the image has 4 channels none of which is named: its 4th is alpha only if constant (checked on read)."""
+    names = _channel_names(level)
+    return len(names) == 4 and all(_UNNAMED.fullmatch(name) for name in names)
+
+
+def check_image(level: DataArray, name: str | None = None) -> None:
+    """Reject images spade_sd cannot read as brightfield H&E, before any work (``name`` is the image's key).
+
+    Multiplexed images are told by their channel count (other than 1, 3 or 4) or by channel names that are not
+    colours (``DAPI``, ``CD3``, ...).
+    """
+    image = "The image" if name is None else f"Image {name!r}"
     dtype, channels = level.dtype, level.sizes.get("c", 1)
     if "c" not in level.dims or level.dims != ("c", "y", "x"):
         raise ValueError(f"Expected a 2D image with dims ('c', 'y', 'x'), found dims {level.dims}.")
+    names = _channel_names(level)
     if channels not in (1, 3, 4):
         raise ValueError(
-            f"Expected an RGB (3 channels), RGBA (4) or grey (1) H&E image, found {channels} channels "
-            f"({list(level.coords['c'].values) if 'c' in level.coords else ''}); select three channels first."
+            f"{image} has {channels} channels ({names}), as multiplexed fluorescence images do, not H&E. "
+            f"{_HE_EXPECTED}. Pass image_key= naming the H&E image."
         )
-    rgb_channel_order(level)
+    rgb_channel_order(level)  # names of which some are colours: its message says which colours are expected
+    markers = _marker_names(names)
+    if markers:
+        raise ValueError(
+            f"{image} has channels named {names}: {markers} name no colour, as the markers of an immunofluorescence "
+            f"image do (DAPI, CD3, ...), so it is not H&E. {_HE_EXPECTED}. Pass image_key= naming the H&E image; if "
+            "this image is H&E under other channel names, name them r, g, b: Image2DModel.parse(image.data, "
+            "dims=('c', 'y', 'x'), c_coords=['r', 'g', 'b'])."
+        )
     if not (dtype == np.uint8 or np.issubdtype(dtype, np.floating)):
         raise ValueError(f"Expected a uint8 (or float in [0, 1]) image, found dtype {dtype}; convert it to uint8.")
 
@@ -114,8 +168,9 @@ class SpotPatches:
         self.geometry = geometry
         self.level = choose_level(geometry, self.size_um, self.size_px)
         self._array = image_levels(image)[self.level]
-        check_image(self._array)
+        check_image(self._array, geometry.image_key)
         self._channels = rgb_channel_order(self._array)
+        self._unnamed_alpha = unnamed_alpha(self._array)
         self.mpp_level = geometry.mpp * np.asarray(geometry.level_downsample[self.level])
         self.window_px = self.size_um / self.mpp_level  # (x, y): a level's two factors can differ by a rounding
         if self.window_px.max() > MAX_WINDOW_PX:
@@ -176,12 +231,40 @@ class SpotPatches:
         indices = np.asarray(indices, dtype=int).reshape(-1)
         boxes = [self._box(i) for i in indices]
         windows = [self._window(box) for box in boxes]
-        (pixels,) = dask.compute([w for w, _ in windows], scheduler=scheduler)
+        # unfused, so windows that share a chunk read it once: fused, each window decodes a lazily read PNG or TIFF
+        (pixels,) = dask.compute([w for w, _ in windows], scheduler=scheduler, optimize_graph=False)
         out = np.empty((len(indices), self.size_px, self.size_px, 3), dtype=np.uint8)
         for k, (window, (_, covered), box) in enumerate(zip(pixels, windows, boxes, strict=True)):
-            window = np.asarray(window) if self._channels is None else np.asarray(window)[self._channels]
-            out[k] = self._resample(as_rgb_uint8(window, self._array.dtype), covered, box)
+            row = self.geometry.table_rows[indices[k]]
+            where = (
+                f"image {self.geometry.image_key!r} under the spot of row {row} of table {self.geometry.table_key!r}"
+            )
+            window = np.asarray(window)
+            if self._unnamed_alpha:
+                self._check_alpha(window[3], where)
+            window = window if self._channels is None else window[self._channels]
+            out[k] = self._resample(as_rgb_uint8(window, self._array.dtype, where), covered, box)
         return out
+
+    @staticmethod
+    def _check_alpha(alpha: np.ndarray, where: str) -> None:
+        if alpha.size and alpha.min() != alpha.max():
+            raise ValueError(
+                f"The 4th of the 4 unnamed channels of {where} varies (from {alpha.min()} to {alpha.max()}), so it "
+                f"is no alpha channel: a 4-channel fluorescence image is not H&E. {_HE_EXPECTED}. Pass image_key= "
+                "naming the H&E image; if this is RGBA H&E, name its channels r, g, b, a (Image2DModel.parse(..., "
+                "c_coords=['r', 'g', 'b', 'a']))."
+            )
+
+    @cached_property
+    def sample_indices(self) -> np.ndarray:
+        """Positions of at most ``FINGERPRINT_SPOTS`` spots spread evenly over the table's rows."""
+        return np.unique(np.linspace(0, len(self) - 1, min(FINGERPRINT_SPOTS, len(self))).round().astype(int))
+
+    @cached_property
+    def sample(self) -> np.ndarray:
+        """The patches of :attr:`sample_indices`, read once: the fingerprint and the content checks share them."""
+        return self.read(self.sample_indices)
 
     def fingerprint(self) -> str:
         """Digest of the patch geometry and the pixels of a deterministic sample of patches.
@@ -193,8 +276,7 @@ class SpotPatches:
         digest.update(np.asarray([self.size_um, self.size_px, *self.mpp_level, self.level], dtype=float).tobytes())
         digest.update(np.ascontiguousarray(self.geometry.centers, dtype=np.float64).tobytes())
         digest.update(repr(self.geometry.level_shapes).encode())
-        sample = np.unique(np.linspace(0, len(self) - 1, min(FINGERPRINT_SPOTS, len(self))).round().astype(int))
-        digest.update(self.read(sample).tobytes())
+        digest.update(self.sample.tobytes())
         return digest.hexdigest()
 
 

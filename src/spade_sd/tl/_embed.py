@@ -7,9 +7,12 @@ import pandas as pd
 from spatialdata import SpatialData
 
 from spade_sd.model.subspace import UNLIKE_TRAINING, KeptShare
-from spade_sd.tl._common import ATTACHED_MODELS, rows_filled
+from spade_sd.spots.geometry import resolve_elements
+from spade_sd.tl._common import ATTACHED_MODELS, claim_outputs, rows_filled
 from spade_sd.utils.logging import logger
 from spade_sd.utils.validation import check_bool, check_int, check_key
+
+TOOL = "tl.embed"
 
 
 def result_keys(key_added: str) -> dict[str, str]:
@@ -23,6 +26,12 @@ def result_keys(key_added: str) -> dict[str, str]:
         "expert": f"{stem}_expert",
         "uns": stem,
     }
+
+
+def result_slots(keys: dict[str, str]) -> list[tuple[str, str]]:
+    """Every slot :func:`embed` may write for :func:`result_keys`' ``keys``, as :func:`claim_outputs` takes them."""
+    obsm = [("obsm", keys[name]) for name in ("embedding", "weights", "gene")]
+    return [*obsm, ("obs", keys["expert"]), ("uns", keys["uns"])]
 
 
 def _panel_expression(model, spots, layer: str | None, table_key: str) -> tuple[np.ndarray | None, str | None]:
@@ -98,7 +107,9 @@ def embed(
     image_key, shapes_key, table_key, mpp
         Elements and scale, as in :func:`spade_sd.pp.spot_patches`.
     key_added
-        Key of the embedding; the other outputs are named after it.
+        Key of the embedding; the other outputs are named after it. Keys holding earlier outputs of this tool are
+        replaced (logged); a key holding anything else (another tool's output, the user's own data) is an error,
+        before a model is trained or any patch encoded.
     hard
         Route each patch to a single expert (the nearest fine centroid's) instead of the soft mixture.
     genes
@@ -134,6 +145,8 @@ def embed(
         the share of these patches' embedding variance it keeps (``kept_variance``) and that share on the
         training spots (``training_kept_variance``). Below 0.85 of the training share a warning says the images are
         unlike the training slides and suggests :meth:`SpadeModel.full_rank <spade_sd.SpadeModel.full_rank>`.
+    ``.uns['spade_sd']['outputs']``
+        This tool recorded as the writer of the keys above.
 
     All outputs are computed before any is written, so a failure leaves the table as it was. Features are
     computed (or read from the cache) and embedded a chunk of patches at a time, so a whole slide's backbone
@@ -145,6 +158,9 @@ def embed(
     num_workers = _checked_options(genes=genes, hard=hard, cache=cache, batch_size=batch_size, num_workers=num_workers)
     if layer is not None:
         check_key("layer", layer)
+    # checked before a model is trained on the slide (model=None) or any patch encoded
+    table_name = resolve_elements(sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key)[2]
+    claimed = claim_outputs(sdata.tables[table_name], table_name, TOOL, result_slots(keys))
     model = resolve_model(
         sdata, model, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=mpp, layer=layer
     )
@@ -184,6 +200,7 @@ def embed(
     }
     if share is not None:
         table.uns[keys["uns"]]["subspace"] = _subspace_report(model, share, keys["embedding"])
+    claimed.record()
     logger.info(
         "Added .obsm[%s], .obs[%r] and .uns[%r] to table %r (%d spots)",
         ", ".join(repr(k) for k in outputs),

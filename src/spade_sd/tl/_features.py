@@ -4,10 +4,12 @@ from spatialdata import SpatialData
 
 from spade_sd.config import PatchConfig
 from spade_sd.spots.patches import resolve_patches
-from spade_sd.tl._common import as_backbone, rows_filled
+from spade_sd.tl._common import as_backbone, claim_outputs, rows_filled
 from spade_sd.utils.constants import BACKBONE_KEY
 from spade_sd.utils.logging import logger
 from spade_sd.utils.validation import check_bool, check_int, check_key
+
+TOOL = "tl.features"
 
 
 def features(
@@ -42,7 +44,8 @@ def features(
     image_key, shapes_key, table_key
         Element names; inferred when unambiguous.
     key_added
-        Where the features go.
+        Where the features go. A key holding an earlier output of this tool is replaced (logged); one holding
+        anything else (another tool's output, the user's own data) is an error, before any patch is encoded.
     batch_size
         Patches encoded at a time.
     cache
@@ -58,6 +61,8 @@ def features(
         ``(n_obs, backbone.dim)`` float32 features (NaN for rows annotating other elements).
     ``.uns[key_added]``
         ``params`` (elements, patch geometry, µm per pixel) and ``backbone`` (its configuration and identity).
+    ``.uns['spade_sd']['outputs']``
+        This tool recorded as the writer of both keys.
     """
     from spade_sd.encoders.features import check_num_workers, extract_features
 
@@ -75,8 +80,9 @@ def features(
         shapes_key=shapes_key,
         table_key=table_key,
     )
-    values = extract_features(patches, backbone, batch_size=batch_size, cache=cache, num_workers=num_workers)
     table = sdata.tables[geometry.table_key]
+    claimed = claim_outputs(table, geometry.table_key, TOOL, [("obsm", key_added), ("uns", key_added)])
+    values = extract_features(patches, backbone, batch_size=batch_size, cache=cache, num_workers=num_workers)
     table.obsm[key_added] = rows_filled(table, geometry.table_rows, values, key_added)
     table.uns[key_added] = {
         "params": {
@@ -88,4 +94,5 @@ def features(
         },
         "backbone": backbone.to_config(),
     }
+    claimed.record()
     logger.info("Added .obsm[%r] (%d × %d) to table %r", key_added, *values.shape, geometry.table_key)

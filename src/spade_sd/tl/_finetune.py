@@ -9,7 +9,14 @@ from spatialdata import SpatialData
 from spade_sd.config import PatchConfig, SealConfig, check_trainer_kwargs
 from spade_sd.spots.genes import GenePanel, check_expression_tables
 from spade_sd.tl._common import as_backbone
-from spade_sd.tl._pretrain import as_list, check_val_slides, resolve_slides, unique_names
+from spade_sd.tl._pretrain import (
+    as_list,
+    check_val_slides,
+    labelled_tables,
+    own_keywords,
+    resolve_slides,
+    unique_names,
+)
 from spade_sd.utils.constants import SPATIAL_KEY
 from spade_sd.utils.logging import logger
 from spade_sd.utils.validation import check_bool, check_int
@@ -19,6 +26,7 @@ SEAL_ATTACHMENT = "seal"
 
 def _checked_config(keywords: dict[str, Any]) -> tuple[SealConfig, PatchConfig, dict[str, Any]]:
     from spade_sd.encoders.features import check_num_workers
+    from spade_sd.training.lightning_loop import check_trainer_arguments
 
     check_num_workers(keywords["feature_num_workers"])
     check_int("feature_batch_size", keywords["feature_batch_size"], minimum=1)
@@ -31,6 +39,7 @@ def _checked_config(keywords: dict[str, Any]) -> tuple[SealConfig, PatchConfig, 
     for name in trainer:
         if name in SealConfig.__dataclass_fields__:
             raise TypeError(f"{name!r} is a fine-tuning option, not a lightning.Trainer argument; pass it as {name}=.")
+    check_trainer_arguments(trainer, caller="finetune", keywords=own_keywords(keywords))
     return config, patches, {**lightning, **trainer}
 
 
@@ -154,7 +163,8 @@ def finetune(
         Silence Lightning's progress output.
     accelerator, devices, num_nodes, strategy, **trainer_kwargs
         Passed to :class:`lightning.pytorch.Trainer`; under DDP the contrastive negatives are gathered across
-        processes. ``precision`` defaults to ``"bf16-mixed"`` where bfloat16 is fast.
+        processes. ``precision`` defaults to ``"bf16-mixed"`` where bfloat16 is fast. A name the Trainer does not
+        take (``max_epoch``) is refused before any work, with the closest keyword.
 
     Returns
     -------
@@ -184,7 +194,7 @@ def finetune(
     names = unique_names([slide.name for slide in slides])
     check_val_slides(config.val_slides, names)
     tables = [slide.table for slide in slides]
-    check_expression_tables(list(zip(names, tables, strict=True)), layer=layer)
+    check_expression_tables(labelled_tables(slides, names), layer=layer)
     n_spots = sum(len(table) for table in tables)
     if n_spots < config.min_spots:
         raise ValueError(

@@ -10,14 +10,15 @@ import pandas as pd
 from anndata import AnnData
 from spatialdata import SpatialData
 
-from spade_sd.tl._common import check_free_table_name, given_or_attached_model
+from spade_sd.tl._common import check_free_table_name, given_or_attached_model, parent_table
 from spade_sd.tl._embed import embed_patches, model_patches
 from spade_sd.tl._reference import ExpressionReference, expression_reference
-from spade_sd.utils.constants import DERIVED_FROM, PREDICTED_KEY, UNS_KEY
+from spade_sd.utils.constants import DERIVED_FROM, OUTPUTS, PREDICTED_KEY, UNS_KEY, WRITTEN_BY
 from spade_sd.utils.logging import logger
-from spade_sd.utils.validation import check_bool, check_choice, check_int, check_key
+from spade_sd.utils.validation import check_bool, check_choice, check_int, check_key, did_you_mean
 
 METHODS = ("knn", "ridge")
+TOOL = "tl.predict_expression"
 # Ridge penalties searched by leave-one-out, relative to the total variance of the reference embeddings
 _RIDGE_GRID = np.logspace(-6, 0, 13)
 
@@ -56,6 +57,13 @@ def predict_expression(
         genes). A SpatialData: its spots are embedded with the model and its table's raw counts normalized. An
         AnnData: a table embedded by this very model with :func:`spade_sd.tl.embed` (``.obsm['X_spade']``, checked
         against ``.uns['spade']['model']['identity']``) holding raw counts.
+
+        A reference may hold the very spots predicted: ``sdata`` itself, or its spots' table (or a view of it, e.g.
+        ``table[table.obs["labelled"]]``). Each such spot is then left out of its own prediction (leave-one-out:
+        ``"knn"`` averages its ``k`` nearest *other* reference spots, ``"ridge"`` predicts it from the fit without
+        it), so that no spot reads its own measured expression. A copy of the table is not recognised as the same
+        spots; pass the table or ``sdata`` itself. The bank is not checked for the spots predicted: on a slide the
+        model was trained on, it holds them, and each finds its own expression among its neighbours.
     genes
         Genes to predict; ``None``: every gene of the reference. Unknown genes are an error, before any work.
     method
@@ -65,10 +73,12 @@ def predict_expression(
         on the reference spots by ridge regression, the penalty chosen by leave-one-out over a grid
         (:class:`~sklearn.linear_model.RidgeCV`); smoother than retrieval, and it extrapolates between references.
     k
-        Neighbours of ``"knn"``, at most the number of reference spots.
+        Neighbours of ``"knn"``, at most the number of reference spots (minus one when they include the spots
+        predicted).
     key_added
-        Name of the new table. A table this function wrote earlier under that name is replaced; any other element
-        of that name is an error.
+        Name of the new table. A table this function wrote earlier under that name is replaced (logged); any other
+        element of that name (the user's, another tool's, or a table this call reads) is an error, before any
+        patch is encoded.
     image_key, shapes_key, table_key
         Elements of ``sdata``; inferred when unambiguous.
     layer
@@ -86,7 +96,7 @@ def predict_expression(
         ``X`` the predicted ``log1p(10⁴ · counts / library size)`` (float32; the panel's ``target_sum``),
         ``var_names`` the genes, ``.obsm['spatial']`` copied where the spots' table has it, and
         ``.uns['spade_sd']`` the spots' table's metadata with ``derived_from`` naming that table (element inference
-        then prefers the spots' own table).
+        then prefers the spots' own table) and ``written_by`` naming this tool.
     ``.tables[key_added].uns[key_added]``
         ``params`` (method, k, ridge penalty, reference, elements, genes) and the ``model``'s identity.
     """
@@ -104,11 +114,17 @@ def predict_expression(
         raise ValueError(f"k={k} exceeds the {source.n_spots} reference spots ({source.kind}); pass a smaller k.")
     elements = {"image_key": image_key, "shapes_key": shapes_key, "table_key": table_key}
     geometry, patches = model_patches(sdata, model, **elements)
-    check_free_table_name(sdata, key_added)
+    own = _own_positions(source, sdata.tables[geometry.table_key], geometry)
+    if method == "knn" and own is not None and (own >= 0).any() and k > source.n_spots - 1:
+        raise ValueError(
+            f"k={k} exceeds the {source.n_spots - 1} reference spots left to a predicted spot: the reference holds "
+            f"spots predicted ({source.kind}), each left out of its own neighbours. Pass k ≤ {source.n_spots - 1}."
+        )
+    replaced = check_free_table_name(sdata, key_added, TOOL, reads=_tables_read(sdata, geometry, source))
 
     query, _ = embed_patches(model, patches, batch_size=batch_size, cache=cache)
     ref_embedding, ref_expression = source.load(genes)
-    prediction, alpha = _predicted(method, query, ref_embedding, ref_expression, k)
+    prediction, alpha = _predicted(method, query, ref_embedding, ref_expression, k, own)
     table = _prediction_table(sdata, geometry, prediction.astype(np.float32), genes)
     table.uns[key_added] = {
         "params": {
@@ -124,6 +140,8 @@ def predict_expression(
         },
         "model": {"identity": model.identity()},
     }
+    if replaced:
+        logger.info("%s replaced its earlier table %r", TOOL, key_added)
     sdata.tables[key_added] = table
     logger.info(
         "Added table %r: %d genes predicted (%s, %s reference of %d spots) for %d spots of %r",
@@ -153,26 +171,104 @@ def _chosen_genes(genes: Sequence[str] | None, source: ExpressionReference) -> l
     if len(missing):
         raise KeyError(
             f"{len(missing)} of the {len(genes)} genes are not measured by the reference ({source.kind}, "
-            f"{len(source.genes)} genes): {list(missing[:10])}. Choose among its genes, or pass a reference that "
-            "measures them."
+            f"{len(source.genes)} genes): {list(missing[:10])}.{did_you_mean(missing, source.genes)} Choose among "
+            "its genes, or pass a reference that measures them."
         )
     return list(genes)
 
 
+def _tables_read(sdata: SpatialData, geometry, source: ExpressionReference) -> dict[str, str]:
+    """The tables of ``sdata`` the call reads, with why: never replaced by the new table."""
+    reads = {geometry.table_key: "the spots' table"}
+    if source.spots is not None:
+        parent = parent_table(source.spots)
+        for name in (name for name, table in sdata.tables.items() if table is parent):
+            reads[name] = f"{reads[name]} and the reference" if name in reads else "the reference"
+    return reads
+
+
+def _own_positions(source: ExpressionReference, table: AnnData, geometry) -> np.ndarray | None:
+    """Each predicted spot's position in the reference, -1 where it is not there; ``None`` if none can be.
+
+    The reference holds predicted spots when its rows are rows of the very table the spots are predicted for.
+    """
+    if source.spots is None or parent_table(source.spots) is not table:
+        return None
+    if not table.obs_names.is_unique:
+        raise ValueError(
+            f"The reference holds spots of table {geometry.table_key!r}, the spots predicted, but that table's "
+            "obs_names are not unique, so each spot cannot be left out of its own neighbours. Make them unique "
+            "first (table.obs_names_make_unique())."
+        )
+    position = np.full(table.n_obs, -1)
+    position[table.obs_names.get_indexer(source.spots.obs_names)] = np.arange(source.spots.n_obs)
+    return position[geometry.table_rows]
+
+
 def _predicted(
-    method: str, query: np.ndarray, ref_embedding: np.ndarray, ref_expression: np.ndarray, k: int
+    method: str,
+    query: np.ndarray,
+    ref_embedding: np.ndarray,
+    ref_expression: np.ndarray,
+    k: int,
+    own: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float | None]:
-    """The prediction for every query, and the ridge penalty chosen (``None`` for knn)."""
+    """The prediction for every query, and the ridge penalty chosen (``None`` for knn).
+
+    A query at ``own >= 0`` is that reference spot itself, and is predicted without it (leave-one-out).
+    """
+    mine = np.flatnonzero(own >= 0) if own is not None else np.array([], dtype=int)
     if method == "knn":
         from spade_sd.metrics import knn_predict
 
-        return knn_predict(query, ref_embedding, ref_expression, k=k, metric="cosine"), None
+        prediction = knn_predict(query, ref_embedding, ref_expression, k=k, metric="cosine")
+        if len(mine):
+            prediction[mine] = _knn_left_out(query[mine], ref_embedding, ref_expression, k, own[mine])
+        return prediction, None
     from sklearn.linear_model import RidgeCV
 
     X = np.asarray(ref_embedding, dtype=np.float64)
+    Y = np.asarray(ref_expression, dtype=np.float64)
     total = float(np.square(X - X.mean(axis=0)).sum()) or 1.0
-    ridge = RidgeCV(alphas=total * _RIDGE_GRID).fit(X, np.asarray(ref_expression, dtype=np.float64))
-    return ridge.predict(np.asarray(query, dtype=np.float64)), float(ridge.alpha_)
+    ridge = RidgeCV(alphas=total * _RIDGE_GRID).fit(X, Y)
+    prediction = ridge.predict(np.asarray(query, dtype=np.float64))
+    if len(mine):
+        prediction[mine] -= _ridge_left_out_change(X, Y - ridge.predict(X), ridge.alpha_, query[mine], own[mine])
+    return prediction, float(ridge.alpha_)
+
+
+def _knn_left_out(query: np.ndarray, reference: np.ndarray, expression: np.ndarray, k: int, own: np.ndarray):
+    """:func:`spade_sd.metrics.knn_predict` of each query among the reference spots other than ``own``."""
+    from sklearn.neighbors import NearestNeighbors
+
+    distance, neighbours = NearestNeighbors(n_neighbors=k + 1, metric="cosine").fit(reference).kneighbors(query)
+    # drop the spot itself, or the farthest of the k + 1 if it is not among them (ties)
+    drop = np.where((neighbours == own[:, None]).any(axis=1), (neighbours == own[:, None]).argmax(axis=1), k)
+    keep = np.ones_like(neighbours, dtype=bool)
+    keep[np.arange(len(query)), drop] = False
+    distance, neighbours = distance[keep].reshape(-1, k), neighbours[keep].reshape(-1, k)
+    weights = np.clip(1.0 - distance, 0.0, None)  # cosine similarity's positive part, as knn_predict weighs
+    weights[weights.sum(axis=1) == 0] = 1.0
+    weights /= weights.sum(axis=1, keepdims=True)
+    prediction = np.zeros((len(query), expression.shape[1]))
+    for j in range(k):
+        prediction += weights[:, j, None] * np.asarray(expression[neighbours[:, j]], dtype=np.float64)
+    return prediction
+
+
+def _ridge_left_out_change(X: np.ndarray, residual: np.ndarray, alpha: float, query: np.ndarray, own: np.ndarray):
+    """How much each query's ridge prediction drops when reference spot ``own`` leaves the fit (exact).
+
+    Ridge with an unpenalized intercept, as :class:`~sklearn.linear_model.RidgeCV` fits it: with ``Z = [1, X]``
+    and ``A = ZᵀZ + diag(0, α, …, α)``, removing row ``j`` changes the coefficients by
+    ``-A⁻¹ z_j r_j / (1 - z_jᵀ A⁻¹ z_j)`` (Sherman–Morrison), ``r_j`` its residual.
+    """
+    Z = np.c_[np.ones(len(X)), X]
+    A = Z.T @ Z + alpha * np.diag(np.r_[0.0, np.ones(X.shape[1])])
+    solved = np.linalg.solve(A, Z[own].T).T  # A⁻¹ z_j, one row per query
+    leverage = (solved * Z[own]).sum(axis=1)
+    at_query = (np.c_[np.ones(len(query)), np.asarray(query, dtype=np.float64)] * solved).sum(axis=1)
+    return (at_query / (1.0 - leverage))[:, None] * residual[own]
 
 
 def _prediction_table(sdata: SpatialData, geometry, prediction: np.ndarray, genes: list[str]) -> AnnData:
@@ -193,5 +289,7 @@ def _prediction_table(sdata: SpatialData, geometry, prediction: np.ndarray, gene
     table = AnnData(X=prediction, obs=obs, var=pd.DataFrame(index=pd.Index(genes, dtype=str)))
     if "spatial" in own.obsm:
         table.obsm["spatial"] = np.asarray(own.obsm["spatial"])[rows]
-    table.uns[UNS_KEY] = {**own.uns.get(UNS_KEY, {}), DERIVED_FROM: geometry.table_key}
+    # the spots' metadata (sample, scale) without the record of the spots' table's outputs
+    meta = {name: value for name, value in own.uns.get(UNS_KEY, {}).items() if name != OUTPUTS}
+    table.uns[UNS_KEY] = {**meta, DERIVED_FROM: geometry.table_key, WRITTEN_BY: TOOL}
     return TableModel.parse(table, region=geometry.shapes_key, region_key=region_key, instance_key=instance_key)

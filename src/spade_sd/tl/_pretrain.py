@@ -89,6 +89,7 @@ def check_val_slides(val_slides: tuple[str, ...] | None, names: list[str]) -> No
 def _checked_arguments(keywords: dict[str, Any]) -> tuple[SpadeConfig, dict[str, Any]]:
     """The configuration and the Trainer's arguments from :func:`pretrain`'s keywords; the first bad one raises."""
     from spade_sd.encoders.features import check_num_workers
+    from spade_sd.training.lightning_loop import check_trainer_arguments
 
     check_num_workers(keywords["feature_num_workers"])
     check_int("feature_batch_size", keywords["feature_batch_size"], minimum=1)
@@ -98,7 +99,31 @@ def _checked_arguments(keywords: dict[str, Any]) -> tuple[SpadeConfig, dict[str,
         raise TypeError(f"panel must be a spade_sd.GenePanel or None; found {type(keywords['panel']).__name__}.")
     config = SpadeConfig.from_keywords(keywords)
     lightning = {name: keywords[name] for name in ("accelerator", "devices", "num_nodes", "strategy")}
-    return config, {**lightning, **check_trainer_kwargs(keywords["trainer_kwargs"], keywords)}
+    trainer = check_trainer_kwargs(keywords["trainer_kwargs"], keywords)
+    check_trainer_arguments(trainer, caller="pretrain", keywords=own_keywords(keywords))
+    return config, {**lightning, **trainer}
+
+
+def own_keywords(keywords: dict[str, Any]) -> list[str]:
+    """The names a user may pass to a public function, from its ``locals()`` (its data and ``**`` left out)."""
+    return [name for name in keywords if name not in ("sdata", "trainer_kwargs")]
+
+
+def spot_groups(tables: list[AnnData], names: list[str], groupby: str | None) -> list[np.ndarray]:
+    """The stage-1 group of every spot, slide by slide: its slide's name, or its ``groupby`` column."""
+    if groupby is None:
+        return [np.full(len(table), name) for table, name in zip(tables, names, strict=True)]
+    return [table.obs[groupby].to_numpy() for table in tables]
+
+
+def labelled_tables(slides: list[_Slide], names: list[str]) -> list[tuple[str, AnnData]]:
+    """The slides' tables as messages name them: by their sample, else (a slide named after its shapes) by key."""
+    labelled = []
+    for slide, name in zip(slides, names, strict=True):
+        geometry = slide.patches.geometry
+        unnamed = slide.name == geometry.shapes_key
+        labelled.append((f"{geometry.table_key}[shapes={name!r}]" if unnamed else name, slide.table))
+    return labelled
 
 
 def as_list(sdata: SpatialData | Sequence[SpatialData]) -> list[SpatialData]:
@@ -182,8 +207,9 @@ def pretrain(
     validating on held-out slides with early stopping.
 
     Every argument, every key and every table (raw counts without NaN or negative values, unique gene names, genes
-    shared by all slides or covering ``panel``) is checked before the first patch is read: bad input fails at once,
-    with a message naming what was expected and what was found.
+    shared by all slides or covering ``panel``, enough spots per slide and group) is checked, and the gene panel
+    selected, before the first patch is read: bad input fails at once, with a message naming what was expected and
+    what was found.
 
     The keywords that configure the model are the fields of :class:`~spade_sd.config.PatchConfig`,
     :class:`~spade_sd.config.PanelConfig` (``panel_flavor`` is its ``flavor``), :class:`~spade_sd.config.ClusteringConfig`
@@ -286,7 +312,8 @@ def pretrain(
     accelerator, devices, num_nodes, strategy, **trainer_kwargs
         Passed to :class:`lightning.pytorch.Trainer`, and only there (e.g. ``strategy="ddp"``, ``devices=4``);
         a training option given among ``trainer_kwargs`` (e.g. ``warmup_steps``) is refused with a TypeError
-        naming the keyword to use.
+        naming the keyword to use, and so is, before any work, a name the Trainer does not take (``max_epoch``),
+        with the closest keyword.
     quiet
         Silence Lightning's banners and progress bar.
 
@@ -296,8 +323,11 @@ def pretrain(
     :func:`spade_sd.tl.embed` uses it when called without a model.
     """
     config, trainer = _checked_arguments(dict(locals()))  # first: locals() holds exactly the arguments
+    import torch
+
     from spade_sd.encoders.features import extract_features
-    from spade_sd.training.fit import fit_model
+    from spade_sd.model.clustering import check_group_sizes
+    from spade_sd.training.fit import check_sizes, fit_model, fit_panel
 
     sdatas = as_list(sdata)
     backbone = as_backbone(backbone)
@@ -307,13 +337,16 @@ def pretrain(
     names = unique_names([slide.name for slide in slides])
     check_val_slides(config.training.val_slides, names)
     tables = [slide.table for slide in slides]
-    check_expression_tables(list(zip(names, tables, strict=True)), layer=config.panel.layer, panel=panel)
+    check_expression_tables(labelled_tables(slides, names), layer=config.panel.layer, panel=panel)
+    check_sizes([len(table) for table in tables], names, config, backbone.dim)
+    groups = spot_groups(tables, names, config.clustering.groupby)
+    check_group_sizes(np.concatenate(groups))
+    if panel is None:  # selected before any patch is encoded, so that what stops the selection stops that too
+        threads = torch.get_num_threads()
+        panel = fit_panel(tables, config.panel)
+        torch.set_num_threads(threads)  # scanpy's HVG selection resets torch's threads to every core
     options = {"batch_size": feature_batch_size, "cache": cache, "num_workers": feature_num_workers}
     features = [extract_features(slide.patches, backbone, **options) for slide in slides]
-    if config.clustering.groupby is None:
-        groups = [np.full(len(table), name) for table, name in zip(tables, names, strict=True)]
-    else:
-        groups = [table.obs[config.clustering.groupby].to_numpy() for table in tables]
     logger.info("Pretraining on %d slides (%s), %d spots", len(slides), ", ".join(names), sum(map(len, features)))
     model = fit_model(
         features,

@@ -10,13 +10,14 @@ import numpy as np
 import pandas as pd
 from spatialdata import SpatialData
 
-from spade_sd.tl._common import given_or_attached_model, obs_filled, unit_rows
+from spade_sd.tl._common import claim_outputs, given_or_attached_model, obs_filled, unit_rows
 from spade_sd.tl._embed import embed_patches, model_patches
 from spade_sd.utils.constants import QUERY_KEY
 from spade_sd.utils.logging import logger
 from spade_sd.utils.validation import check_bool, check_choice, check_int, check_key, check_number
 
 MARKERS = ("spots", "raised")
+TOOL = "tl.query"
 
 
 def query(
@@ -70,7 +71,8 @@ def query(
         score of ``"spots"`` correlated with the marker's measured expression at r ≈ 0.45 for the eight best
         predicted panel genes, that of ``"raised"`` at r ≈ 0.13.
     key_added
-        Column of the score.
+        Column of the score. A key holding an earlier output of this tool is replaced (logged); one holding anything
+        else (another tool's output, the user's own data) is an error, before any patch is encoded.
     image_key, shapes_key, table_key
         Elements; inferred when unambiguous.
     batch_size, cache
@@ -86,6 +88,8 @@ def query(
     ``.uns[key_added]``
         ``params`` (kind of query, genes, quantile, elements), the ``profile`` over ``profile_genes`` (the panel)
         that was embedded, and the ``model``'s identity.
+    ``.uns['spade_sd']['outputs']``
+        This tool recorded as the writer of both keys.
     """
     check_key("key_added", key_added)
     check_number("quantile", quantile, minimum=0, maximum=1)
@@ -96,11 +100,12 @@ def query(
     values, kind = query_profile(model, genes=genes, profile=profile, quantile=quantile, markers=markers)
     elements = {"image_key": image_key, "shapes_key": shapes_key, "table_key": table_key}
     geometry, patches = model_patches(sdata, model, **elements)
+    table = sdata.tables[geometry.table_key]
+    claimed = claim_outputs(table, geometry.table_key, TOOL, [("obs", key_added), ("uns", key_added)])
 
     image, weights = embed_patches(model, patches, batch_size=batch_size, cache=cache)
     gene = model.embed_expression(np.repeat(values[None], len(image), axis=0), weights)
     score = (unit_rows(image) * unit_rows(gene)).sum(axis=1)
-    table = sdata.tables[geometry.table_key]
     table.obs[key_added] = obs_filled(table, geometry.table_rows, score, key_added).astype(float)
     asked = list(genes) if isinstance(genes, Sequence | Mapping) and not isinstance(genes, str) else genes
     table.uns[key_added] = {
@@ -115,6 +120,7 @@ def query(
         "profile": values.astype(float).tolist(),
         "model": {"identity": model.identity()},
     }
+    claimed.record()
     logger.info(
         "Added .obs[%r] and .uns[%r] to table %r (%d spots)", key_added, key_added, geometry.table_key, len(score)
     )

@@ -34,12 +34,16 @@ class ExpressionReference:
     load
         ``load(genes)`` returns the image-side embedding ``(n_spots, out_dim)`` and the log1p-normalized expression
         ``(n_spots, len(genes))``.
+    spots
+        The reference spots as rows of their table (a view), in reference order; ``None`` for the bank. It tells
+        :func:`~spade_sd.tl.predict_expression` when the reference holds the very spots it predicts.
     """
 
     kind: str
     genes: list[str]
     n_spots: int
     load: Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
+    spots: AnnData | None = None
 
 
 def expression_reference(model, reference, *, layer: str | None, batch_size: int, cache: bool) -> ExpressionReference:
@@ -97,7 +101,7 @@ def _embedded_table(model, table: AnnData, layer: str | None) -> ExpressionRefer
     def load(genes: list[str]) -> tuple[np.ndarray, np.ndarray]:
         return embedding[rows], _normalizer(model, genes).transform(table[rows], layer=layer)
 
-    return ExpressionReference("AnnData", list(table.var_names), len(rows), load)
+    return ExpressionReference("AnnData", list(table.var_names), len(rows), load, table[rows])
 
 
 def _slide(model, sdata: SpatialData, layer: str | None, **options) -> ExpressionReference:
@@ -115,4 +119,4 @@ def _slide(model, sdata: SpatialData, layer: str | None, **options) -> Expressio
         embedding, _ = embed_patches(model, patches, **options)
         return embedding, _normalizer(model, genes).transform(table, layer=layer)
 
-    return ExpressionReference("SpatialData", list(table.var_names), len(table), load)
+    return ExpressionReference("SpatialData", list(table.var_names), len(table), load, table)

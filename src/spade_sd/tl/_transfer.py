@@ -11,13 +11,15 @@ from anndata import AnnData
 from spatialdata import SpatialData
 
 from spade_sd.spots.geometry import resolve_geometry
-from spade_sd.tl._common import given_or_attached_model, obs_filled
-from spade_sd.tl._embed import embed, embed_patches, model_patches, result_keys
+from spade_sd.tl._common import claim_outputs, given_or_attached_model, obs_filled, parent_table
+from spade_sd.tl._embed import TOOL as EMBED_TOOL
+from spade_sd.tl._embed import embed, embed_patches, model_patches, result_keys, result_slots
 from spade_sd.utils.constants import EMBEDDING_KEY, LABELS_KEY
 from spade_sd.utils.logging import logger
 from spade_sd.utils.validation import check_bool, check_choice, check_int, check_key
 
 METHODS = ("knn", "logistic")
+TOOL = "tl.transfer_labels"
 
 
 @dataclass
@@ -80,7 +82,10 @@ def transfer_labels(
         <spade_sd.SpadeModel.full_rank>` under another key (e.g. ``"X_spade_full"``) and pass it here
         (``docs/quality.md``, "Morphology").
     key_added
-        Where the labels go; the probabilities go to ``f"{key_added}_probabilities"``.
+        Where the labels go; the probabilities go to ``f"{key_added}_probabilities"``. Keys holding earlier outputs
+        of this tool are replaced (logged). Keys holding anything else (another tool's output, the user's own
+        data) and keys this call reads (``use_rep``, and ``label_key`` when the reference is this very table) are
+        an error, before any patch is encoded.
     image_key, shapes_key, table_key
         Elements of ``sdata``; inferred when unambiguous.
     batch_size, cache
@@ -97,6 +102,8 @@ def transfer_labels(
         probabilities (``"logistic"``).
     ``.uns[key_added]``
         ``params`` (method, k, use_rep, label_key, classes, number of reference spots, elements).
+    ``.uns['spade_sd']['outputs']``
+        This tool recorded as the writer of the keys above.
     """
     check_choice("method", method, METHODS)
     check_int("k", k, minimum=1)
@@ -107,15 +114,19 @@ def transfer_labels(
     labels = _reference_labels(reference, label_key, method, k)
     elements = {"image_key": image_key, "shapes_key": shapes_key, "table_key": table_key}
     ref, target, geometry, model = _checked_sides(sdata, model, reference, use_rep, elements)
+    table = sdata.tables[geometry.table_key]
+    claimed = _claimed(table, geometry.table_key, reference, label_key, use_rep, key_added)
+    if target.rep is None:  # embed's outputs too, before the reference is embedded
+        claim_outputs(table, geometry.table_key, EMBED_TOOL, result_slots(result_keys(use_rep)))
 
     if ref.rep is None:
         ref.rep = embed_patches(model, ref.patches, batch_size=batch_size, cache=cache)[0]
     if target.rep is None:
         embed(sdata, model, **elements, key_added=use_rep, batch_size=batch_size, cache=cache)
-        target.rep = np.asarray(sdata.tables[geometry.table_key].obsm[use_rep])[geometry.table_rows]
+        target.rep = np.asarray(table.obsm[use_rep])[geometry.table_rows]
     classes, probabilities = _classified(method, ref.rep, labels, target.rep, k)
-    _write(sdata.tables[geometry.table_key], geometry.table_rows, classes, probabilities, key_added)
-    sdata.tables[geometry.table_key].uns[key_added] = {
+    _write(table, geometry.table_rows, classes, probabilities, key_added)
+    table.uns[key_added] = {
         "params": {
             "method": method,
             **({"k": k} if method == "knn" else {}),
@@ -127,6 +138,7 @@ def transfer_labels(
             "shapes_key": geometry.shapes_key,
         }
     }
+    claimed.record()
     logger.info(
         "Added .obs[%r], .obsm[%r] and .uns[%r] to table %r (%d spots, %d classes, %s)",
         key_added,
@@ -137,6 +149,17 @@ def transfer_labels(
         len(classes),
         method,
     )
+
+
+def _claimed(table: AnnData, table_key: str, reference, label_key: str, use_rep: str, key_added: str):
+    """The target's outputs, checked: none over what the call reads (its representation; labels of the same table)."""
+    reads = {("obsm", use_rep): "use_rep"}
+    if use_rep != "X_":  # where the embedding's model is recorded
+        reads["uns", result_keys(use_rep)["uns"]] = f"the record of use_rep={use_rep!r}"
+    if parent_table(_reference_table(reference)) is table:
+        reads["obs", label_key] = "label_key: the reference's labels are this table's"
+    slots = [("obs", key_added), ("obsm", f"{key_added}_probabilities"), ("uns", key_added)]
+    return claim_outputs(table, table_key, TOOL, slots, reads=reads)
 
 
 def _reference_table(reference) -> AnnData:

@@ -82,7 +82,8 @@ def fit_model(
     """
     start = time.perf_counter()
     n_spots = sum(len(f) for f in features)
-    _check_sizes(features, slides, config, n_spots)
+    n_features = features[0].shape[1] if len(features) and np.ndim(features[0]) == 2 else None
+    check_sizes([len(f) for f in features], slides, config, n_features)
     panel, expression = _panel_expression(tables, panel, config.panel)
     X, slide, group = _pooled(features, slides, groups, config.clustering.standardize)
     scaler = FeatureScaler().fit(X)
@@ -179,17 +180,31 @@ def _chunks(features: np.ndarray, size: int) -> Iterator[tuple[int, np.ndarray]]
     return ((start, features[start : start + size]) for start in range(0, len(features), size))
 
 
-def _check_sizes(features: Sequence[np.ndarray], slides: Sequence[str], config: SpadeConfig, n_spots: int) -> None:
-    """Refuse, before any work, slides too small for per-slide standardization and more components than spots."""
+def check_sizes(sizes: Sequence[int], slides: Sequence[str], config: SpadeConfig, n_features: int | None) -> None:
+    """Refuse slides too small for per-slide standardization, and more components than spots or features.
+
+    :func:`spade_sd.tl.pretrain` calls it before any patch is encoded, with the backbone's dimension.
+
+    Parameters
+    ----------
+    sizes
+        Spots of each slide.
+    slides
+        The slides' names, for the message.
+    config
+        The configuration to train with.
+    n_features
+        Dimension of the backbone features; ``None`` leaves ``backbone_comps`` unchecked.
+    """
+    n_spots = sum(sizes)
     if config.clustering.standardize == "slide":
-        small = {name: len(f) for f, name in zip(features, slides, strict=True) if len(f) < MIN_SLIDE_PATCHES}
+        small = {name: n for n, name in zip(sizes, slides, strict=True) if n < MIN_SLIDE_PATCHES}
         if small:
             raise ValueError(
                 f"standardize='slide' needs at least {MIN_SLIDE_PATCHES} spots per slide; found {small}. "
                 "Pass standardize='global' or leave these slides out."
             )
     check_n_comps(config.training.n_comps, config.training.out_dim, n_spots)
-    n_features = features[0].shape[1] if len(features) and np.ndim(features[0]) == 2 else None
     comps = config.training.backbone_comps
     if config.training.output == "joint" and comps is not None and n_features is not None:
         if comps > min(n_spots, n_features):
@@ -199,18 +214,18 @@ def _check_sizes(features: Sequence[np.ndarray], slides: Sequence[str], config: 
             )
 
 
+def fit_panel(tables: Sequence[AnnData], config: PanelConfig) -> GenePanel:
+    """The gene panel ``config`` describes, selected on ``tables``."""
+    options = {"n_top_genes": config.n_top_genes, "flavor": config.flavor, "smoothing": config.smoothing}
+    return GenePanel.fit(list(tables), layer=config.layer, **options)
+
+
 def _panel_expression(
     tables: Sequence[AnnData], panel: GenePanel | None, config: PanelConfig
 ) -> tuple[GenePanel, np.ndarray]:
     """The gene panel (fitted unless given) and every spot's expression over it, all slides concatenated."""
     if panel is None:
-        panel = GenePanel.fit(
-            list(tables),
-            n_top_genes=config.n_top_genes,
-            flavor=config.flavor,
-            smoothing=config.smoothing,
-            layer=config.layer,
-        )
+        panel = fit_panel(tables, config)
     logger.info("Expression from %s", "X" if config.layer is None else f"layers[{config.layer!r}]")
     return panel, np.concatenate([panel.transform(table, layer=config.layer) for table in tables])
 

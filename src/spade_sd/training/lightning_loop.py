@@ -2,17 +2,51 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import lightning as L
 import torch
 
 _LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
 HISTORY = "history/"
+
+
+def check_trainer_arguments(trainer_kwargs: Mapping[str, Any], *, caller: str, keywords: Collection[str] = ()) -> None:
+    """Refuse, before any work, a keyword that neither the caller nor :class:`lightning.pytorch.Trainer` takes.
+
+    Lightning itself would refuse it only when the Trainer is built, after every patch was encoded.
+
+    Parameters
+    ----------
+    trainer_kwargs
+        The keywords the caller did not take, meant for the Trainer.
+    caller
+        The public function, named in the message (e.g. ``"pretrain"``).
+    keywords
+        The caller's own keywords, suggested with the Trainer's arguments when a name is close to one of them.
+
+    Raises
+    ------
+    TypeError
+        Naming the keyword, and the closest keyword or Trainer argument if one is close.
+    """
+    accepted = [name for name in inspect.signature(L.Trainer.__init__).parameters if name != "self"]
+    for name in trainer_kwargs:
+        if name in accepted:
+            continue
+        close = difflib.get_close_matches(name, [*keywords, *accepted], n=1)
+        hint = f"Did you mean {close[0]}=?" if close else f"lightning.Trainer's arguments are {accepted}."
+        raise TypeError(
+            f"{caller}() got an unexpected keyword argument {name!r}: it is neither one of its own keywords nor an "
+            f"argument of lightning.Trainer, where the other keywords go. {hint}"
+        )
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:

@@ -11,6 +11,12 @@ SPOT_DIAMETER_UM = "spot_diameter_um"
 TECHNOLOGY = "technology"
 # ... the table (spots' own) a derived table was computed from (tl.predict_expression's): inference prefers the own
 DERIVED_FROM = "derived_from"
+# ... the tool that made a table (tl.predict_expression, pp.tile_image): only that tool may replace it
+WRITTEN_BY = "written_by"
+# ... which tool wrote each output of the table, {"obs" | "obsm" | "uns": {key: tool}}: a tool overwrites only its own
+OUTPUTS = "outputs"
+# table.uns keys no tool writes under its key_added: spade_sd's metadata and spatialdata's
+RESERVED_UNS = (UNS_KEY, "spatialdata_attrs")
 # obs column naming the sample (slide) of each spot, also read by GenePanel and tl.evaluate
 SAMPLE_KEY = "sample"
 # obsm key of spot centers (x, y)
@@ -22,5 +28,10 @@ EMBEDDING_KEY = "X_spade"
 PREDICTED_KEY = "spade_predicted"
 QUERY_KEY = "spade_query"
 LABELS_KEY = "spade_labels"
+# Default output key of tl.domains (an obs column and its .uns record), which pl.domains draws
+DOMAINS_KEY = "spade_domain"
 # Spot diameters (µm) of technologies whose tables spade_sd recognises without a user-given scale
 SPOT_DIAMETERS_UM = {"Visium": 55.0, "legacy_ST": 100.0}
+# obs columns of a Visium table, as Space Ranger, spatialdata-io and scanpy write them (spade_sd's loaders write the
+# last two): with circles on Visium's grid, they tell a Visium table that records no technology
+VISIUM_OBS = ("in_tissue", "array_row", "array_col")

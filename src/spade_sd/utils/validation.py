@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from numbers import Integral, Real
 from typing import Any
 
@@ -21,6 +21,8 @@ SIZE_UM_RANGE = (1e-2, 1e4)
 # Keys that become zarr group names when the SpatialData is written (spatialdata's rule for element names)
 _KEY_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _SEED_MAX = 2**32 - 1
+# Names suggested at most in one "did you mean"
+_MAX_SUGGESTED = 10
 
 
 def _found(value: Any) -> str:
@@ -106,6 +108,32 @@ def check_patch_geometry(size_um: Any, size_px: Any) -> tuple[float, int]:
     """A patch side in µm within :data:`SIZE_UM_RANGE` and in pixels (8 to 4096)."""
     size_um = check_number("size_um", size_um, minimum=SIZE_UM_RANGE[0], maximum=SIZE_UM_RANGE[1], unit="µm")
     return size_um, check_int("size_px", size_px, minimum=8, maximum=4096)
+
+
+def did_you_mean(unknown: Iterable[Any], known: Iterable[Any]) -> str:
+    """A hint naming the ``known`` names that ``unknown`` ones spell in another letter case (``Gapdh``, ``GAPDH``).
+
+    Parameters
+    ----------
+    unknown
+        Names that were not found.
+    known
+        The names that exist.
+
+    Returns
+    -------
+    ``" Did you mean 'Gapdh'? …"`` to append to an error message, or ``""`` when no unknown name matches a known
+    one with letter case ignored.
+    """
+    by_folded: dict[str, str] = {}
+    for name in known:
+        by_folded.setdefault(str(name).casefold(), str(name))
+    matches = list(dict.fromkeys(by_folded[f] for f in (str(n).casefold() for n in unknown) if f in by_folded))
+    if not matches:
+        return ""
+    shown = ", ".join(map(repr, matches[:_MAX_SUGGESTED]))
+    more = f" … ({len(matches) - _MAX_SUGGESTED} more)" if len(matches) > _MAX_SUGGESTED else ""
+    return f" Did you mean {shown}{more}? Names are matched with their letter case."
 
 
 def _bounds(minimum: int | None, maximum: int | None) -> str:
