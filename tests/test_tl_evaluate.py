@@ -39,7 +39,7 @@ def result(slides):
 def test_every_task_for_every_representation(result):
     assert {"encoder", "task", "metric", "value"} <= set(result.columns)
     tasks = result.groupby("encoder")["task"].unique().map(set).to_dict()
-    assert tasks["X_backbone"] == {"probe", "probe_cv", "few_shot", "knn", "classification"}
+    assert tasks["X_backbone"] == {"probe", "probe_cv", "few_shot", "knn", "classification", "domains"}
     # only the SPADE embedding has a gene side, so only it gets gene → image retrieval
     assert tasks["X_spade"] == tasks["X_backbone"] | {"gene_to_image"}
 

@@ -1,5 +1,6 @@
-"""Tools: features, fine-tuning the encoder (SEAL), pretraining, embedding, and what the aligned space knows (prediction, queries, label transfer)."""
+"""Tools: features, fine-tuning (SEAL), pretraining, embedding, what the aligned space knows (prediction, queries, label transfer), domains."""
 
+from spade_sd.tl._domains import domains
 from spade_sd.tl._embed import embed
 from spade_sd.tl._evaluate import evaluate
 from spade_sd.tl._features import features
@@ -9,4 +10,14 @@ from spade_sd.tl._pretrain import pretrain
 from spade_sd.tl._query import query
 from spade_sd.tl._transfer import transfer_labels
 
-__all__ = ["embed", "evaluate", "features", "finetune", "predict_expression", "pretrain", "query", "transfer_labels"]
+__all__ = [
+    "domains",
+    "embed",
+    "evaluate",
+    "features",
+    "finetune",
+    "predict_expression",
+    "pretrain",
+    "query",
+    "transfer_labels",
+]

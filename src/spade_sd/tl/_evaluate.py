@@ -1,4 +1,4 @@
-"""sd.tl.evaluate: embeddings of several slides compared with the probes, retrieval and few-shot tasks of metrics."""
+"""sd.tl.evaluate: embeddings of several slides compared with the probes, retrieval, few-shot and domain tasks."""
 
 from __future__ import annotations
 
@@ -14,10 +14,13 @@ from spade_sd.spots.genes import GenePanel
 from spade_sd.utils.logging import logger
 from spade_sd.utils.validation import check_int, check_key, check_number, check_seed
 
-Task = Literal["probe", "probe_cv", "few_shot", "knn", "gene_to_image", "classification"]
+Task = Literal["probe", "probe_cv", "few_shot", "knn", "gene_to_image", "classification", "domains"]
 TASKS: tuple[Task, ...] = get_args(Task)
 # Tasks that hold out whole slides, so they need at least two.
 _FOLD_TASKS = {"probe", "probe_cv", "knn"}
+# Tasks that read the labels column, and those that read the slides' shared expression targets.
+_LABEL_TASKS = {"classification", "domains"}
+_TARGET_TASKS = {"probe", "probe_cv", "few_shot", "knn", "classification"}
 
 
 def _checked_tasks(tasks: str | Sequence[str]) -> list[str]:
@@ -49,7 +52,7 @@ def _tables(data, table_key: str | None) -> list[AnnData]:
 
 
 def _check_labels(tables: list[AnnData], labels: str | None, tasks: list[str]) -> None:
-    if labels is None or "classification" not in tasks:
+    if labels is None or not _LABEL_TASKS & set(tasks):
         return
     lacking = [i for i, t in enumerate(tables) if check_key("labels", labels) not in t.obs]
     if lacking:
@@ -100,6 +103,45 @@ def _gene_side(tables: list[AnnData], rep: str, keep: np.ndarray) -> np.ndarray 
     return _stack(tables, gene_rep)[keep] if all(gene_rep in t.obsm for t in tables) else None
 
 
+def _domain_scores(
+    tables: list[AnnData], representations: dict[str, np.ndarray], slide: np.ndarray, labels: str | None, seed: int
+) -> list[pd.DataFrame]:
+    """Agreement of each representation's Leiden clusters with every section's own expression domains and labels.
+
+    Each section is scored alone (sections clustered together split by section); its expression domains come from
+    its own expression (all genes, log1p-normalised), at each of the reference resolutions.
+    """
+    from spade_sd.metrics import domain_agreement, expression_domains
+    from spade_sd.metrics._domains import REFERENCE_HVGS, REFERENCE_PCS, REFERENCE_RESOLUTIONS
+
+    frames, offset = [], 0
+    for table in tables:
+        rows = np.arange(offset, offset + table.n_obs)
+        offset += table.n_obs
+        expression = GenePanel(genes=list(table.var_names)).transform(table)
+        for section in np.unique(slide[rows]):
+            members = slide[rows] == section
+            references = {
+                f"expression@{r:g}": expression_domains(
+                    expression[members], resolution=r, n_top_genes=REFERENCE_HVGS, n_pcs=REFERENCE_PCS, seed=seed
+                )
+                for r in REFERENCE_RESOLUTIONS
+            }
+            if labels is not None:
+                references[labels] = table.obs[labels].to_numpy()[members]
+            for rep, X in representations.items():
+                x = X[rows][members]
+                for reference, truth in references.items():
+                    keep = np.isfinite(x).all(axis=1) & pd.notna(truth)
+                    if np.unique(truth[keep].astype(str)).size < 2:
+                        logger.warning("%s: %r has fewer than 2 domains on %s; not scored", section, reference, rep)
+                        continue
+                    df = domain_agreement(x[keep], truth[keep].astype(str), reference=reference, label=rep)
+                    against = "expression domains" if reference.startswith("expression@") else reference
+                    frames.append(df.assign(metric=df["metric"] + f" vs {against}", fold=section, group=reference))
+    return frames
+
+
 def evaluate(
     data: SpatialData | AnnData | Sequence[SpatialData | AnnData],
     *,
@@ -115,7 +157,7 @@ def evaluate(
     n_repeats: int = 5,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Compare embeddings on expression prediction, retrieval and few-shot classification.
+    """Compare embeddings on expression prediction, retrieval, few-shot classification and domains.
 
     Targets are the log1p-normalised ``n_top_genes`` most variable genes shared by the slides; folds are whole
     slides (leave-one-slide-out), never spots. Each task is one function of :mod:`spade_sd.metrics`, which also
@@ -136,14 +178,21 @@ def evaluate(
         ``"gene_to_image"``: recall@k of the true spot when ranking a slide's patches by similarity to the
         gene-side embedding ``f"{rep}_gene"``, skipped for representations without one
         (:func:`~spade_sd.metrics.gene_to_image_recall`); ``"classification"``: balanced accuracy of logistic
-        regression on ``k_shots`` labelled spots per class (:func:`~spade_sd.metrics.few_shot_classification`).
+        regression on ``k_shots`` labelled spots per class (:func:`~spade_sd.metrics.few_shot_classification`);
+        ``"domains"``: whether Leiden clusters of the representation, as ``sc.pp.neighbors(use_rep=...)`` and
+        ``sc.tl.leiden`` give them, follow each slide's own expression domains (Leiden on its 1,000 most variable
+        genes, 20 PCs, at resolutions 0.5 and 1.0) and ``labels``: ARI and NMI over 5 Leiden seeds at the
+        resolution (0.1 to 1.5) whose cluster count is nearest the reference's
+        (:func:`~spade_sd.metrics.domain_agreement`; metrics ``"ari vs expression domains"``,
+        ``"ari vs <labels>"``, …, with the reference in ``group``).
     table_key
         Table of each SpatialData (default: its only table).
     slide_key
         ``obs`` column naming the slide (or patient) of each spot; default one slide per table.
     labels
-        ``obs`` column of classes for ``"classification"``; default: Leiden domains of the expression
-        (:func:`~spade_sd.metrics.expression_domains`).
+        ``obs`` column of classes (e.g. pathologist regions) for ``"classification"`` (default: Leiden domains of
+        the expression, :func:`~spade_sd.metrics.expression_domains`), and a second reference of ``"domains"``;
+        spots without a label are left out of both.
     n_top_genes, fraction, k_neighbors, k_shots, n_repeats, seed
         Task settings.
 
@@ -175,17 +224,19 @@ def evaluate(
     _check_labels(tables, labels, tasks)
     representations = {rep: _stack(tables, rep) for rep in reps}
     slide = _slides(tables, slide_key)
-    panel = GenePanel.fit(tables, n_top_genes=n_top_genes, flavor="global")
-    Y = np.concatenate([panel.transform(t) for t in tables])
     _check_folds(slide, tasks)
+    # the domains task reads each slide's own expression, and gene → image retrieval none
+    panel = GenePanel.fit(tables, n_top_genes=n_top_genes, flavor="global") if _TARGET_TASKS & set(tasks) else None
+    Y = np.concatenate([panel.transform(t) for t in tables]) if panel is not None else None
     classes = _classes(tables, labels, Y, seed) if "classification" in tasks else None
 
     results = []
     for rep, X in representations.items():
         keep = _finite_rows(rep, X)
-        x, y, s, G = X[keep], Y[keep], slide[keep], _gene_side(tables, rep, keep)
+        x, s, G = X[keep], slide[keep], _gene_side(tables, rep, keep)
+        y = Y[keep] if Y is not None else None
         for task in tasks:
-            if task == "gene_to_image" and G is None:
+            if task == "domains" or (task == "gene_to_image" and G is None):
                 continue
             if task in ("probe", "probe_cv"):
                 alpha = "hest" if task == "probe" else "cv"
@@ -203,4 +254,10 @@ def evaluate(
             else:
                 result = gene_to_image_recall(G, x, groups=s, label=rep)
             results.append(result.assign(task=task))
-    return pd.concat(results, ignore_index=True)
+    if "domains" in tasks:
+        results += [df.assign(task="domains") for df in _domain_scores(tables, representations, slide, labels, seed)]
+    return (
+        pd.concat(results, ignore_index=True)
+        if results
+        else pd.DataFrame(columns=["encoder", "task", "metric", "value"])
+    )
