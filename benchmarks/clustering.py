@@ -27,8 +27,9 @@ the default ``X_spade``'s plain Leiden and ``sd.tl.domains`` clusters at the mat
 ``sd.pl.domains``; with ``--tiles``, also ``sd.tl.domains`` on ``sd.pp.tile_image`` tiles of that section embedded
 with the fold's default model: domains from the H&E alone.
 
-Run ``python benchmarks/clustering.py --out benchmarks/results --tag main`` (about 30 min on 2 busy CPU cores, first
-run longer while features are cached); results go to ``benchmarks/results/clustering_<tag>.{csv,json,md}``.
+Run ``python benchmarks/clustering.py --out benchmarks/results --tag main --tiles`` (9 to 19 min on 2 busy CPU cores
+with features cached); results go to ``benchmarks/results/clustering_<tag>.{csv,json,md}`` and the figures beside
+them; the measured results are on ``docs/quality.md``.
 """
 
 from __future__ import annotations

@@ -271,13 +271,18 @@ def run_dataset(
                     for s in sections:
                         s.table.obsm.pop("X_spade_gene", None)  # never score an earlier fold's gene side
                         sd.tl.embed(s.sdata, model)
-                    X = np.concatenate([s.rep("X_spade") for s in sections])
                     G = np.concatenate([_gene_side(s, model) for s in sections])
-                    fold = evaluate_fold(
-                        label, X, G, Y, section, s_out.name, domains[s_out.name], genes, n_repeats=n_repeats, seed=0
-                    )
-                    if score_extra is not None:
-                        fold += score_extra(label, X, s_out.name)
+                    fold = []
+                    # the embedding, and (models with an expression subspace) the projection the tools compare
+                    for key, name in (("X_spade", label), ("X_spade_expr", f"{label} [expr]")):
+                        if key not in sections[0].table.obsm:
+                            continue
+                        X = np.concatenate([s.rep(key) for s in sections])
+                        fold += evaluate_fold(
+                            name, X, G, Y, section, s_out.name, domains[s_out.name], genes, n_repeats=n_repeats, seed=0
+                        )
+                        if score_extra is not None:
+                            fold += score_extra(name, X, s_out.name)
                     epochs = model.history.get("epochs")
                     frames += [f.assign(seed=seed, epochs=epochs) for f in fold]
         timings[spec] = time.perf_counter() - start

@@ -201,7 +201,15 @@ def test_a_format_1_configuration_is_migrated():
     assert config.panel == PanelConfig(n_top_genes=50, flavor="union", smoothing=0.0, layer=None)
     assert config.clustering == ClusteringConfig(n_experts=2, n_fine=4, standardize="slide", tau_scale=0.25)
     expected = TrainingConfig(
-        loss="clip", max_epochs=3, lr=1e-3, n_comps=16, warm_start=True, expert_lr_factor=0.1, reference_size=0
+        loss="clip",
+        max_epochs=3,
+        lr=1e-3,
+        n_comps=16,
+        warm_start=True,
+        expert_lr_factor=0.1,
+        reference_size=0,
+        head_init="random",  # the defaults of its time, not today's
+        expression_comps=None,
     )
     assert config.training == expected
     assert config.slides == ("synthetic_0", "synthetic_1") and config.n_spots == 128

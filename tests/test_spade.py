@@ -16,6 +16,8 @@ from spade_sd.metrics import gene_to_image_recall
 from spade_sd.model.routing import expert_weights
 
 PATCH = {"size_um": 64.0, "size_px": 64}
+# the design before spade_sd 0.2 (still an option): every embedding projected onto 16 directions, heads from random
+PROJECTED = {"n_comps": 16, "expression_comps": None, "head_init": "random"}
 TRAIN = {"n_experts": 4, "n_fine": 8, "max_epochs": 40, "quiet": True, **PATCH}
 
 
@@ -31,7 +33,7 @@ def _slides():
 @pytest.fixture(scope="module")
 def trained(morphology):
     slides = _slides()
-    model = sd.tl.pretrain(slides, backbone=morphology, seed=0, **TRAIN)
+    model = sd.tl.pretrain(slides, backbone=morphology, seed=0, **PROJECTED, **TRAIN)
     for sdata in slides:
         sd.tl.embed(sdata, model)
     return model, slides
@@ -92,8 +94,8 @@ def test_soft_and_hard_routing_agree_on_confident_spots(trained, morphology):
 @pytest.mark.cpu_paths
 def test_same_seed_same_model_other_seed_differs(trained, morphology):
     model, slides = trained
-    again = sd.tl.pretrain(_slides(), backbone=morphology, seed=0, **TRAIN)
-    other = sd.tl.pretrain(_slides(), backbone=morphology, seed=1, **TRAIN)
+    again = sd.tl.pretrain(_slides(), backbone=morphology, seed=0, **PROJECTED, **TRAIN)
+    other = sd.tl.pretrain(_slides(), backbone=morphology, seed=1, **PROJECTED, **TRAIN)
     X = np.random.default_rng(0).normal(size=(40, morphology.dim)).astype(np.float32) + model.scaler.mean
     np.testing.assert_array_equal(model.embed_features(X)[0], again.embed_features(X)[0])
     assert again.identity() == model.identity() and other.identity() != model.identity()
@@ -193,8 +195,11 @@ def test_real_data_end_to_end(loader, sections, data_dir):
         table = sdata.tables["table"]
         assert np.isfinite(table.obsm["X_spade"]).all() and np.isfinite(table.obsm["X_spade_gene"]).all()
         assert table.obs["spade_expert"].nunique() == 2
-        singular = np.linalg.svd(table.obsm["X_spade"] - model.subspace.mean, compute_uv=False)
-        assert singular[16] < 1e-4 * singular[0]  # kept in the 16 leading directions of the training spots
+        # X_spade keeps every direction; the tools' projection, the 16 leading ones of the training spots
+        centered = table.obsm["X_spade_expr"] - model.expression_subspace.mean
+        singular = np.linalg.svd(centered, compute_uv=False)
+        assert singular[16] < 1e-4 * singular[0]
+        assert np.linalg.matrix_rank(table.obsm["X_spade"] - table.obsm["X_spade"].mean(0), tol=1e-3) > 16
         recall = gene_to_image_recall(table.obsm["X_spade_gene"], table.obsm["X_spade"], ks=(10,))
         assert (
             recall.query("metric == 'recall@10'")["value"].mean()
@@ -215,15 +220,11 @@ def test_slides_unlike_the_training_data_are_flagged(data_dir, caplog):
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="spade_sd"):
         sd.tl.embed(other, model)
-    assert "unlike the training slides" in caplog.text and "model.full_rank()" in caplog.text
+    # the default embedding keeps every direction: the warning is about the expression tools
+    assert "unlike the training slides" in caplog.text and "expression tools" in caplog.text
     unlike = other.tables["table"].uns["spade"]["subspace"]
+    assert unlike["projects"] == "expression tools" == same["projects"]
     assert unlike["kept_variance"] < 0.85 * unlike["training_kept_variance"] < same["kept_variance"]
-    # the full-rank embedding holds the subspace's: projecting it gives X_spade back
-    sd.tl.embed(other, model.full_rank(), key_added="X_spade_full")
-    table = other.tables["table"]
-    assert "subspace" not in table.uns["spade_full"]
-    assert table.uns["spade_full"]["model"]["identity"] != table.uns["spade"]["model"]["identity"]
-    np.testing.assert_allclose(model.subspace.project(table.obsm["X_spade_full"]), table.obsm["X_spade"], atol=1e-4)
 
 
 def test_embeddings_lie_in_the_training_spots_principal_subspace(trained, morphology):
@@ -234,7 +235,7 @@ def test_embeddings_lie_in_the_training_spots_principal_subspace(trained, morpho
         singular = np.linalg.svd(embedding - model.subspace.mean, compute_uv=False)
         assert singular[16] < 1e-4 * singular[0] and singular[15] > 1e-2 * singular[0], key
     # without the subspace the same seed trains the same heads, whose outputs span many more directions
-    full = sd.tl.pretrain(_slides(), backbone=morphology, seed=0, n_comps=None, **TRAIN)
+    full = sd.tl.pretrain(_slides(), backbone=morphology, seed=0, **{**PROJECTED, "n_comps": None}, **TRAIN)
     assert full.subspace is None and full.config.training.n_comps is None
     X = morphology(sd.pp.spot_patches(slides[0], **PATCH).read(np.arange(slides[0].tables["table"].n_obs)))
     heads = full.embed_features(X)[0]
@@ -242,14 +243,16 @@ def test_embeddings_lie_in_the_training_spots_principal_subspace(trained, morpho
     np.testing.assert_allclose(model.subspace.project(heads), model.embed_features(X)[0], atol=1e-5)
     # the subspace is fitted after training: dropping it gives the n_comps=None model's embeddings, bit for bit
     unprojected = model.full_rank()
-    assert unprojected.subspace is None and unprojected.reference is None and model.subspace is not None
+    assert unprojected.subspace is None and unprojected.expression_subspace is model.subspace
     assert unprojected.identity() != model.identity()
     np.testing.assert_array_equal(unprojected.embed_features(X)[0], heads)
 
 
 def test_heads_started_at_the_backbone_train_save_and_reload(trained, morphology, tmp_path):
     model, slides = trained
-    started = sd.tl.pretrain(_slides(), backbone=morphology, seed=0, head_init="backbone", **{**TRAIN, "max_epochs": 3})
+    started = sd.tl.pretrain(
+        _slides(), backbone=morphology, seed=0, **{**PROJECTED, "head_init": "backbone"}, **{**TRAIN, "max_epochs": 3}
+    )
     assert started.config.training.head_init == "backbone" and model.config.training.head_init == "random"
     assert started.identity() != model.identity()
     started.save(tmp_path / "started")

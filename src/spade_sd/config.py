@@ -41,16 +41,16 @@ def _set(config: Any, name: str, value: Any) -> None:
     object.__setattr__(config, name, value)
 
 
-def check_n_comps(n_comps: int | None, out_dim: int, n_spots: int | None = None) -> None:
+def check_n_comps(n_comps: int | None, out_dim: int, n_spots: int | None = None, *, name: str = "n_comps") -> None:
     """Raise a ValueError unless ``n_comps`` is ``None`` or an int in ``[1, min(out_dim, n_spots)]``."""
     if n_comps is None:
         return
     if isinstance(n_comps, bool) or not isinstance(n_comps, Integral) or n_comps < 1:
-        raise ValueError(f"n_comps must be a positive int or None; found {n_comps!r}.")
+        raise ValueError(f"{name} must be a positive int or None; found {n_comps!r}.")
     if n_comps > out_dim:
-        raise ValueError(f"n_comps must be at most out_dim ({out_dim}); found {n_comps}.")
+        raise ValueError(f"{name} must be at most out_dim ({out_dim}); found {n_comps}.")
     if n_spots is not None and n_comps > n_spots:
-        raise ValueError(f"n_comps must be at most the number of training spots ({n_spots}); found {n_comps}.")
+        raise ValueError(f"{name} must be at most the number of training spots ({n_spots}); found {n_comps}.")
 
 
 class _Config:
@@ -173,7 +173,13 @@ class TrainingConfig(_Config):
         Embedding dimension of the heads.
     n_comps
         Keep every embedding in the span of the ``n_comps`` leading principal directions of the training spots'
-        image embeddings; ``None`` keeps the heads' outputs.
+        image embeddings; ``None`` (the default) keeps every direction of the heads' outputs, so the embedding keeps
+        what the backbone knew about slides unlike the training data.
+    expression_comps
+        The expression tools (:func:`~spade_sd.tl.predict_expression`, :func:`~spade_sd.tl.query`) compare
+        embeddings within the span of the ``expression_comps`` leading principal directions of the training spots'
+        image embeddings, and :func:`~spade_sd.tl.embed` writes that projection beside the embedding
+        (``.obsm['X_spade_expr']``); ``None``: the tools compare whole embeddings and nothing more is written.
     output
         ``"aligned"``: the embedding is the heads' (aligned) coordinates; ``"joint"``: the aligned coordinates
         followed by a block of the standardized backbone features (:class:`~spade_sd.model.backbone_block.BackboneBlock`),
@@ -234,12 +240,13 @@ class TrainingConfig(_Config):
     loss: LossName = "clip"
     temperature: float = 1.0
     out_dim: int = 256
-    n_comps: int | None = 16
+    n_comps: int | None = None
+    expression_comps: int | None = 16
     output: OutputName = "aligned"
     backbone_comps: int | None = 64
     backbone_weight: float = 1.0
     reconstruction: float = 0.0
-    head_init: HeadInitName = "random"
+    head_init: HeadInitName = "backbone"
     dropout: float = 0.1
     batch_size: int = 128
     max_epochs: int = 50
@@ -263,6 +270,7 @@ class TrainingConfig(_Config):
         _set(self, "temperature", check_number("temperature", self.temperature, **positive))
         _set(self, "out_dim", check_int("out_dim", self.out_dim, minimum=1))
         check_n_comps(self.n_comps, self.out_dim)
+        check_n_comps(self.expression_comps, self.out_dim, name="expression_comps")
         check_choice("output", self.output, OUTPUTS)
         if self.backbone_comps is not None:
             _set(self, "backbone_comps", check_int("backbone_comps", self.backbone_comps, minimum=1))
@@ -399,8 +407,23 @@ _FORMAT_1_ABSENT = {
     "expert_lr_factor": 1.0,
     "n_comps": None,
     "reference_size": 0,  # format 1 stored no reference bank
+    "head_init": "random",
+    "expression_comps": None,
 }
-_FORMAT_1_TRAINING = ("lr", "n_comps", "warm_start", "expert_lr_factor", "seed", "train_threads", "reference_size")
+_FORMAT_1_TRAINING = (
+    "lr",
+    "n_comps",
+    "warm_start",
+    "expert_lr_factor",
+    "seed",
+    "train_threads",
+    "reference_size",
+    "head_init",
+    "expression_comps",
+)
+# What a later model lacking one of these training options was trained with: each came with the option it records,
+# and the defaults changed later (the heads started at random and the tools compared whole embeddings).
+TRAINING_ABSENT = {"head_init": "random", "expression_comps": None}
 
 
 def config_from_format_1(

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from spade_sd.config import SpadeConfig, config_from_format_1
+from spade_sd.config import TRAINING_ABSENT, SpadeConfig, config_from_format_1
 from spade_sd.encoders.backbone import Backbone
 from spade_sd.encoders.identity import backbone_difference
 from spade_sd.model.backbone_block import BackboneBlock
@@ -117,6 +117,10 @@ class SpadeModel:
         For ``output="joint"``: the block of standardized backbone features appended to every image-side embedding
         (zeros on the gene side); ``None`` (``output="aligned"``, and every model saved before the option existed)
         embeds the aligned coordinates only.
+    expression_subspace
+        The principal subspace of the training spots' aligned image embeddings within which the expression tools
+        compare embeddings (:meth:`expression_space`); ``None`` (``expression_comps=None``, and every model saved
+        before the option existed) compares whole embeddings.
     """
 
     backbone: Backbone
@@ -130,6 +134,7 @@ class SpadeModel:
     history: dict[str, Any] = field(default_factory=dict)
     reference: ReferenceBank | None = None
     block: BackboneBlock | None = None
+    expression_subspace: EmbeddingSubspace | None = None
 
     def __post_init__(self) -> None:
         self.mixture.eval()
@@ -164,20 +169,23 @@ class SpadeModel:
         return self.clustering.n_experts
 
     def full_rank(self) -> SpadeModel:
-        """The same model without its principal subspace: embeddings keep every direction of the heads' output.
+        """The same model without projecting its embeddings: they keep every direction of the heads' output.
 
-        Training does not depend on the subspace (it is fitted afterwards), so this is the model
-        ``sd.tl.pretrain(..., n_comps=None)`` trains with the same data and seed. It keeps more of what the backbone
-        knew about the image, most of all on slides unlike the training data, and loses the nearly unregularised
-        linear probes (HEST's), least so for a model trained with ``head_init="backbone"``: ``docs/quality.md`` has
-        the measurements. Its reference bank is left out (the bank's embeddings are the subspace's); pass
-        ``reference=`` to :func:`spade_sd.tl.predict_expression`. Its configuration records ``n_comps=None`` and its
-        :meth:`identity` differs from this model's, so the embeddings of the two are never mixed.
+        For a model trained with ``n_comps`` (the default before spade_sd 0.2 was 16): training does not depend on
+        the subspace (it is fitted afterwards), so this is the model ``sd.tl.pretrain(..., n_comps=None)`` trains
+        with the same data and seed. It keeps more of what the backbone knew about the image, most of all on slides
+        unlike the training data (``docs/quality.md`` has the measurements). The subspace moves to the expression
+        tools (:attr:`expression_subspace`, unless the model has one), so :func:`~spade_sd.tl.predict_expression`
+        and :func:`~spade_sd.tl.query` give what they gave with this model. Its :meth:`identity` differs from this
+        model's, so the embeddings of the two are never mixed; its configuration records ``n_comps=None`` and
+        ``expression_comps``. A model without the projection is returned as it is.
         """
         if self.subspace is None:
             return self
-        config = replace(self.config, training=replace(self.config.training, n_comps=None))
-        return replace(self, subspace=None, reference=None, config=config)
+        tools = self.subspace if self.expression_subspace is None else self.expression_subspace
+        # its configuration records what it is: every direction kept, the subspace the tools'
+        training = replace(self.config.training, n_comps=None, expression_comps=tools.n_comps)
+        return replace(self, subspace=None, expression_subspace=tools, config=replace(self.config, training=training))
 
     @property
     def standardization(self) -> str:
@@ -323,6 +331,18 @@ class SpadeModel:
             )
         return embedding, weights
 
+    def expression_space(self, embedding: np.ndarray) -> np.ndarray:
+        """Embeddings as the expression tools compare them: projected onto :attr:`expression_subspace`.
+
+        ``embedding`` ``(n, dim)`` is an image- or gene-side embedding of this model. Its aligned coordinates are
+        projected onto the subspace (``(n, out_dim)``, the backbone block of a joint output left out); without an
+        expression subspace it is returned as it is.
+        """
+        if self.expression_subspace is None:
+            return np.asarray(embedding, dtype=np.float32)
+        aligned = np.asarray(embedding, dtype=np.float32)[:, : self.mixture.config["out_dim"]]
+        return self.expression_subspace.project(aligned)
+
     def embed_expression(self, expression: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """Gene-side embedding ``(n, dim)`` of panel expression (``panel.transform``) under given weights.
 
@@ -362,6 +382,8 @@ class SpadeModel:
             arrays.update({f"subspace.{k}": v for k, v in self.subspace.to_arrays().items()})
         if self.block is not None:
             arrays.update({f"block.{k}": v for k, v in self.block.to_arrays().items()})
+        if self.expression_subspace is not None:
+            arrays.update({f"expression_subspace.{k}": v for k, v in self.expression_subspace.to_arrays().items()})
         metadata = {
             "format": MODEL_FORMAT,
             "config": self.config.to_dict(),
@@ -533,7 +555,7 @@ class SpadeModel:
     ) -> SpadeModel:
         part = {
             prefix: {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{prefix}.")}
-            for prefix in ("mixture", "scaler", "clustering", "subspace", "reference", "block")
+            for prefix in ("mixture", "scaler", "clustering", "subspace", "reference", "block", "expression_subspace")
         }
         require(metadata, _REQUIRED + (_REFERENCE if part["reference"] else ()), config_path, "SpadeModel.save")
         config = _saved_config(metadata, config_path)
@@ -567,16 +589,26 @@ class SpadeModel:
             if part["reference"]
             else None,
             block=BackboneBlock.from_arrays(part["block"]) if part["block"] else None,
+            expression_subspace=EmbeddingSubspace.from_arrays(part["expression_subspace"])
+            if part["expression_subspace"]
+            else None,
         )
 
 
 def _saved_config(metadata: dict[str, Any], config_path: Path) -> SpadeConfig:
-    """The configuration of a saved model; a format-1 flat configuration is migrated."""
+    """The configuration of a saved model; a format-1 flat configuration is migrated.
+
+    A training option an earlier format does not record takes the value the code of its time used
+    (:data:`~spade_sd.config.TRAINING_ABSENT`), not today's default.
+    """
     try:
         if metadata["format"] == FORMAT_1:
             panel, out_dim = metadata["panel"], metadata["mixture"]["out_dim"]
             return config_from_format_1(metadata["config"], panel=panel, out_dim=out_dim)
-        return SpadeConfig.from_dict(metadata["config"])
+        config = dict(metadata["config"])
+        if metadata["format"] != MODEL_FORMAT:
+            config["training"] = {**TRAINING_ABSENT, **config.get("training", {})}
+        return SpadeConfig.from_dict(config)
     except (TypeError, ValueError, AttributeError) as error:
         raise ValueError(
             f"{config_path}: its entry 'config' is not a valid configuration ({error}). {_EDITED}"
@@ -616,13 +648,14 @@ def _check_fits(
             f"{config_path}: 'panel.genes' lists {n_genes} genes, but the gene heads in {WEIGHTS_FILE} read "
             f"{held['gene_dim']}. {_EDITED}"
         )
-    basis = part["subspace"].get("basis")
     # without a subspace n_comps cannot be told: full_rank() models saved before it recorded None keep theirs
-    if basis is not None and config.training.n_comps != basis.shape[1]:
-        raise ValueError(
-            f"{config_path}: 'config.training.n_comps' is {config.training.n_comps!r}, but {WEIGHTS_FILE} holds a "
-            f"subspace of {basis.shape[1]} principal directions. {_EDITED}"
-        )
+    for name, prefix in (("n_comps", "subspace"), ("expression_comps", "expression_subspace")):
+        basis, recorded = part[prefix].get("basis"), getattr(config.training, name)
+        if basis is not None and recorded != basis.shape[1]:
+            raise ValueError(
+                f"{config_path}: 'config.training.{name}' is {recorded!r}, but {WEIGHTS_FILE} holds a "
+                f"{prefix.replace('_', ' ')} of {basis.shape[1]} principal directions. {_EDITED}"
+            )
     tau = metadata["tau"]
     if isinstance(tau, bool) or not isinstance(tau, int | float) or not tau > 0:
         raise ValueError(f"{config_path}: 'tau' must be a positive number; found {tau!r}. {_EDITED}")

@@ -23,6 +23,7 @@ def result_keys(key_added: str) -> dict[str, str]:
         "embedding": key_added,
         "weights": f"{key_added}_weights",
         "gene": f"{key_added}_gene",
+        "expression": f"{key_added}_expr",
         "expert": f"{stem}_expert",
         "uns": stem,
     }
@@ -30,7 +31,7 @@ def result_keys(key_added: str) -> dict[str, str]:
 
 def result_slots(keys: dict[str, str]) -> list[tuple[str, str]]:
     """Every slot :func:`embed` may write for :func:`result_keys`' ``keys``, as :func:`claim_outputs` takes them."""
-    obsm = [("obsm", keys[name]) for name in ("embedding", "weights", "gene")]
+    obsm = [("obsm", keys[name]) for name in ("embedding", "weights", "gene", "expression")]
     return [*obsm, ("obs", keys["expert"]), ("uns", keys["uns"])]
 
 
@@ -138,13 +139,19 @@ def embed(
         Routing weights ``(n_obs, n_experts)``.
     ``.obsm['X_spade_gene']``
         Gene-side embedding, where expression over the panel exists.
+    ``.obsm['X_spade_expr']``
+        For a model with an expression subspace (``expression_comps``, 16 by default): the embedding projected onto
+        it (:meth:`SpadeModel.expression_space <spade_sd.SpadeModel.expression_space>`), what
+        :func:`~spade_sd.tl.predict_expression` and :func:`~spade_sd.tl.query` compare. Use ``X_spade`` to cluster
+        and transfer labels; ``X_spade_expr`` for linear probes of expression fitted on few spots.
     ``.uns['spade']``
         ``params`` of this call (elements, routing, expression source, patch geometry), the ``model``'s identity,
         backbone and configuration (:meth:`SpadeConfig.to_dict <spade_sd.config.SpadeConfig.to_dict>`), and the
-        package ``versions`` that trained it; for a model with a principal subspace, ``subspace``: its ``n_comps``,
-        the share of these patches' embedding variance it keeps (``kept_variance``) and that share on the
-        training spots (``training_kept_variance``). Below 0.85 of the training share a warning says the images are
-        unlike the training slides and suggests :meth:`SpadeModel.full_rank <spade_sd.SpadeModel.full_rank>`.
+        package ``versions`` that trained it; for a model with a principal subspace (the projection of ``n_comps``,
+        else the expression subspace), ``subspace``: its ``n_comps``, what it ``projects``, the share of these
+        patches' embedding variance it keeps (``kept_variance``) and that share on the training spots
+        (``training_kept_variance``). Below 0.85 of the training share a warning says the images are unlike the
+        training slides and what that means for the outputs.
     ``.uns['spade_sd']['outputs']``
         This tool recorded as the writer of the keys above.
 
@@ -175,6 +182,10 @@ def embed(
         model, spot_patches, hard=hard, batch_size=batch_size, cache=cache, num_workers=num_workers, share=share
     )
     outputs = {keys["embedding"]: embedding, keys["weights"]: weights}
+    if model.expression_subspace is not None:
+        outputs[keys["expression"]] = model.expression_space(embedding)
+        if share is None:
+            share = model.expression_subspace.kept_share(embedding[:, : model.mixture.config["out_dim"]])
     if expression is not None:
         outputs[keys["gene"]] = model.embed_expression(expression, weights)
     _check_finite(outputs, len(rows), geometry.table_key)
@@ -199,7 +210,7 @@ def embed(
         "outputs": sorted(outputs) + [keys["expert"]],
     }
     if share is not None:
-        table.uns[keys["uns"]]["subspace"] = _subspace_report(model, share, keys["embedding"])
+        table.uns[keys["uns"]]["subspace"] = _subspace_report(model, share, keys)
     claimed.record()
     logger.info(
         "Added .obsm[%s], .obs[%r] and .uns[%r] to table %r (%d spots)",
@@ -211,23 +222,44 @@ def embed(
     )
 
 
-def _subspace_report(model, share: KeptShare, key: str) -> dict:
-    """The principal subspace's kept share of these patches' embedding variance; warns when they are unlike training."""
-    kept, training = share.share, model.subspace.kept
-    report = {"n_comps": model.subspace.n_comps, "kept_variance": kept, "training_kept_variance": training}
+def _subspace_report(model, share: KeptShare, keys: dict[str, str]) -> dict:
+    """The principal subspace's kept share of these patches' embedding variance; warns when they are unlike training.
+
+    The subspace is the one the embedding is projected onto (``n_comps``) or, for a full-rank embedding, the one
+    the expression tools compare within (``expression_comps``).
+    """
+    subspace = model.subspace if model.subspace is not None else model.expression_subspace
+    kept, training = share.share, subspace.kept
+    report = {
+        "n_comps": subspace.n_comps,
+        "projects": "embedding" if model.subspace is not None else "expression tools",
+        "kept_variance": kept,
+        "training_kept_variance": training,
+    }
     # models saved before the training share was recorded lack it; anndata cannot write None
     report = {name: value for name, value in report.items() if value is not None}
     if kept is not None and training is not None and kept < UNLIKE_TRAINING * training:
+        if model.subspace is not None:
+            consequence = (
+                f".obsm[{keys['embedding']!r}] may know less about their morphology than the backbone's features. "
+                "For morphology tasks (clustering, label transfer) embed them with model.full_rank() as well, e.g. "
+                "sd.tl.embed(sdata, model.full_rank(), key_added='X_spade_full')"
+            )
+        else:
+            consequence = (
+                f".obsm[{keys['embedding']!r}] keeps every direction (for clustering and label transfer it stays at "
+                "least level with the backbone's features on such slides), but the expression tools "
+                f"(tl.predict_expression, tl.query, .obsm[{keys['expression']!r}]) compare within directions fitted "
+                "to the training tissue: treat their results on these images with caution"
+            )
         logger.warning(
             "The model's %d-d principal subspace keeps %.0f%% of these patches' embedding variance, against %.0f%% "
-            "on its training spots: the images are unlike the training slides (another tissue, for instance), "
-            "and .obsm[%r] may know less about their morphology than the backbone's features. For "
-            "morphology tasks (clustering, label transfer) embed them with model.full_rank() as well, e.g. "
-            "sd.tl.embed(sdata, model.full_rank(), key_added='X_spade_full'); docs/quality.md has the measurements.",
-            model.subspace.n_comps,
+            "on its training spots: the images are unlike the training slides (another tissue, for instance). "
+            "%s; docs/quality.md has the measurements.",
+            subspace.n_comps,
             100 * kept,
             100 * training,
-            key,
+            consequence,
         )
     return report
 
@@ -308,8 +340,9 @@ def _write(
     expert[rows] = weights.argmax(axis=1).astype(str)
     for key, value in outputs.items():
         table.obsm[key] = value
-    if keys["gene"] not in outputs and keys["gene"] in table.obsm and len(rows) == table.n_obs:
-        # a gene-side embedding of an earlier run would no longer match the new image side
-        del table.obsm[keys["gene"]]
-        logger.info("Removed the earlier .obsm[%r]: this run computed no gene-side embedding", keys["gene"])
+    for stale in ("gene", "expression"):
+        if keys[stale] not in outputs and keys[stale] in table.obsm and len(rows) == table.n_obs:
+            # an earlier run's output would no longer match the new image side
+            del table.obsm[keys[stale]]
+            logger.info("Removed the earlier .obsm[%r]: this run's model does not compute it", keys[stale])
     table.obs[keys["expert"]] = pd.Categorical(expert, categories=[str(e) for e in range(n_experts)])

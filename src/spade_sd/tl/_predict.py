@@ -124,6 +124,8 @@ def predict_expression(
 
     query, _ = embed_patches(model, patches, batch_size=batch_size, cache=cache)
     ref_embedding, ref_expression = source.load(genes)
+    # compared within the model's expression subspace, where the aligned space holds what predicts expression
+    query, ref_embedding = model.expression_space(query), model.expression_space(ref_embedding)
     prediction, alpha = _predicted(method, query, ref_embedding, ref_expression, k, own)
     table = _prediction_table(sdata, geometry, prediction.astype(np.float32), genes)
     table.uns[key_added] = {

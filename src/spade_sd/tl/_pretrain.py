@@ -167,6 +167,7 @@ def pretrain(
     temperature: float = TrainingConfig.temperature,
     out_dim: int = TrainingConfig.out_dim,
     n_comps: int | None = TrainingConfig.n_comps,
+    expression_comps: int | None = TrainingConfig.expression_comps,
     output: Literal["aligned", "joint"] = TrainingConfig.output,
     backbone_comps: int | None = TrainingConfig.backbone_comps,
     backbone_weight: float = TrainingConfig.backbone_weight,
@@ -262,10 +263,16 @@ def pretrain(
     n_comps
         After training, keep every embedding (image and gene side) in the span of the ``n_comps`` leading
         principal directions of the training spots' image embeddings, in the ``out_dim`` coordinates
-        (:attr:`~spade_sd.SpadeModel.subspace`); ``None`` keeps the heads' outputs. The trailing directions add
-        little to expression retrieval, but a linear probe fitted with little regularization or on few spots
-        overfits them, and they memorize the training spots: pass ``None`` to retrieve the training spots
-        themselves.
+        (:attr:`~spade_sd.SpadeModel.subspace`); ``None`` (the default) keeps every direction of the heads'
+        outputs, so ``X_spade`` keeps what the backbone knew about slides unlike the training data (with a
+        subspace it fell below the backbone's features there; ``docs/quality.md``).
+    expression_comps
+        The expression tools (:func:`~spade_sd.tl.predict_expression`, :func:`~spade_sd.tl.query`) compare
+        embeddings within the span of this many leading principal directions of the training spots' image
+        embeddings (:attr:`SpadeModel.expression_subspace <spade_sd.SpadeModel.expression_subspace>`), and
+        :func:`~spade_sd.tl.embed` writes that projection as ``.obsm['X_spade_expr']``: the trailing directions
+        add little to expression retrieval, and a linear probe of expression fitted with little regularization or
+        on few spots overfits them. ``None``: the tools compare whole embeddings.
     output, backbone_comps, backbone_weight
         ``"aligned"``: the embedding is the aligned coordinates only. ``"joint"``: they are followed by a block of
         the standardized backbone features (the heads' input), or of their ``backbone_comps`` leading principal
@@ -278,9 +285,10 @@ def pretrain(
         kept in the model) from the image embedding back to the standardized backbone features, so that the
         embedding keeps what recovers them; 0 trains with the contrastive loss alone.
     head_init
-        ``"random"`` (PyTorch's initialization) or ``"backbone"``: every image head starts at the training spots'
-        ``out_dim`` leading principal components of the standardized features, its residual branch at zero
-        (:meth:`ExpertMixture.start_at_components <spade_sd.model.heads.ExpertMixture.start_at_components>`).
+        ``"backbone"`` (the default): every image head starts at the training spots' ``out_dim`` leading principal
+        components of the standardized features, its residual branch at zero
+        (:meth:`ExpertMixture.start_at_components <spade_sd.model.heads.ExpertMixture.start_at_components>`), so
+        training starts from the backbone's own geometry; ``"random"``: PyTorch's initialization.
     batch_size, max_epochs, lr, weight_decay, patience, warmup_steps
         Training (AdamW with ``warmup_steps`` of linear warm-up, then a cosine schedule; early stopping after
         ``patience`` epochs without improvement).

@@ -52,9 +52,10 @@ def query(
         :func:`spade_sd.tl.pretrain` attached to ``sdata``.
     genes
         Marker genes, as a list: "where these genes are high", turned into a profile over the panel from the
-        reference bank's spots as ``markers`` says. Or a mapping gene → value in log1p-normalized units
-        (``log1p(10⁴ · counts / library size)``), the other panel genes at the bank's mean. Every gene must be in
-        the model's panel. Needs the model's reference bank.
+        reference bank's spots as ``markers`` says: with ``markers="spots"`` any gene the bank measures
+        (``model.reference.genes``: the panel and the training slides' most variable genes), otherwise panel genes.
+        Or a mapping gene → value in log1p-normalized units (``log1p(10⁴ · counts / library size)``), the other
+        panel genes at the bank's mean; every gene must be in the model's panel. Needs the model's reference bank.
     profile
         A measured profile instead: an array over the model's panel genes (in ``model.panel.genes`` order), or a
         :class:`pandas.Series` indexed by gene (genes outside the panel are ignored; panel genes it lacks take the
@@ -105,6 +106,7 @@ def query(
 
     image, weights = embed_patches(model, patches, batch_size=batch_size, cache=cache)
     gene = model.embed_expression(np.repeat(values[None], len(image), axis=0), weights)
+    image, gene = model.expression_space(image), model.expression_space(gene)
     score = (unit_rows(image) * unit_rows(gene)).sum(axis=1)
     table.obs[key_added] = obs_filled(table, geometry.table_rows, score, key_added).astype(float)
     asked = list(genes) if isinstance(genes, Sequence | Mapping) and not isinstance(genes, str) else genes
@@ -176,7 +178,8 @@ def _from_genes(model, genes, quantile: float, markers: str) -> tuple[np.ndarray
     names = [str(g) for g in genes]
     if not names:
         raise ValueError("The query is empty: name at least one gene of the model's panel.")
-    positions = _panel_positions(model, names)
+    if mapping or markers == "raised":
+        positions = _panel_positions(model, names)
     if mapping:
         given = np.array([genes[g] for g in genes], dtype=float)
         if not np.isfinite(given).all():
@@ -188,11 +191,22 @@ def _from_genes(model, genes, quantile: float, markers: str) -> tuple[np.ndarray
     elif markers == "raised":
         values[positions] = np.maximum(values[positions], np.quantile(bank[:, positions], quantile, axis=0))
     else:
-        spread = bank[:, positions].std(axis=0)
-        z = (bank[:, positions] - values[positions]) / np.where(spread > 0, spread, 1.0)
+        # the spots are chosen by any gene the bank measures; the profile is theirs over the panel
+        marked = _bank_markers(model, names)
+        spread = marked.std(axis=0)
+        z = (marked - marked.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
         top = np.argsort(-z.mean(axis=1), kind="stable")[: max(1, math.ceil((1 - quantile) * len(bank)))]
         values = bank[top].mean(axis=0)
     return values.astype(np.float32), "values" if mapping else "markers"
+
+
+def _bank_markers(model, genes: list[str]) -> np.ndarray:
+    """The bank's expression (float32) of marker genes, any of the bank's genes; panel genes are not required."""
+    duplicated = sorted({g for g in genes if genes.count(g) > 1})
+    if duplicated:
+        raise ValueError(f"The query names genes more than once: {duplicated}.")
+    bank = model.reference
+    return bank.expression[:, bank.gene_indices(genes)].astype(np.float32)
 
 
 def _from_profile(model, profile) -> np.ndarray:

@@ -105,7 +105,7 @@ def fit_model(
         config=replace(config, slides=tuple(slides), n_spots=n_spots, versions=_versions()),
         history=_json_safe(history),
     )
-    model = _with_subspace(model, X_std, expression, config.training.n_comps)
+    model = _with_subspace(model, X_std, expression, config.training)
     model = _with_block(model, X_std, config.training)
     if config.training.reference_size > 0:
         model = replace(model, reference=reference_bank(model, features, tables, slides))
@@ -205,6 +205,7 @@ def check_sizes(sizes: Sequence[int], slides: Sequence[str], config: SpadeConfig
                 "Pass standardize='global' or leave these slides out."
             )
     check_n_comps(config.training.n_comps, config.training.out_dim, n_spots)
+    check_n_comps(config.training.expression_comps, config.training.out_dim, n_spots, name="expression_comps")
     comps = config.training.backbone_comps
     if config.training.output == "joint" and comps is not None and n_features is not None:
         if comps > min(n_spots, n_features):
@@ -265,13 +266,22 @@ def _train(
     return mixture, history
 
 
-def _with_subspace(model: SpadeModel, X_std: np.ndarray, expression: np.ndarray, n_comps: int | None) -> SpadeModel:
-    """The model with the principal subspace of its training spots' image embeddings, after checking them."""
+def _with_subspace(model: SpadeModel, X_std: np.ndarray, expression: np.ndarray, config: TrainingConfig) -> SpadeModel:
+    """The model with the principal subspaces of its training spots' image embeddings, after checking them.
+
+    ``n_comps`` projects every embedding; ``expression_comps`` the expression tools' comparisons only, fitted on
+    the embeddings as they are after the first projection (so with both equal, the tools see what embed writes).
+    """
     # the heads' own outputs (the model has no subspace yet) on every training spot, routed as embed routes them
     weights = expert_weights(X_std, model.clustering, tau=model.tau)
     heads = model._heads(X_std, weights, "image")
     _check_finite(heads, model._heads(expression, weights, "gene"), model.tau)
-    return model if n_comps is None else replace(model, subspace=EmbeddingSubspace.fit(heads, n_comps))
+    if config.n_comps is not None:
+        model = replace(model, subspace=EmbeddingSubspace.fit(heads, config.n_comps))
+        heads = model.subspace.project(heads)
+    if config.expression_comps is not None:
+        model = replace(model, expression_subspace=EmbeddingSubspace.fit(heads, config.expression_comps))
+    return model
 
 
 def _with_block(model: SpadeModel, X_std: np.ndarray, config: TrainingConfig) -> SpadeModel:
