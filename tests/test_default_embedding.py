@@ -8,7 +8,7 @@ import pytest
 import spade_sd as sd
 from spade_sd.encoders.morphology import MorphologyFeatures
 from spade_sd.metrics import knn_predict
-from spade_sd.model.spade_model import MODEL_FORMAT, _migrated
+from spade_sd.model.spade_model import FORMAT_2, _saved_config
 from spade_sd.tl._common import unit_rows
 
 PATCH = {"size_um": 64.0, "size_px": 64}
@@ -110,12 +110,14 @@ def test_a_marker_query_takes_any_gene_of_the_reference_bank(default):
         sd.tl.query(target, model, genes=["NOT_A_GENE"], key_added="missing_query")
 
 
-def test_a_model_saved_before_the_new_defaults_keeps_the_options_it_was_trained_with():
-    saved = {"format": MODEL_FORMAT, "config": {"training": {"n_comps": 16, "lr": 1e-3}}}
-    training = _migrated(saved)["config"]["training"]
-    assert training == {"n_comps": 16, "lr": 1e-3, "head_init": "random", "expression_comps": None}
-    recorded = {"format": MODEL_FORMAT, "config": {"training": {"head_init": "backbone", "expression_comps": 8}}}
-    assert _migrated(recorded)["config"]["training"] == recorded["config"]["training"]
+def test_a_model_saved_before_the_new_defaults_keeps_the_options_it_was_trained_with(tmp_path):
+    config = tmp_path / "config.json"
+    saved = {"format": FORMAT_2, "config": {"training": {"n_comps": 16, "lr": 1e-3}}}
+    training = _saved_config(saved, config).training
+    assert (training.n_comps, training.head_init, training.expression_comps) == (16, "random", None)
+    recorded = {"format": FORMAT_2, "config": {"training": {"head_init": "backbone", "expression_comps": 8}}}
+    training = _saved_config(recorded, config).training
+    assert (training.head_init, training.expression_comps) == ("backbone", 8)
 
 
 def test_the_expression_subspace_saves_and_reloads(default, morphology, tmp_path):

@@ -65,6 +65,19 @@ def test_features_from_the_cached_prefix_equal_full_passes(tuned, mob12):
     np.testing.assert_allclose(cached, full, rtol=1e-4, atol=1e-4)
 
 
+def test_features_of_a_finetuned_backbone_come_with_seals_image_embedding(tuned, mob12, base):
+    section = mob12[1]
+    sd.tl.features(section, backbone=tuned, key_added="X_tuned")
+    table = section.tables["table"]
+    expected = SealAlignment.from_backbone(tuned).embed_images(table.obsm["X_tuned"])
+    np.testing.assert_array_equal(table.obsm["X_seal"], expected)
+    assert table.uns["spade_sd"]["outputs"]["obsm"]["X_seal"] == "tl.features"
+    sd.tl.features(section, backbone=base, key_added="X_base")  # a backbone without SEAL's heads writes none
+    assert set(table.obsm) >= {"X_tuned", "X_seal", "X_base"} and "X_base_seal" not in table.obsm
+    with pytest.raises(ValueError, match="seal_key and key_added must differ"):
+        sd.tl.features(section, backbone=tuned, key_added="X_seal", seal_key="X_seal")
+
+
 def test_a_finetuned_backbone_trains_and_embeds_with_spade(tuned, mob12, tmp_path):
     model = sd.tl.pretrain(mob12, backbone=tuned, max_epochs=2, quiet=True, seed=0)
     assert model.backbone.identity() == tuned.identity()

@@ -245,7 +245,10 @@ def own_reference(counted, synthetic_slides):
     sd.tl.embed(sdata, model, cache=False)
     table = sdata.tables["table"]
     expression = sd.GenePanel(list(table.var_names), target_sum=model.panel.target_sum).transform(table)
-    return sdata, np.asarray(table.obsm["X_spade"], dtype=np.float64), np.asarray(expression, dtype=np.float64)
+    # predict_expression compares within the model's expression subspace: what tl.embed writes as X_spade_expr
+    embedding = model.expression_space(table.obsm["X_spade"])
+    np.testing.assert_array_equal(embedding, table.obsm["X_spade_expr"])
+    return sdata, np.asarray(embedding, dtype=np.float64), np.asarray(expression, dtype=np.float64)
 
 
 def _left_out_knn(X_query, X, Y, k, own):

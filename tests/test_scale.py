@@ -35,12 +35,14 @@ TILE_PX = 224  # 112 µm at 0.5 µm/px
 def _tiled_slide(n_side: int, chunk: int = 896) -> SpatialData:
     """A lazily generated single-scale slide covered by ``n_side²`` 112-µm square tiles, as tile_image makes them.
 
-    Each chunk is one grey level broadcast over the chunk, so generating pixels costs nothing.
+    Each chunk is one grey level plus vertical stripes, one row broadcast over the chunk, so generating pixels costs
+    nothing; the stripes make every patch more than one flat colour (a flat patch reads as glass or a failed scan).
     """
 
     def block(block_info=None):
         (y0, y1), (x0, x1) = block_info[None]["array-location"][1:]
-        return np.broadcast_to(np.uint8((y0 // 7 + x0 // 11) % 200 + 30), (3, y1 - y0, x1 - x0))
+        row = ((y0 // 7 + x0 // 11) % 180 + 30 + np.arange(x0, x1) % 16).astype(np.uint8)
+        return np.broadcast_to(row, (3, y1 - y0, x1 - x0))
 
     side = n_side * TILE_PX
     blocks = (chunk,) * (side // chunk) + ((side % chunk,) if side % chunk else ())

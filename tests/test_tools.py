@@ -71,11 +71,12 @@ def test_knn_prediction_is_what_metrics_knn_expression_scores(mob):
     assert predicted.uns["spatialdata_attrs"]["region"] == "MOB3_spots"
     assert list(predicted.obs_names) == list(spots.obs_names) and list(predicted.var_names) == bank.genes
     np.testing.assert_array_equal(predicted.obs["spot_id"].to_numpy(), spots.obs["spot_id"].to_numpy())
-    X = spots.obsm["X_spade"]  # tl.embed's embedding: the query side is computed the same way
+    # tl.embed's projection onto the expression subspace: the query side is computed the same way
+    X, reference = spots.obsm["X_spade_expr"], model.expression_space(bank.embedding)
     np.testing.assert_array_equal(
-        predicted.X, metrics.knn_predict(X, bank.embedding, bank.expression, k=50).astype(np.float32)
+        predicted.X, metrics.knn_predict(X, reference, bank.expression, k=50).astype(np.float32)
     )
-    scored = metrics.knn_expression(X, bank.embedding, bank.expression, measured, k=50, genes=bank.genes)
+    scored = metrics.knn_expression(X, reference, bank.expression, measured, k=50, genes=bank.genes)
     np.testing.assert_allclose(_pearson(measured, predicted.X), scored["value"], rtol=1e-4, atol=1e-6)
     panel = scored["gene"].isin(model.panel.genes)
     assert scored.loc[panel, "value"].mean() > 0.25  # measured 0.39: the H&E predicts the panel genes
@@ -229,7 +230,14 @@ REFUSED = [
     ("taken name", "predict", {"key_added": "table"}, ValueError, r"already has an element 'table'"),
     ("unembedded AnnData", "predict", {"reference": "raw table"}, KeyError, r"has no .obsm\['X_spade'\]"),
     ("empty query", "query", {"genes": []}, ValueError, r"The query is empty"),
-    ("unknown query gene", "query", {"genes": ["Xist"]}, KeyError, r"not in the model's gene panel.*Xist"),
+    ("unknown query gene", "query", {"genes": ["Xist"]}, KeyError, r"not in the model's reference bank.*Xist"),
+    (
+        "raised gene outside the panel",
+        "query",
+        {"genes": ["Xist"], "markers": "raised"},
+        KeyError,
+        r"not in the model's gene panel.*Xist",
+    ),
     ("both", "query", {"genes": ["g"], "profile": [1.0]}, ValueError, r"exactly one of them; found both"),
     ("neither", "query", {}, ValueError, r"exactly one of them; found neither"),
     ("query without bank", "query", {"genes": "panel", "model": "no bank"}, ValueError, r"needs the model's reference"),

@@ -390,7 +390,9 @@ def test_warm_started_experts_share_the_generalists_space(data):
     """Experts started from one generalist stay in a common coordinate system; independently started ones do not."""
     X, Y, slides, seen, clustering = data
     _, expert = clustering.assign(X[seen])
+    # heads started at random: started at the backbone's components, even cold experts would share its space
     options = {"n_experts": clustering.n_experts, "max_epochs": 8, "patience": 8, "loss": "clip", "quiet": True}
+    options["head_init"] = "random"
     generalist, _ = _train(X[seen], Y[seen], np.zeros(seen.sum(), int), slides[seen], **{**options, "n_experts": 1})
     warm, history = _train(X[seen], Y[seen], expert, slides[seen], init=generalist, **options)
     cold, _ = _train(X[seen], Y[seen], expert, slides[seen], **options)

@@ -5,7 +5,7 @@ from spatialdata import SpatialData
 from spade_sd.config import PatchConfig
 from spade_sd.spots.patches import resolve_patches
 from spade_sd.tl._common import as_backbone, claim_outputs, rows_filled
-from spade_sd.utils.constants import BACKBONE_KEY
+from spade_sd.utils.constants import BACKBONE_KEY, SEAL_ATTACHMENT, SEAL_KEY
 from spade_sd.utils.logging import logger
 from spade_sd.utils.validation import check_bool, check_int, check_key
 
@@ -23,6 +23,7 @@ def features(
     shapes_key: str | None = None,
     table_key: str | None = None,
     key_added: str = BACKBONE_KEY,
+    seal_key: str = SEAL_KEY,
     batch_size: int = 64,
     cache: bool = True,
     num_workers: int = 0,
@@ -46,6 +47,9 @@ def features(
     key_added
         Where the features go. A key holding an earlier output of this tool is replaced (logged); one holding
         anything else (another tool's output, the user's own data) is an error, before any patch is encoded.
+    seal_key
+        Where SEAL's image embedding goes, for a backbone fine-tuned by :func:`spade_sd.tl.finetune` (which carries
+        SEAL's heads); unused for other backbones. The same rule as for ``key_added`` applies.
     batch_size
         Patches encoded at a time.
     cache
@@ -61,12 +65,19 @@ def features(
         ``(n_obs, backbone.dim)`` float32 features (NaN for rows annotating other elements).
     ``.uns[key_added]``
         ``params`` (elements, patch geometry, µm per pixel) and ``backbone`` (its configuration and identity).
+    ``.obsm[seal_key]``
+        For a backbone fine-tuned by :func:`spade_sd.tl.finetune`: SEAL's image embedding of every patch, the
+        features projected into the space SEAL aligned with expression
+        (:meth:`SealAlignment.embed_images <spade_sd.model.seal_heads.SealAlignment.embed_images>`).
     ``.uns['spade_sd']['outputs']``
-        This tool recorded as the writer of both keys.
+        This tool recorded as the writer of these keys.
     """
     from spade_sd.encoders.features import check_num_workers, extract_features
 
     check_key("key_added", key_added)
+    check_key("seal_key", seal_key)
+    if seal_key == key_added:
+        raise ValueError(f"seal_key and key_added must differ; both are {key_added!r}.")
     check_int("batch_size", batch_size, minimum=1)
     check_bool("cache", cache)
     num_workers = check_num_workers(num_workers)
@@ -81,8 +92,15 @@ def features(
         table_key=table_key,
     )
     table = sdata.tables[geometry.table_key]
-    claimed = claim_outputs(table, geometry.table_key, TOOL, [("obsm", key_added), ("uns", key_added)])
+    seal = SEAL_ATTACHMENT in getattr(backbone, "attachments", {})
+    slots = [("obsm", key_added), ("uns", key_added), *([("obsm", seal_key)] if seal else [])]
+    claimed = claim_outputs(table, geometry.table_key, TOOL, slots)
     values = extract_features(patches, backbone, batch_size=batch_size, cache=cache, num_workers=num_workers)
+    if seal:
+        from spade_sd.model.seal_heads import SealAlignment
+
+        aligned = SealAlignment.from_backbone(backbone, SEAL_ATTACHMENT).embed_images(values)
+        table.obsm[seal_key] = rows_filled(table, geometry.table_rows, aligned, seal_key)
     table.obsm[key_added] = rows_filled(table, geometry.table_rows, values, key_added)
     table.uns[key_added] = {
         "params": {
@@ -96,3 +114,5 @@ def features(
     }
     claimed.record()
     logger.info("Added .obsm[%r] (%d × %d) to table %r", key_added, *values.shape, geometry.table_key)
+    if seal:
+        logger.info("Added SEAL's image embedding .obsm[%r] to table %r", seal_key, geometry.table_key)

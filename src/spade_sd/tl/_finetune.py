@@ -17,11 +17,9 @@ from spade_sd.tl._pretrain import (
     resolve_slides,
     unique_names,
 )
-from spade_sd.utils.constants import SPATIAL_KEY
+from spade_sd.utils.constants import SEAL_ATTACHMENT, SPATIAL_KEY
 from spade_sd.utils.logging import logger
 from spade_sd.utils.validation import check_bool, check_int
-
-SEAL_ATTACHMENT = "seal"
 
 
 def _checked_config(keywords: dict[str, Any]) -> tuple[SealConfig, PatchConfig, dict[str, Any]]:

@@ -24,6 +24,9 @@ SPATIAL_KEY = "spatial"
 # Default output keys of tl.features and tl.embed
 BACKBONE_KEY = "X_backbone"
 EMBEDDING_KEY = "X_spade"
+# tl.features' output of SEAL's image embedding, for a backbone fine-tuned by tl.finetune (its attachment's name)
+SEAL_KEY = "X_seal"
+SEAL_ATTACHMENT = "seal"
 # Default output keys of tl.predict_expression (a table), tl.query (an obs column) and tl.transfer_labels
 PREDICTED_KEY = "spade_predicted"
 QUERY_KEY = "spade_query"
