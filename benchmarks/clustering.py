@@ -166,7 +166,7 @@ def figure(s_out: quality.Section, reps: dict, df: pd.DataFrame, model, weight: 
         title = f"H&E only: {n_tiles} tiles, tl.domains λ={weight:g}"
         sd.pl.domains(tiled, table_key="tiles_table", ax=axes[panels - 1], title=title, show=False)
     fig.suptitle(f"{s_out.name}: domains at the resolution matched to the expression domains (seed 0)")
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=40)
     plt.close(fig)
     for key in columns:  # the section's table is scored again in later folds: leave it as it was
         del table.obs[key]
