@@ -28,7 +28,7 @@ the default ``X_spade``'s plain Leiden and ``sd.tl.domains`` clusters at the mat
 with the fold's default model: domains from the H&E alone.
 
 Run ``python benchmarks/clustering.py --out benchmarks/results --tag main --tiles`` (9 to 19 min on 2 busy CPU cores
-with features cached); results go to ``benchmarks/results/clustering_<tag>.{csv,json,md}`` and the figures beside
+with features cached); results go to ``benchmarks/results/clustering_<tag>.{csv.gz,json,md}`` and the figures beside
 them; the measured results are on ``docs/quality.md``.
 """
 
@@ -228,7 +228,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 def write(df: pd.DataFrame, out: Path, tag: str, config: dict) -> pd.DataFrame:
     out.mkdir(parents=True, exist_ok=True)
     name = f"clustering_{tag}"
-    df.to_csv(out / f"{name}.csv", index=False)
+    df.to_csv(out / f"{name}.csv.gz", index=False)  # compressed: results stay small in the repository
     table = summary(df)
     per_case = cases(df)
     ari = per_case[per_case["metric"] == ARI]
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--spatial-weights", type=float, nargs="+", default=list(SPATIAL_WEIGHTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="SPADE training seeds (pooled)")
     parser.add_argument("--tiles", action="store_true", help="add tl.domains on H&E-only tiles to the figures")
-    parser.add_argument("--tag", default="main", help="results are written as clustering_<tag>.{csv,json,md}")
+    parser.add_argument("--tag", default="main", help="results are written as clustering_<tag>.{csv.gz,json,md}")
     quality.add_patch_arguments(parser, size_um=PatchConfig.size_um)
     args = parser.parse_args(argv)
     if "backbone" not in args.variants:

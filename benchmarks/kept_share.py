@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     quality.add_patch_arguments(parser, size_um=200.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tag", default="", help="results are written as kept_share[_<tag>].{csv,json,md}")
+    parser.add_argument("--tag", default="", help="results are written as kept_share[_<tag>].{csv.gz,json,md}")
     args = parser.parse_args(argv)
     patch = quality.start_run(args, package_level=logging.ERROR)  # its warnings are measured here
     start = time.perf_counter()
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     df["warned"] = df["ratio"] < UNLIKE_TRAINING
     args.out.mkdir(parents=True, exist_ok=True)
     name = "kept_share" + (f"_{args.tag}" if args.tag else "")
-    df.to_csv(args.out / f"{name}.csv", index=False)
+    df.to_csv(args.out / f"{name}.csv.gz", index=False)  # compressed: results stay small in the repository
     summary = df.groupby(["trained on", "kind"]).agg(
         kept_min=("kept", "min"),
         kept_max=("kept", "max"),

@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--datasets", nargs="+", default=list(quality.DATASETS), choices=list(quality.DATASETS))
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
-    parser.add_argument("--tag", default="summary", help="results are written as morphology_<tag>.{csv,json,md}")
+    parser.add_argument("--tag", default="summary", help="results are written as morphology_<tag>.{csv.gz,json,md}")
     quality.add_patch_arguments(parser, size_um=200.0)
     parser.add_argument("--repeats", type=int, default=3, help="draws of the expression few-shot tasks")
     parser.add_argument("--label-repeats", type=int, default=10, help="draws of the morphology few-shot tasks")

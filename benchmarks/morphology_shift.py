@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--datasets", nargs="+", default=["her2st", "mob"], choices=["her2st", "mob"])
-    parser.add_argument("--tag", default="shift", help="results are written as morphology_<tag>.{csv,json,md}")
+    parser.add_argument("--tag", default="shift", help="results are written as morphology_<tag>.{csv.gz,json,md}")
     quality.add_patch_arguments(parser, size_um=200.0)
     parser.add_argument(
         "--train-shift",
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     quality.write_raw(
         df.assign(encoder=df["variant"] + " | " + df["shift"]), args.out, f"morphology_{args.tag}", config
     )
-    shares.to_csv(args.out / f"morphology_{args.tag}_shares.csv", index=False)
+    shares.to_csv(args.out / f"morphology_{args.tag}_shares.csv.gz", index=False)
     text = report(df, shares, config)
     (args.out / f"morphology_{args.tag}.md").write_text(text)
     print(text)

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--directions", nargs="+", default=list(DIRECTIONS), choices=list(DIRECTIONS))
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
-    parser.add_argument("--tag", default="transfer", help="results are written as morphology_<tag>.{csv,json,md}")
+    parser.add_argument("--tag", default="transfer", help="results are written as morphology_<tag>.{csv.gz,json,md}")
     quality.add_patch_arguments(parser, size_um=200.0)
     parser.add_argument("--label-repeats", type=int, default=10, help="draws of the few-shot tasks")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="SPADE training seeds (pooled)")

@@ -316,9 +316,9 @@ def _markdown(table: pd.DataFrame, index_name: str = "encoder") -> str:
 
 
 def write_raw(df: pd.DataFrame, out: Path, name: str, config: dict) -> None:
-    """``<name>.csv`` (every score) and ``<name>.json`` (the config and a summary per data set and encoder)."""
+    """``<name>.csv.gz`` (every score) and ``<name>.json`` (the config and a summary per data set and encoder)."""
     out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / f"{name}.csv", index=False)
+    df.to_csv(out / f"{name}.csv.gz", index=False)  # compressed: results stay small in the repository
     numbers = metrics.summarize(
         df.drop(columns=["group"], errors="ignore").assign(encoder=df["dataset"] + " | " + df["encoder"])
     )
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
-    parser.add_argument("--tag", default="summary", help="results are written as quality_<tag>.{csv,json,md,png}")
+    parser.add_argument("--tag", default="summary", help="results are written as quality_<tag>.{csv.gz,json,md,png}")
     add_patch_arguments(parser, size_um=112.0)
     parser.add_argument("--repeats", type=int, default=5, help="draws of the few-shot tasks per section")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="SPADE training seeds (pooled)")

@@ -7,7 +7,7 @@ does not explain) are classified from 5 / 10 / 20 labelled spots per class (logi
 repeated draws) with the original features, the fine-tuned features and SEAL's own image embedding.
 
 Run ``cd benchmarks && python seal_morphology.py`` (about 5 min on 2 cores); results
-``benchmarks/results/morphology_seal.{csv,md}``.
+``benchmarks/results/morphology_seal.{csv.gz,md}``.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("spade_sd").setLevel(logging.WARNING)
     df = pd.concat([run(d, args.seeds, args.repeats) for d in args.datasets], ignore_index=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(args.out / "morphology_seal.csv", index=False)
+    df.to_csv(args.out / "morphology_seal.csv.gz", index=False)
     per_fold = df.groupby(["dataset", "encoder", "k", "fold", "seed"])["value"].mean().reset_index()
     table = per_fold.groupby(["dataset", "encoder", "k"])["value"].agg(["mean", "std"]).reset_index()
     lines = [

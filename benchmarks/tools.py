@@ -28,7 +28,7 @@ and the held-out section is scored on what a user would ask of it:
 
 Run ``python benchmarks/tools.py --out benchmarks/results --datasets mob her2st --seeds 0 1 2 --tag main`` (about
 4 min on 2 CPU cores with features cached; the first run extracts the tiles' features, ~6 min more); results go to
-``benchmarks/results/tools_<tag>.{csv,json,md}``.
+``benchmarks/results/tools_<tag>.{csv.gz,json,md}``.
 """
 
 from __future__ import annotations
@@ -450,7 +450,7 @@ def _frame_markdown(table: pd.DataFrame, index_name: str) -> str:
 
 def write(df: pd.DataFrame, out: Path, tag: str, config: dict, command: str) -> dict[str, pd.DataFrame]:
     out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / f"tools_{tag}.csv", index=False)
+    df.to_csv(out / f"tools_{tag}.csv.gz", index=False)  # compressed: results stay small in the repository
     result = tables(df)
     numbers = {
         task: metrics.summarize(
@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="SPADE training seeds (pooled)")
     parser.add_argument("--draws", type=int, default=5, help="draws of the labelled spots per k and section")
     parser.add_argument("--markers", type=int, default=10, help="marker genes per domain for the query")
-    parser.add_argument("--tag", default="main", help="results are written as tools_<tag>.{csv,json,md}")
+    parser.add_argument("--tag", default="main", help="results are written as tools_<tag>.{csv.gz,json,md}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("spade_sd").setLevel(logging.WARNING)

@@ -249,9 +249,13 @@ def test_embed_refuses_bad_parameters_before_any_work(model, name, value, error,
     assert fn.calls == calls and "X_spade" not in sdata.tables["table"].obsm
 
 
-def test_embed_refuses_what_is_not_a_model():
-    with pytest.raises(TypeError, match="Expected a spade_sd.SpadeModel as model, found str"):
-        sd.tl.embed(_slides(1)[0], "model.safetensors")
+def test_embed_refuses_what_is_not_a_model(tmp_path):
+    with pytest.raises(TypeError, match=r"Expected a spade_sd.SpadeModel as model \(or the folder .*found dict"):
+        sd.tl.embed(_slides(1)[0], {"weights": "model.safetensors"})
+    # a string names a saved model's folder (or a Hub id): a file is not one
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="reads a folder .* is a file"):
+        sd.tl.embed(_slides(1)[0], tmp_path / "model.safetensors")
 
 
 def test_embed_genes_true_refuses_normalised_counts_before_any_work(model):

@@ -130,7 +130,7 @@ def test_benchmark_plot(latent, single_blas_thread):
     fig = sd.pl.benchmark(results, return_fig=True, show=False)
     assert len(fig.axes) == 3
     assert [ax.get_title() for ax in fig.axes] == ["pearson", "recall@1", "recall@10"]
-    assert sd.pl.benchmark(results, show=False) is None
+    assert [ax.get_title() for ax in sd.pl.benchmark(results, show=False)] == ["pearson", "recall@1", "recall@10"]
 
     _, ax = plt.subplots()
     point = sd.pl.benchmark(summarize(results), metric="recall@10", kind="point", ax=ax, return_fig=True, show=False)

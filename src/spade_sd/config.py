@@ -35,6 +35,19 @@ OUTPUTS: tuple[str, ...] = ("aligned", "joint")
 HeadInitName = Literal["random", "backbone"]
 HEAD_INITS: tuple[str, ...] = ("random", "backbone")
 
+# Training at scale (docs/scale.md, benchmarks/pretrain_scale.py). From SCALE_SPOTS training spots on,
+# training.fit.fit_model reads the features (memory maps allowed) in row blocks instead of holding their
+# standardized copy, fits every principal basis (clustering, head start, subspaces, joint block) and the reference
+# bank's extra genes on a seeded draw of FIT_SPOTS spots, and clusters a stage-1 group of more than MINIBATCH_SPOTS
+# spots by mini-batch k-means; below it, a model is trained exactly as before these thresholds existed.
+SCALE_SPOTS = 65_536
+FIT_SPOTS = 32_768
+MINIBATCH_SPOTS = 32_768
+# Whichever the size: the choice of experts that keep the generalist's heads scores at most SELECTION_SPOTS validation
+# spots (a seeded draw per expert above it; every contrastive pair costs compute), SCORE_CHUNK rows of logits at a time
+SELECTION_SPOTS = 16_384
+SCORE_CHUNK = 2_048
+
 
 def _set(config: Any, name: str, value: Any) -> None:
     # frozen dataclasses keep the validated (normalized) value, e.g. an int given for a float

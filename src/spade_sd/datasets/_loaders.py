@@ -19,7 +19,7 @@ from scipy import sparse
 from spatialdata import SpatialData
 
 from spade_sd.datasets._images import multiscale_from_file
-from spade_sd.datasets._registry import fetch, registry
+from spade_sd.datasets._registry import check_registered, fetch, registered_names, registry
 from spade_sd.utils.constants import (
     SAMPLE,
     SAMPLE_KEY,
@@ -36,18 +36,6 @@ LEGACY_ST_SPOT_DIAMETER_UM = SPOT_DIAMETERS_UM["legacy_ST"]
 # the MOB arrays are a staggered grid whose columns step by two per 200 µm.
 HER2ST_UM_PER_ARRAY_COLUMN = 200.0
 MOB_UM_PER_ARRAY_COLUMN = 100.0
-
-
-def _choices(prefix: str, pattern: str) -> list[str]:
-    import re
-
-    found = {m.group(1) for key in registry() if key.startswith(prefix) and (m := re.search(pattern, key))}
-    return sorted(found)
-
-
-def _check_choice(value: str, available: list[str], what: str) -> None:
-    if value not in available:
-        raise ValueError(f"Unknown {what} {value!r}; the registry has {available}.")
 
 
 def _um_per_pixel(spots: pd.DataFrame, um_per_array_column: float) -> float:
@@ -137,7 +125,7 @@ def her2st(section: str = "C2", *, data_dir: str | os.PathLike | None = None) ->
     A SpatialData with ``f"{section}_image"`` (multiscale H&E, ~0.69 µm/px), ``f"{section}_spots"`` (100 µm circles)
     and ``"table"`` (raw counts of the spots under tissue, gene symbols, array coordinates in ``obs``).
     """
-    _check_choice(section, _choices("her2st/data/ST-imgs/", r"/(\w+)/[^/]+\.jpg$"), "her2st section")
+    check_registered(section, registered_names("her2st/data/ST-imgs/", r"/(\w+)/[^/]+\.jpg$"), "her2st section")
     (image_key,) = [k for k in registry() if k.startswith("her2st/data/ST-imgs/") and f"/{section}/" in k]
     return _legacy_st(
         dataset="her2st",
@@ -166,7 +154,7 @@ def mouse_olfactory_bulb(section: str = "MOB1", *, data_dir: str | os.PathLike |
     under tissue) and ``"table"`` (raw counts, Ensembl ids, array coordinates in ``obs``).
     """
     folder = "stutility_mob/inst/extdata/counts"
-    _check_choice(section, _choices(f"{folder}/", r"/(MOB\d)\.jpg$"), "olfactory bulb section")
+    check_registered(section, registered_names(f"{folder}/", r"/(MOB\d)\.jpg$"), "olfactory bulb section")
     return _legacy_st(
         dataset="stutility_mob",
         sample=section,
@@ -203,7 +191,7 @@ def visium_muscle(sample: str = "Vis5A_2dpi", *, data_dir: str | os.PathLike | N
     from spatialdata_io import visium
 
     folder = "scmuscle_visium/visium_data"
-    _check_choice(sample, _choices(f"{folder}/", rf"{folder}/(\w+)/spatial/"), "Visium muscle sample")
+    check_registered(sample, registered_names(f"{folder}/", rf"{folder}/(\w+)/spatial/"), "Visium muscle sample")
     files = [k for k in registry() if k.startswith(f"{folder}/{sample}/")]
     paths = {k: fetch(k, data_dir) for k in files}
     (counts_key,) = [k for k in files if k.endswith(".h5")]

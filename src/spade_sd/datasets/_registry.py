@@ -8,6 +8,7 @@ pooch into its cache; either way their SHA-256 is checked before use.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
@@ -35,6 +36,18 @@ def registry() -> dict[str, RegistryEntry]:
         key, sha256, size, url = line.split()
         entries[key] = RegistryEntry(sha256=sha256, size=int(size), url=url)
     return entries
+
+
+def registered_names(prefix: str, pattern: str) -> list[str]:
+    """The names (``pattern``'s first group) in the registered files under ``prefix``: a data set's samples."""
+    found = {m.group(1) for key in registry() if key.startswith(prefix) and (m := re.search(pattern, key))}
+    return sorted(found)
+
+
+def check_registered(value: str, available: list[str], what: str) -> None:
+    """Refuse a sample name that is not among the registered ones, listing them."""
+    if value not in available:
+        raise ValueError(f"Unknown {what} {value!r}; the registry has {available}.")
 
 
 def _sha256(path: Path) -> str:

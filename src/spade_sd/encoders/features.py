@@ -19,7 +19,6 @@ import hashlib
 import os
 import re
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -31,8 +30,8 @@ import numpy as np
 from spade_sd.encoders.finetuned import FineTunedBackbone, PrefixEncoder
 from spade_sd.spots.content import BlankCount, check_sample
 from spade_sd.spots.patches import SpotPatches
-from spade_sd.utils.logging import logger
-from spade_sd.utils.settings import settings
+from spade_sd.utils.logging import logger, progress_bar, timed
+from spade_sd.utils.settings import backbone_threads, settings
 
 CACHE_FORMAT = "spade_sd.features/1"
 # Patches whose features are held at once: 4096 × 1280 float32 is 21 MB
@@ -201,7 +200,7 @@ def iter_features(
         file = _open_checked(path, shape, chunk_size)
         if file is not None:
             with file:
-                logger.info("Reading %d cached %s features from %s", len(patches), backbone.name, path)
+                logger.debug("Reading %d cached %s features from %s", len(patches), backbone.name, path)
                 yield from _rows(file, path, shape, chunk_size)
             return
     if path is not None:  # the cache must take the features before the first patch is encoded
@@ -411,12 +410,16 @@ def _encoded_batches(
         for start, chunk in iter_features(patches, encoder, **options):
             for offset in range(0, len(chunk), batch_size):
                 prefix = chunk[offset : offset + batch_size].reshape(-1, *encoder.shape)
-                yield start + offset + np.arange(len(prefix)), backbone.features_from_prefix(prefix)
+                with backbone_threads():
+                    features = backbone.features_from_prefix(prefix)
+                yield start + offset + np.arange(len(prefix)), features
         return
     blank = BlankCount()
     for indices, batch in iter_batches(patches, batch_size, num_workers=num_workers):
         blank.add(indices, batch)
-        yield indices, backbone(batch)
+        with backbone_threads():  # only around the backbone: the caller's threads run between batches
+            features = backbone(batch)
+        yield indices, features
     blank.report(patches)
 
 
@@ -427,35 +430,37 @@ def _compute_chunks(
     partial = None if path is None else path.with_suffix(f".{os.getpid()}.partial.npy")
     if partial is not None:
         _remove_stale_partials(path.parent)
-    start_time = time.perf_counter()
     try:
-        with nullcontext() if partial is None else open_locked_npy(partial, (n, dim)) as file:
-            chunk, chunk_start = np.empty((min(chunk_size, n), dim), dtype=np.float32), 0
-            for indices, features in _encoded_batches(
-                patches, backbone, batch_size, num_workers, cached=path is not None
+        with timed("Encoding %d patches with %s", n, backbone.name) as timer:
+            with (
+                progress_bar(total=n, desc=f"Encoding patches ({backbone.name})", unit="patch") as bar,
+                nullcontext() if partial is None else open_locked_npy(partial, (n, dim)) as file,
             ):
-                chunk[indices - chunk_start] = features
-                filled = int(indices[-1]) + 1 - chunk_start
-                if filled < len(chunk):
-                    continue
-                if not np.isfinite(chunk).all():
-                    raise FloatingPointError(
-                        f"Backbone {backbone.name!r} produced non-finite features; nothing was cached."
-                    )
-                if file is not None:
-                    file.write(chunk.tobytes())
-                yield chunk_start, chunk
-                chunk_start += filled
-                chunk = np.empty((min(chunk_size, n - chunk_start), dim), dtype=np.float32)
-        if partial is not None:
-            partial.replace(path)
+                chunk, chunk_start = np.empty((min(chunk_size, n), dim), dtype=np.float32), 0
+                for indices, features in _encoded_batches(
+                    patches, backbone, batch_size, num_workers, cached=path is not None
+                ):
+                    bar.update(len(indices))
+                    chunk[indices - chunk_start] = features
+                    filled = int(indices[-1]) + 1 - chunk_start
+                    if filled < len(chunk):
+                        continue
+                    if not np.isfinite(chunk).all():
+                        raise FloatingPointError(
+                            f"Backbone {backbone.name!r} produced non-finite features; nothing was cached."
+                        )
+                    if file is not None:
+                        file.write(chunk.tobytes())
+                    yield chunk_start, chunk
+                    chunk_start += filled
+                    chunk = np.empty((min(chunk_size, n - chunk_start), dim), dtype=np.float32)
+            timer.add("%.1f patches/s", n / max(timer.elapsed, 1e-9))
+            if partial is not None:
+                partial.replace(path)
+                timer.add("cached in %s", path)
     finally:
         if partial is not None:
             partial.unlink(missing_ok=True)
-    elapsed = time.perf_counter() - start_time
-    logger.info(
-        "Encoded %d patches with %s in %.1f s (%.1f patches/s)", n, backbone.name, elapsed, n / max(elapsed, 1e-9)
-    )
 
 
 def open_locked_npy(path: Path, shape: tuple[int, int]) -> BinaryIO:

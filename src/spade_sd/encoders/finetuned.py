@@ -16,6 +16,8 @@ module. Format ``spade_sd.adapters/2`` also writes a copy of ``adapters.json`` i
 ``adapters.safetensors``, whose SHA-256 ``adapters.json`` records: an edited, added or deleted entry is refused by
 name (:mod:`spade_sd.utils.saved_metadata`). Adapters saved in format ``spade_sd.adapters/1`` load with an info
 message that ``adapters.json`` was not verified (their tensors are); saving them again writes the current format.
+:meth:`FineTunedBackbone.save_pretrained` adds a model card (``README.md``); :meth:`FineTunedBackbone.from_pretrained`
+also reads from the Hugging Face Hub (:mod:`spade_sd.utils.hub`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,11 +36,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from spade_sd.encoders.adapters_card import adapters_card
 from spade_sd.encoders.backbone import Backbone
 from spade_sd.encoders.identity import backbone_difference, identity_digest
 from spade_sd.encoders.lora import AdapterPlan, SplitForward, adapter_state, inject_lora, merged_copy, plan_adapters
 from spade_sd.encoders.lora import split_forward as checked_split
 from spade_sd.encoders.modules import eval_mode
+from spade_sd.utils.hub import DEFAULT_LICENSE, MODEL_CARD, is_card, push_folder, saved_folder
 from spade_sd.utils.logging import logger
 from spade_sd.utils.saved_metadata import check_against_copy, require, write_weights
 
@@ -215,7 +219,10 @@ class FineTunedBackbone(Backbone):
         FileExistsError
             ``path`` exists and is not replaceable, with nothing written.
         """
-        path = Path(path)
+        self._save(Path(path), overwrite)
+
+    def _save(self, path: Path, overwrite: bool, write_card: Callable[[dict[str, Any]], str] | None = None) -> None:
+        """:meth:`save`, with the model card ``write_card(config)`` written beside the two files when given."""
         _check_target(path, overwrite)
         tensors = {f"adapter.{k}": v.numpy() for k, v in self.adapter_tensors().items()}
         for name, (_, arrays) in self.attachments.items():
@@ -226,7 +233,13 @@ class FineTunedBackbone(Backbone):
         with tempfile.TemporaryDirectory(dir=path, prefix=".staging-") as staging:
             config[WEIGHTS_DIGEST] = write_weights(tensors, Path(staging) / ADAPTERS_WEIGHTS, copy)
             (Path(staging) / ADAPTERS_CONFIG).write_text(json.dumps(config, indent=1, sort_keys=True))
-            for name in (ADAPTERS_WEIGHTS, ADAPTERS_CONFIG):
+            names = [ADAPTERS_WEIGHTS, ADAPTERS_CONFIG]
+            if write_card is not None:
+                (Path(staging) / MODEL_CARD).write_text(write_card(config), encoding="utf-8")
+                names.append(MODEL_CARD)
+            elif (path / MODEL_CARD).is_file():  # a card would describe the adapters replaced
+                (path / MODEL_CARD).unlink()
+            for name in names:
                 (Path(staging) / name).replace(path / name)
         logger.info("Saved the adapters of %s to %s", self.name, path)
 
@@ -312,6 +325,95 @@ class FineTunedBackbone(Backbone):
         tuned.source = path / ADAPTERS_CONFIG
         return tuned
 
+    def save_pretrained(
+        self, path: str | os.PathLike, *, overwrite: bool = False, license: str = DEFAULT_LICENSE
+    ) -> None:
+        """Save as :meth:`save` does, with a model card (``README.md``) beside the two files, ready to share.
+
+        The card has YAML metadata (``library_name: spade_sd``, ``license``, ``tags``) and lists the base backbone
+        and its identity, the adapters, SEAL's gene panel and training history (when :func:`spade_sd.tl.finetune`
+        attached them) and the package versions. Read the folder back with :meth:`from_pretrained` (or
+        :meth:`load`); upload it with :meth:`push_to_hub`.
+
+        Parameters
+        ----------
+        path, overwrite
+            As for :meth:`save` (a folder holding saved adapters and their card is replaceable).
+        license
+            The license of the shared adapters, as a Hub license id. The default is the package's own; the base
+            backbone's or the training data's terms may require another.
+        """
+        self._save(Path(path), overwrite, adapters_card(license, None))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | os.PathLike,
+        *,
+        base: Backbone | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+    ) -> FineTunedBackbone:
+        """Load adapters from a folder (written by :meth:`save_pretrained` or :meth:`save`) or the Hugging Face Hub.
+
+        A local folder is read offline; anything else is taken as a Hub repository id (``"owner/name"``) and
+        downloaded with :func:`huggingface_hub.snapshot_download` (cached). The files are checked as :meth:`load`
+        checks them.
+
+        Parameters
+        ----------
+        source
+            A folder, or a Hub repository id.
+        base
+            As for :meth:`load`: needed only for adapters on neither the packaged default nor a timm model.
+        revision, cache_dir, token
+            For a Hub repository, see :func:`huggingface_hub.snapshot_download`.
+
+        Raises
+        ------
+        FileNotFoundError
+            ``source`` is neither a folder nor a repository id, or lacks the adapters' files.
+        OSError
+            Downloading failed (offline without a cached copy, an unknown repository, no access); the message
+            says how to load a copy downloaded elsewhere.
+        ValueError
+            As for :meth:`load`.
+        """
+        folder, _ = saved_folder(
+            source,
+            files=(ADAPTERS_CONFIG, ADAPTERS_WEIGHTS),
+            loader="FineTunedBackbone.from_pretrained",
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+        )
+        return cls.load(folder, base=base)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+        license: str = DEFAULT_LICENSE,
+    ) -> str:
+        """Upload the adapters with their card (:meth:`save_pretrained`) to the Hugging Face Hub repository ``repo_id``.
+
+        Needs a network and a token with write access; the repository is created if it does not exist. Returns the
+        commit the upload made (``""`` if the Hub gave none).
+        """
+        pushed = push_folder(
+            lambda folder: self._save(folder, False, adapters_card(license, repo_id)),
+            repo_id,
+            private=private,
+            token=token,
+            commit_message=commit_message or f"spade_sd adapters {self.identity()[:16]}",
+        )
+        logger.info("Uploaded the adapters of %s to the Hugging Face Hub repository %s", self.name, repo_id)
+        return pushed.get("revision", "")
+
 
 @contextmanager
 def _seeded(seed: int) -> Iterator[None]:
@@ -332,13 +434,16 @@ def _check_target(path: Path, overwrite: bool) -> None:
     found = {p.name for p in path.iterdir()}
     if not found:
         return
-    if found != _FILES or not overwrite:
+    # a card spade_sd wrote goes with the adapters; a README.md of the user's own is never replaced
+    replaceable = found == _FILES or (found == _FILES | {MODEL_CARD} and is_card(path / MODEL_CARD))
+    if not replaceable or not overwrite:
         raise FileExistsError(
             f"{path} already holds {sorted(found)[:8]}; "
             + (
                 "pass overwrite=True to replace saved adapters."
-                if found == _FILES
-                else f"adapters are only written into a new or empty folder, or over exactly {sorted(_FILES)}."
+                if replaceable
+                else f"adapters are only written into a new or empty folder, or over exactly {sorted(_FILES)} (and "
+                f"the {MODEL_CARD} save_pretrained wrote)."
             )
         )
 

@@ -38,6 +38,11 @@ def _num_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _num_threads() -> int:
+    """The session's threads: ``sd.settings.n_jobs`` if set, else every core this process may use."""
+    return settings.threads() or _num_cores()
+
+
 class OnnxEngine:
     """Runs a pooled backbone module in onnxruntime on the CPU.
 
@@ -79,6 +84,7 @@ class OnnxEngine:
         self._identity, self._state, self._preprocess, self._reference = identity, state, preprocess, reference
         self._session: ort.InferenceSession | None = None
         self._session_state: Any = None
+        self._threads: int | None = None
 
     def load(self) -> None:
         """Export the module (unless its export is cached), open an onnxruntime session and check it.
@@ -102,6 +108,8 @@ class OnnxEngine:
                     "backbone %s: weights or attributes changed since the ONNX export, exporting again", self.name
                 )
             self.load()
+        elif self._threads != _num_threads():  # sd.settings.n_jobs changed: the same export, other threads
+            self._session = self._open()
         session, input_name = self._session, self._session.get_inputs()[0].name
 
         def run(x: torch.Tensor) -> np.ndarray:
@@ -120,7 +128,7 @@ class OnnxEngine:
         if not path.is_file():
             self._export(path)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = _num_cores()
+        self._threads = options.intra_op_num_threads = _num_threads()
         # idle worker threads sleep instead of spinning: with the patch reader (and anything else) sharing the
         # cores, spinning cost 1.4× (EfficientNet-Lite0) to 2× (ViT-S/16) throughput (benchmarks/throughput.py)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -4,25 +4,36 @@ Stage 1 clusters the features of each group (an organ, a slide) into fine centro
 represented even when groups differ in size; stage 2 clusters all fine centroids into ``n_experts`` coarse
 clusters. A spot belongs to the expert of its nearest fine centroid, over all groups, which is also how a new
 patch is routed at inference (see :mod:`spade_sd.model.routing`).
+
+At scale (``scalable=True``, which :func:`spade_sd.training.fit.fit_model` sets from
+:data:`~spade_sd.config.SCALE_SPOTS` spots on) the features are read in row blocks (any array-like of rows: a memory
+map, :class:`~spade_sd.training.data.StandardizedRows`), the principal axes are fitted on a seeded draw of
+:data:`~spade_sd.config.FIT_SPOTS` spots and a group of more than :data:`~spade_sd.config.MINIBATCH_SPOTS` spots is
+clustered by mini-batch k-means; every step stays deterministic under the seed.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from spade_sd.config import ClusteringConfig, TrainingConfig
+from spade_sd.config import FIT_SPOTS, MINIBATCH_SPOTS, ClusteringConfig, TrainingConfig
 from spade_sd.model.standardization import as_float_matrix
 from spade_sd.utils.logging import logger
 
 if TYPE_CHECKING:
-    from sklearn.cluster import KMeans
+    from sklearn.cluster import KMeans, MiniBatchKMeans
 
 N_INIT = 10
+# Mini-batch k-means: initializations and spots per batch
+MINIBATCH_N_INIT = 3
+MINIBATCH_SIZE = 4_096
+# Most (spot, fine centroid) distances held at a time (float64: 32 MB)
+MAX_DISTANCES = 2**22
 
 
 @dataclass
@@ -87,20 +98,29 @@ class ExpertClustering:
         return X if self.components is None else X @ self.components.T
 
     def assign(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Nearest fine centroid of each row of ``X`` and that centroid's expert, both (n_spots,) int64."""
-        fine = self.distances(X).argmin(axis=1)
+        """Nearest fine centroid of each row of ``X`` and that centroid's expert, both (n_spots,) int64.
+
+        ``X`` may be any array-like of rows that slices (a memory map): it is read in blocks that bound the
+        distance matrix to :data:`MAX_DISTANCES` entries.
+        """
+        fine = _nearest(X, self.n_fine, lambda block: self.distances(block))
         return fine, self.centroid_expert[fine]
 
-    def without_small_experts(self, X: np.ndarray, min_spots: int = 1) -> ExpertClustering:
+    def without_small_experts(
+        self, X: np.ndarray | None, min_spots: int = 1, *, fine: np.ndarray | None = None
+    ) -> ExpertClustering:
         """Merge experts that fewer than ``min_spots`` rows of ``X`` are assigned to into their nearest expert.
 
         An expert's fine centroids move to the expert whose mean centroid is nearest; experts are renumbered.
         Outlier patches (glass, folds, pen marks) otherwise become experts of one or two spots that cannot be
-        trained contrastively. Returns ``self`` when every expert is large enough.
+        trained contrastively. Returns ``self`` when every expert is large enough. ``fine``, the rows' nearest
+        fine centroids if already known (:meth:`assign`), spares computing them (then ``X`` is not read).
         """
         clustering = self
+        # merging moves centroids between experts, never the centroids themselves: the nearest stay the nearest
+        fine = self.assign(X)[0] if fine is None else np.asarray(fine)
         while clustering.n_experts > 1:
-            _, expert = clustering.assign(X)
+            expert = clustering.centroid_expert[fine]
             counts = np.bincount(expert, minlength=clustering.n_experts)
             smallest = int(np.argmin(counts))
             if counts[smallest] >= min_spots:
@@ -164,6 +184,7 @@ def two_stage_kmeans(
     n_pcs: int | None = 50,
     min_expert_fraction: float = 0.02,
     seed: int = TrainingConfig.seed,
+    scalable: bool = False,
 ) -> ExpertClustering:
     """Cluster standardized image features into data experts in two stages.
 
@@ -175,7 +196,8 @@ def two_stage_kmeans(
     Parameters
     ----------
     X
-        Standardized image features, (n_spots, d).
+        Standardized image features, (n_spots, d); with ``scalable``, any array-like of rows that slices and takes
+        row positions (a memory map, :class:`~spade_sd.training.data.StandardizedRows`).
     groups
         Group label of each spot (slide, sample or organ); ``None`` puts all spots in one group.
     n_fine
@@ -193,6 +215,11 @@ def two_stage_kmeans(
         expert (see :meth:`ExpertClustering.without_small_experts`).
     seed
         Seed of both k-means stages (each with a fixed ``n_init`` of 10), so results are reproducible.
+    scalable
+        Memory bounded whatever the number of spots, and deterministic under ``seed``: ``X`` is read in row
+        blocks, the principal axes are fitted on a seeded draw of :data:`~spade_sd.config.FIT_SPOTS` spots, and a
+        group of more than :data:`~spade_sd.config.MINIBATCH_SPOTS` spots is clustered by mini-batch k-means
+        (``n_init`` 3, batches of 4,096 spots).
 
     Returns
     -------
@@ -207,15 +234,46 @@ def two_stage_kmeans(
     largest drops. A curve without a bend gives a knee near its middle. For ``n_experts`` the rule needs many more
     fine centroids than experts (many groups); with few centroids it cannot pick ``k`` = all of them.
     """
+    return fit_experts(
+        X,
+        groups,
+        n_fine=n_fine,
+        n_experts=n_experts,
+        max_k=max_k,
+        n_pcs=n_pcs,
+        min_expert_fraction=min_expert_fraction,
+        seed=seed,
+        scalable=scalable,
+    )[0]
+
+
+def fit_experts(
+    X: np.ndarray,
+    groups: Sequence | np.ndarray | None = None,
+    *,
+    n_fine: int | Literal["elbow"] = ClusteringConfig.n_fine,
+    n_experts: int | Literal["elbow"] = ClusteringConfig.n_experts,
+    max_k: int = 16,
+    n_pcs: int | None = 50,
+    min_expert_fraction: float = 0.02,
+    seed: int = TrainingConfig.seed,
+    scalable: bool = False,
+) -> tuple[ExpertClustering, np.ndarray]:
+    """:func:`two_stage_kmeans`, and the expert of every row of ``X`` (:meth:`ExpertClustering.assign`)."""
     start = time.perf_counter()
-    X = as_float_matrix(X, "X")
+    X = X if scalable else as_float_matrix(X, "X")
     labels = np.zeros(X.shape[0], dtype=np.int64) if groups is None else np.asarray(groups)
     if labels.shape != (X.shape[0],):
         raise ValueError(f"`groups` must have one label per spot ({X.shape[0]}); found shape {labels.shape}.")
     check_group_sizes(labels)
-    components = _principal_axes(X, n_pcs, seed)
-    projected = X if components is None else X @ components.T
-    centroids, centroid_group, sizes = _fine_centroids(projected, labels, n_fine, max_k, seed)
+    if scalable:
+        fitted_on = as_float_matrix(X[sample_rows(len(X), FIT_SPOTS, seed)], "X")
+        components = _principal_axes(fitted_on, n_pcs, seed)
+        projected = _projected(X, components)
+    else:
+        components = _principal_axes(X, n_pcs, seed)
+        projected = X if components is None else X @ components.T
+    centroids, centroid_group, sizes = _fine_centroids(projected, labels, n_fine, max_k, seed, scalable=scalable)
     k = _elbow_k(centroids, max_k, seed) if n_experts == "elbow" else int(n_experts)
     n_distinct = _n_distinct(centroids)
     if not 1 <= k <= n_distinct:
@@ -228,7 +286,11 @@ def two_stage_kmeans(
     centroid_expert = _kmeans(centroids, k, seed, sample_weight=sizes).labels_
     clustering = ExpertClustering(centroids, centroid_expert, centroid_group, n_experts=k, components=components)
     min_spots = max(2, int(np.ceil(min_expert_fraction * X.shape[0])))
-    clustering = clustering.without_small_experts(X, min_spots)
+    if scalable:  # the rows' projections are at hand: no second pass over X
+        fine = _nearest(projected, clustering.n_fine, lambda block: _euclidean(as_float_matrix(block, "X"), centroids))
+    else:
+        fine = clustering.assign(X)[0]
+    clustering = clustering.without_small_experts(X, min_spots, fine=fine)
     logger.info(
         "Two-stage k-means: %d fine centroids over %d groups -> %d experts in %.1f s",
         clustering.n_fine,
@@ -236,7 +298,33 @@ def two_stage_kmeans(
         clustering.n_experts,
         time.perf_counter() - start,
     )
-    return clustering
+    return clustering, clustering.centroid_expert[fine]
+
+
+def sample_rows(n: int, size: int, seed: int) -> np.ndarray:
+    """Sorted positions of ``min(size, n)`` of ``n`` rows drawn without replacement with ``seed`` (all rows if fewer)."""
+    if size >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+
+
+def _nearest(X: np.ndarray, n_fine: int, distances: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """The nearest fine centroid of every row of ``X``, read in blocks of at most :data:`MAX_DISTANCES` distances."""
+    rows = max(1, MAX_DISTANCES // max(n_fine, 1))
+    return np.concatenate(
+        [distances(X[start : start + rows]).argmin(axis=1) for start in range(0, max(len(X), 1), rows)]
+    )
+
+
+def _projected(X: np.ndarray, components: np.ndarray | None) -> np.ndarray:
+    """The rows of ``X`` on the principal axes, read block by block (without axes: ``X`` itself, rows read on use)."""
+    if components is None:
+        return X
+    projected = np.empty((len(X), components.shape[0]), dtype=np.float32)
+    rows = max(1, MAX_DISTANCES // X.shape[1])
+    for start in range(0, len(X), rows):
+        projected[start : start + rows] = as_float_matrix(X[start : start + rows], "X") @ components.T
+    return projected
 
 
 def check_group_sizes(groups: np.ndarray) -> None:
@@ -267,36 +355,56 @@ def _principal_axes(X: np.ndarray, n_pcs: int | None, seed: int) -> np.ndarray |
 
 
 def _fine_centroids(
-    X: np.ndarray, labels: np.ndarray, n_fine: int | Literal["elbow"], max_k: int, seed: int
+    X: np.ndarray,
+    labels: np.ndarray,
+    n_fine: int | Literal["elbow"],
+    max_k: int,
+    seed: int,
+    *,
+    scalable: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     centroids, centroid_group, sizes = [], [], []
-    for group in np.unique(labels):
-        Xg = X[labels == group]
-        # k-means cannot place more centroids than there are distinct points
-        k = _elbow_k(Xg, max_k, seed) if n_fine == "elbow" else min(int(n_fine), _n_distinct(Xg))
+    groups, inverse = np.unique(labels, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.searchsorted(inverse[order], np.arange(len(groups) + 1))
+    for g, group in enumerate(groups):
+        rows = order[bounds[g] : bounds[g + 1]]
+        Xg = as_float_matrix(X[rows], "X") if scalable else X[rows]
+        minibatch = scalable and len(Xg) > MINIBATCH_SPOTS
+        # k-means cannot place more centroids than there are distinct points (counted on a draw of a large group)
+        distinct = _n_distinct(Xg[sample_rows(len(Xg), MINIBATCH_SPOTS, seed)] if minibatch else Xg)
+        k = _elbow_k(Xg, max_k, seed, minibatch=minibatch) if n_fine == "elbow" else min(int(n_fine), distinct)
         if k < 1:
             raise ValueError(f"n_fine must be a positive integer or 'elbow'; found {n_fine!r}.")
-        kmeans = _kmeans(Xg, k, seed)
+        kmeans = _kmeans(Xg, k, seed, minibatch=minibatch)
         centroids.append(kmeans.cluster_centers_)
         centroid_group.append(np.repeat(group, k))
         sizes.append(np.bincount(kmeans.labels_, minlength=k))
     return np.concatenate(centroids).astype(np.float32), np.concatenate(centroid_group), np.concatenate(sizes)
 
 
-def _elbow_k(X: np.ndarray, max_k: int, seed: int) -> int:
+def _elbow_k(X: np.ndarray, max_k: int, seed: int, *, minibatch: bool = False) -> int:
     # k stops one short of the number of distinct points, where W(k) would reach 0 and its logarithm diverge
-    ks = np.arange(1, min(max_k, _n_distinct(X) - 1) + 1)
+    distinct = _n_distinct(X[sample_rows(len(X), MINIBATCH_SPOTS, seed)] if minibatch else X)
+    ks = np.arange(1, min(max_k, distinct - 1) + 1)
     if ks.size < 3:
         return int(ks[-1]) if ks.size else 1
-    log_w = np.log(np.maximum([_kmeans(X, int(k), seed).inertia_ for k in ks], np.finfo(np.float64).tiny))
+    inertia = [_kmeans(X, int(k), seed, minibatch=minibatch).inertia_ for k in ks]
+    log_w = np.log(np.maximum(inertia, np.finfo(np.float64).tiny))
     x = (ks - ks[0]) / (ks[-1] - ks[0])
     y = (log_w - log_w[-1]) / (log_w[0] - log_w[-1])
     return int(ks[np.argmax((1 - x) - y)])
 
 
-def _kmeans(X: np.ndarray, k: int, seed: int, sample_weight: np.ndarray | None = None) -> KMeans:
-    from sklearn.cluster import KMeans  # imported on use: embedding with a trained model needs no scikit-learn
+def _kmeans(
+    X: np.ndarray, k: int, seed: int, sample_weight: np.ndarray | None = None, *, minibatch: bool = False
+) -> KMeans | MiniBatchKMeans:
+    # imported on use: embedding with a trained model needs no scikit-learn
+    from sklearn.cluster import KMeans, MiniBatchKMeans
 
+    if minibatch:
+        options = {"n_init": MINIBATCH_N_INIT, "batch_size": MINIBATCH_SIZE, "random_state": seed}
+        return MiniBatchKMeans(n_clusters=k, **options).fit(X, sample_weight=sample_weight)
     return KMeans(n_clusters=k, n_init=N_INIT, random_state=seed).fit(X, sample_weight=sample_weight)
 
 

@@ -8,10 +8,12 @@ relative to the training features by :func:`default_tau`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from spade_sd.config import ClusteringConfig
-from spade_sd.model.clustering import ExpertClustering
+from spade_sd.model.clustering import MAX_DISTANCES, ExpertClustering
 
 _CHUNK = 65_536
 
@@ -44,7 +46,7 @@ def default_tau(X: np.ndarray, clustering: ExpertClustering, *, scale: float = C
         return 1.0
     if len(X) == 0:
         raise ValueError("`X` has no spots; pass the standardized training features.")
-    margins = np.concatenate([_margins(chunk, clustering) for chunk in _chunks(X)])
+    margins = np.concatenate([_margins(chunk, clustering) for chunk in _chunks(X, clustering.n_fine)])
     positive = margins[margins > 0]
     if positive.size == 0:
         raise ValueError("Every spot is equidistant from two experts; the features cannot calibrate a temperature.")
@@ -75,7 +77,7 @@ def expert_weights(
         raise ValueError(f"Soft routing needs a positive `tau` (see `default_tau`); found {tau!r}. Or pass hard=True.")
     if len(X) == 0:
         return np.zeros((0, clustering.n_experts), dtype=np.float32)
-    return np.concatenate([_weights(chunk, clustering, tau, hard) for chunk in _chunks(X)])
+    return np.concatenate([_weights(chunk, clustering, tau, hard) for chunk in _chunks(X, clustering.n_fine)])
 
 
 def _weights(X: np.ndarray, clustering: ExpertClustering, tau: float | None, hard: bool) -> np.ndarray:
@@ -96,6 +98,8 @@ def _margins(X: np.ndarray, clustering: ExpertClustering) -> np.ndarray:
     return other.min(axis=1) - d.min(axis=1)
 
 
-def _chunks(X: np.ndarray) -> list[np.ndarray]:
-    # bounds the (chunk, n_fine) float64 distance matrix for whole-slide tile sets
-    return [X[i : i + _CHUNK] for i in range(0, max(len(X), 1), _CHUNK)]
+def _chunks(X: np.ndarray, n_fine: int) -> Iterator[np.ndarray]:
+    # bounds the (chunk, n_fine) float64 distance matrix for whole-slide tile sets and for the thousands of fine
+    # centroids of many slides; read one at a time, so X may be rows read on demand (training at scale)
+    rows = min(_CHUNK, max(1, MAX_DISTANCES // max(n_fine, 1)))
+    return (X[i : i + rows] for i in range(0, max(len(X), 1), rows))

@@ -17,6 +17,10 @@ verified, after the checks that need no copy (every entry read is present and th
 panel length, heads' dimensions, subspace size). Models saved before the weights digest load with an info message
 that the weights were not verified; models saved before the reference bank existed load with ``reference=None``.
 Saving a loaded model writes the current format. The arrays are the same in all three.
+
+:meth:`SpadeModel.save_pretrained` writes the same folder plus a model card (``README.md``,
+:mod:`spade_sd.model.model_card`); :meth:`SpadeModel.from_pretrained` reads such a folder, or downloads one from the
+Hugging Face Hub (:mod:`spade_sd.utils.hub`); :meth:`SpadeModel.push_to_hub` uploads one.
 """
 
 from __future__ import annotations
@@ -41,11 +45,14 @@ from spade_sd.encoders.identity import backbone_difference
 from spade_sd.model.backbone_block import BackboneBlock
 from spade_sd.model.clustering import ExpertClustering
 from spade_sd.model.heads import ExpertMixture
+from spade_sd.model.model_card import model_card
 from spade_sd.model.reference import ReferenceBank
 from spade_sd.model.routing import expert_weights
 from spade_sd.model.standardization import FeatureScaler, fit_slide_scaler
 from spade_sd.model.subspace import EmbeddingSubspace, KeptShare
 from spade_sd.spots.genes import GenePanel
+from spade_sd.utils.constants import SOURCE_PATH
+from spade_sd.utils.hub import DEFAULT_LICENSE, MODEL_CARD, is_card, metrics_table, push_folder, saved_folder
 from spade_sd.utils.logging import logger
 from spade_sd.utils.saved_metadata import check_against_copy, require, write_weights
 
@@ -83,7 +90,8 @@ class SpadeModel:
     """A trained SPADE model: backbone → standardized features → routed experts → joint embedding.
 
     Create one with :func:`spade_sd.tl.pretrain`; embed with :func:`spade_sd.tl.embed`; save with :meth:`save`
-    and restore with :meth:`load`.
+    (or :meth:`save_pretrained`, with a model card) and restore with :meth:`load` (or :meth:`from_pretrained`, also
+    from the Hugging Face Hub); share with :meth:`push_to_hub`.
 
     Attributes
     ----------
@@ -121,6 +129,11 @@ class SpadeModel:
         The principal subspace of the training spots' aligned image embeddings within which the expression tools
         compare embeddings (:meth:`expression_space`); ``None`` (``expression_comps=None``, and every model saved
         before the option existed) compares whole embeddings.
+    source
+        Where the model was last saved to or loaded from: ``{"path": folder}`` (absolute) or, for the Hub,
+        ``{"repo_id": …, "revision": commit}``; ``None`` for a model only in memory. :func:`spade_sd.tl.embed`
+        records it with the embedding, so a later call finds the model again (after ``sdata.write`` and
+        ``read_zarr``). Not part of :meth:`identity`; a changed copy (:meth:`full_rank`) has none.
     """
 
     backbone: Backbone
@@ -135,6 +148,8 @@ class SpadeModel:
     reference: ReferenceBank | None = None
     block: BackboneBlock | None = None
     expression_subspace: EmbeddingSubspace | None = None
+    # not a constructor argument: dataclasses.replace() gives a changed copy none
+    source: dict[str, str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.mixture.eval()
@@ -426,7 +441,11 @@ class SpadeModel:
             renamed back, so either the old or the new model is at ``path``, never neither or a mixture. Staging
             folders are always removed.
         """
-        path = Path(path)
+        self._save(Path(path), overwrite)
+        self.source = {SOURCE_PATH: str(Path(path).resolve())}
+
+    def _save(self, path: Path, overwrite: bool, write_card: Callable[[dict[str, Any]], str] | None = None) -> None:
+        """:meth:`save`, with the model card ``write_card(metadata)`` written beside the two files when given."""
         replacing = path.exists() or path.is_symlink()
         if replacing:
             if not overwrite:
@@ -441,6 +460,8 @@ class SpadeModel:
             tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
             metadata[WEIGHTS_DIGEST] = write_weights(tensors, staging / WEIGHTS_FILE, copy)
             (staging / CONFIG_FILE).write_text(json.dumps(metadata, indent=1, default=_json_default))
+            if write_card is not None:
+                (staging / MODEL_CARD).write_text(write_card(metadata), encoding="utf-8")
             if not replacing:
                 staging.replace(path)
                 return
@@ -547,7 +568,154 @@ class SpadeModel:
                 found,
                 CONFIG_FILE,
             )
-        return cls._from_saved(metadata, arrays, backbone, config_path)
+        model = cls._from_saved(metadata, arrays, backbone, config_path)
+        model.source = {SOURCE_PATH: str(path.resolve())}
+        return model
+
+    def save_pretrained(
+        self,
+        path: str | os.PathLike,
+        *,
+        overwrite: bool = False,
+        license: str = DEFAULT_LICENSE,
+        metrics: Any = None,
+    ) -> None:
+        """Save as :meth:`save` does, with a model card (``README.md``) beside the two files, ready to share.
+
+        The card has YAML metadata (``library_name: spade_sd``, ``license``, ``tags``) and lists the training
+        slides and spots, the gene panel (its size and first genes), the backbone and its identity, the training
+        history, ``metrics`` if given, and the package versions that trained the model. Read the folder back with
+        :meth:`from_pretrained` (or :meth:`load`); upload it with :meth:`push_to_hub`.
+
+        Parameters
+        ----------
+        path
+            Target folder, as for :meth:`save`; ``overwrite`` replaces a folder holding a saved model (and its card).
+        overwrite
+            Replace a model saved earlier at ``path`` (see :meth:`save`).
+        license
+            The license of the shared weights, as a Hub license id. The default is the package's own; the training
+            data's terms may require another (the weights hold a reference bank of training spots' expression).
+        metrics
+            Evaluation results for the card: a mapping of metric names to values, or the DataFrame of
+            :func:`spade_sd.tl.evaluate` (summarised per encoder, task and metric).
+
+        Raises
+        ------
+        FileExistsError
+            As for :meth:`save`, before anything is written.
+        TypeError
+            ``metrics`` is neither a mapping nor a DataFrame, before anything is written.
+        """
+        self._save_with_card(Path(path), overwrite, license=license, metrics=metrics, name=None)
+        self.source = {SOURCE_PATH: str(Path(path).resolve())}
+        logger.info("Saved the model and its card to %s; load it with sd.SpadeModel.from_pretrained(path)", path)
+
+    def _save_with_card(self, path: Path, overwrite: bool, *, license: str, metrics: Any, name: str | None) -> None:
+        if not isinstance(license, str) or not license:
+            raise TypeError(
+                f"license must be a Hub license id such as 'bsd-3-clause' or 'cc-by-4.0'; found {license!r}."
+            )
+        metrics_table(metrics)  # a bad metrics argument fails here, before anything is written
+        options = {"identity": self.identity(), "dim": self.dim, "license": license, "metrics": metrics, "name": name}
+        self._save(path, overwrite, lambda metadata: model_card(metadata, **options))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | os.PathLike,
+        *,
+        backbone: Backbone | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+    ) -> SpadeModel:
+        """Load a model from a folder (written by :meth:`save_pretrained` or :meth:`save`) or the Hugging Face Hub.
+
+        A local folder is read offline. Anything else is taken as a Hub repository id (``"owner/name"``) and
+        downloaded with :func:`huggingface_hub.snapshot_download` (cached: a revision downloaded once loads
+        offline). The files are checked as :meth:`load` checks them.
+
+        Parameters
+        ----------
+        source
+            A folder, or a Hub repository id.
+        backbone
+            As for :meth:`load`: needed only for a model trained on neither the packaged default nor a timm model.
+        revision, cache_dir, token
+            For a Hub repository: the branch, tag or commit, the download cache and the access token (see
+            :func:`huggingface_hub.snapshot_download`).
+
+        Returns
+        -------
+        The model; its :attr:`source` says where it came from, and :func:`spade_sd.tl.embed` records it.
+
+        Raises
+        ------
+        FileNotFoundError
+            ``source`` is neither a folder nor a repository id, or the folder or repository lacks the model's files.
+        OSError
+            Downloading failed (offline without a cached copy, an unknown repository, no access); the message
+            says how to load a copy downloaded elsewhere.
+        ValueError
+            As for :meth:`load` (damaged or edited files, another backbone).
+        """
+        folder, origin = saved_folder(
+            source,
+            files=(CONFIG_FILE, WEIGHTS_FILE),
+            loader="SpadeModel.from_pretrained",
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+        )
+        model = cls.load(folder, backbone=backbone)
+        model.source = origin
+        return model
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+        license: str = DEFAULT_LICENSE,
+        metrics: Any = None,
+    ) -> str:
+        """Upload the model with its card (:meth:`save_pretrained`) to the Hugging Face Hub repository ``repo_id``.
+
+        Needs a network and a token with write access (``hf auth login``, or ``token=``); the repository is created
+        if it does not exist. The reference bank (training spots' expression) is uploaded with the weights: share
+        only what the training data's terms allow.
+
+        Parameters
+        ----------
+        repo_id
+            ``"owner/name"``.
+        private
+            Create the repository private (an existing one keeps its visibility).
+        token
+            Hub token; ``None`` uses the one saved by ``hf auth login``.
+        commit_message
+            Default: ``"spade_sd model <identity>"``.
+        license, metrics
+            For the card, as in :meth:`save_pretrained`.
+
+        Returns
+        -------
+        The commit the upload made (the revision :meth:`from_pretrained` can pin), or ``""`` if the Hub gave none.
+        """
+        identity = self.identity()
+
+        def write(folder: Path) -> None:
+            self._save_with_card(folder, False, license=license, metrics=metrics, name=repo_id)
+
+        pushed = push_folder(
+            write, repo_id, private=private, token=token, commit_message=commit_message or f"spade_sd model {identity}"
+        )
+        self.source = pushed
+        logger.info("Uploaded model %s to the Hugging Face Hub repository %s", identity, repo_id)
+        return pushed.get("revision", "")
 
     @classmethod
     def _from_saved(
@@ -702,7 +870,7 @@ def _json_default(value: Any) -> Any:
 
 def _check_replaceable(path: Path) -> None:
     """Refuse, before anything is written, to replace ``path`` unless it is a folder holding only a saved model."""
-    expected = f"a folder holding only {CONFIG_FILE} (of a spade_sd model) and {WEIGHTS_FILE}"
+    expected = f"a folder holding only {CONFIG_FILE} (of a spade_sd model) and {WEIGHTS_FILE} (and its {MODEL_CARD})"
     refuse = f"Refusing to replace {path} with overwrite=True: expected {expected}, found"
     if path.is_symlink():
         raise FileExistsError(f"{refuse} a symbolic link.")
@@ -712,7 +880,9 @@ def _check_replaceable(path: Path) -> None:
     if not path.name or resolved == cwd or resolved in cwd.parents:
         raise FileExistsError(f"{refuse} the current directory or one that contains it. Save to a new folder.")
     entries = sorted(p.name for p in path.iterdir())
-    other = [name for name in entries if name not in (CONFIG_FILE, WEIGHTS_FILE)]
+    # a card spade_sd wrote goes with the model; a README.md of the user's own is never replaced
+    ours = [CONFIG_FILE, WEIGHTS_FILE] + ([MODEL_CARD] if is_card(path / MODEL_CARD) else [])
+    other = [name for name in entries if name not in ours]
     if other:
         shown = ", ".join(other[:10]) + (f" and {len(other) - 10} more" if len(other) > 10 else "")
         raise FileExistsError(f"{refuse} other entries as well: {shown}. Move them away or save to a new folder.")
@@ -720,7 +890,8 @@ def _check_replaceable(path: Path) -> None:
     if missing:
         raise FileExistsError(f"{refuse} no {' or '.join(missing)}: this is not a spade_sd model folder.")
     config, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
-    for file in (config, weights):
+    files = [config, weights] + ([path / MODEL_CARD] if MODEL_CARD in entries else [])
+    for file in files:
         if file.is_symlink() or not file.is_file():
             raise FileExistsError(f"{refuse} {file.name} that is not a regular file.")
     try:
@@ -732,9 +903,9 @@ def _check_replaceable(path: Path) -> None:
 
 
 def _remove_model_folder(folder: Path) -> None:
-    """Delete a replaced model's folder: only its two files, then the folder if it is empty."""
+    """Delete a replaced model's folder: only its files (two, and a model card), then the folder if it is empty."""
     try:
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
+        for name in (CONFIG_FILE, WEIGHTS_FILE, MODEL_CARD):
             (folder / name).unlink(missing_ok=True)
         folder.rmdir()
     except OSError as error:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Literal
 
-import matplotlib as mpl
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -13,6 +13,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from spade_sd.metrics import summarize
+from spade_sd.pl._common import check_save, finish
 
 _CHANCE_PREFIX = "chance@"
 _SUMMARY_COLUMNS = {"encoder", "metric", "mean", "std"}
@@ -75,8 +76,9 @@ def benchmark(
     ax: Axes | None = None,
     figsize: tuple[float, float] | None = None,
     show: bool | None = None,
+    save: str | os.PathLike | None = None,
     return_fig: bool = False,
-) -> Figure | None:
+) -> Axes | list[Axes] | Figure | None:
     """Compare encoders on evaluation results: one panel per metric, mean ± std over folds or repeats.
 
     Parameters
@@ -95,13 +97,18 @@ def benchmark(
         Size of a new figure; default 3.2 × 3.2 inches per panel.
     show
         Show the figure; default: only when matplotlib is in interactive mode.
+    save
+        Write the figure to this file (the format from its suffix, e.g. ``"benchmark.png"`` or ``".pdf"``).
     return_fig
         Return the figure.
 
     Returns
     -------
-    The :class:`~matplotlib.figure.Figure` if ``return_fig`` is true, else ``None``.
+    As scanpy's plots: the :class:`~matplotlib.figure.Figure` if ``return_fig``; else, when not shown
+    (``show=False``), the :class:`~matplotlib.axes.Axes` of the one metric, or a list of them, one per metric;
+    ``None`` when shown.
     """
+    save = check_save(save)
     if kind not in ("bar", "point"):
         raise ValueError(f'`kind` must be "bar" or "point"; found {kind!r}.')
     summary = _as_summary(df)
@@ -110,6 +117,7 @@ def benchmark(
         raise ValueError(f"`ax` holds one panel but {len(metrics)} metrics were chosen ({metrics}); pass `metric`.")
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colors = {encoder: cycle[i % len(cycle)] for i, encoder in enumerate(dict.fromkeys(summary["encoder"]))}
+    created = ax is None
     if ax is None:
         width, height = figsize or (3.2 * len(metrics), 3.2)
         fig, axes = plt.subplots(1, len(metrics), figsize=(width, height), squeeze=False, layout="constrained")
@@ -119,7 +127,5 @@ def benchmark(
     for panel_ax, name in zip(panels, metrics, strict=True):
         panel = summary[summary["metric"] == name]
         _draw_panel(panel_ax, panel, colors, kind, _chance_level(summary, name))
-    show = mpl.is_interactive() if show is None else show
-    if show:
-        plt.show()
-    return fig if return_fig else None
+    axes = panels[0] if len(panels) == 1 else panels
+    return finish(fig, axes, show=show, save=save, return_fig=return_fig, created=created)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import matplotlib as mpl
+import os
+
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from spatialdata import SpatialData
 
+from spade_sd.pl._common import check_save, finish
 from spade_sd.spots.geometry import choose_element, resolve_elements
 from spade_sd.utils.constants import DOMAINS_KEY
 
@@ -27,6 +29,7 @@ def domains(
     figsize: tuple[float, float] | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
+    save: str | os.PathLike | None = None,
     return_fig: bool = False,
 ) -> Axes | Figure | None:
     """Spatial domains (:func:`spade_sd.tl.domains`) as coloured spots or tiles over the H&E, with spatialdata-plot.
@@ -48,6 +51,8 @@ def domains(
         Size of a new figure, or axes to draw into.
     show
         Show the figure; by default when matplotlib is interactive.
+    save
+        Write the figure to this file (the format from its suffix, e.g. ``"domains.png"`` or ``".pdf"``).
     return_fig
         Return the figure instead of the axes.
 
@@ -57,6 +62,8 @@ def domains(
     shown (``show=False``), ``None`` when shown.
     """
     import spatialdata_plot  # noqa: F401  (registers the .pl accessor of SpatialData)
+
+    save = check_save(save)
 
     if not isinstance(sdata, SpatialData):
         raise TypeError(f"Expected a spatialdata.SpatialData, found {type(sdata).__name__}.")
@@ -79,6 +86,7 @@ def domains(
             f".obs[{key!r}] of table {table_key!r} holds {labels.dtype} values, not categories; pass a categorical "
             "column (sd.tl.domains writes one) or convert it with .astype('category')."
         )
+    created = ax is None
     if ax is None:
         _, ax = plt.subplots(figsize=figsize or (6.5, 6), layout="constrained")
     (
@@ -88,10 +96,7 @@ def domains(
     )
     _frame(ax, sdata.shapes[shapes_key], system)
     ax.set_axis_off()
-    if mpl.is_interactive() if show is None else show:
-        plt.show()
-        return ax.figure if return_fig else None
-    return ax.figure if return_fig else ax
+    return finish(ax.figure, ax, show=show, save=save, return_fig=return_fig, created=created)
 
 
 def _title(table, key: str) -> str:

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
-import matplotlib as mpl
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Circle, Patch
 from spatialdata import SpatialData
 
+from spade_sd.pl._common import check_save, finish
 from spade_sd.spots.geometry import image_levels, resolve_geometry
 
 MAX_DISPLAY_SIDE = 2000
@@ -87,8 +88,9 @@ def experts(
     figsize: tuple[float, float] | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
+    save: str | os.PathLike | None = None,
     return_fig: bool = False,
-) -> Figure | None:
+) -> Axes | list[Axes] | Figure | None:
     """Expert assignment (or any categorical ``obs`` column) drawn as spots over the H&E.
 
     Parameters
@@ -115,13 +117,18 @@ def experts(
         Axes to draw the H&E panel into (only without ``umap``).
     show
         Show the figure; by default when matplotlib is interactive.
+    save
+        Write the figure to this file (the format from its suffix, e.g. ``"experts.png"`` or ``".pdf"``).
     return_fig
         Return the figure.
 
     Returns
     -------
-    The :class:`~matplotlib.figure.Figure` if ``return_fig``, else ``None``.
+    As scanpy's plots: the :class:`~matplotlib.figure.Figure` if ``return_fig``; else, when not shown
+    (``show=False``), the H&E panel's :class:`~matplotlib.axes.Axes`, or ``[H&E, UMAP]`` with ``umap``; ``None``
+    when shown.
     """
+    save = check_save(save)
     geometry = resolve_geometry(
         sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key, require_scale=False
     )
@@ -139,7 +146,7 @@ def experts(
     categories = [str(c) for c in labels.cat.categories]
     colors = _palette(table, color, categories)
 
-    umap_ax = None
+    umap_ax, created = None, ax is None
     if ax is None:
         fig, axes = plt.subplots(
             1, 2 if umap else 1, figsize=figsize or ((11, 5) if umap else (6, 6)), squeeze=False, layout="constrained"
@@ -153,7 +160,5 @@ def experts(
     ax.legend(handles=handles, title=color, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     if umap_ax is not None:
         _draw_umap(umap_ax, table[geometry.table_rows], use_rep, labels, colors, seed)
-    show = mpl.is_interactive() if show is None else show
-    if show:
-        plt.show()
-    return fig if return_fig else None
+    axes = ax if umap_ax is None else [ax, umap_ax]
+    return finish(fig, axes, show=show, save=save, return_fig=return_fig, created=created)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
-import matplotlib as mpl
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
@@ -13,6 +13,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from spatialdata import SpatialData
 
+from spade_sd.pl._common import check_save, finish
 from spade_sd.pl._experts import draw_spots
 from spade_sd.spots.geometry import choose_element, resolve_geometry
 from spade_sd.utils.constants import PREDICTED_KEY, QUERY_KEY
@@ -35,12 +36,6 @@ def _draw_values(ax: Axes, sdata: SpatialData, geometry, values: np.ndarray, cma
     ax.figure.colorbar(ScalarMappable(norm=norm, cmap=colormap), ax=ax, shrink=0.7)
 
 
-def _finish(fig: Figure, show: bool | None, return_fig: bool) -> Figure | None:
-    if mpl.is_interactive() if show is None else show:
-        plt.show()
-    return fig if return_fig else None
-
-
 def query(
     sdata: SpatialData,
     key: str = QUERY_KEY,
@@ -56,8 +51,9 @@ def query(
     figsize: tuple[float, float] | None = None,
     title: str | None = None,
     show: bool | None = None,
+    save: str | os.PathLike | None = None,
     return_fig: bool = False,
-) -> Figure | None:
+) -> Axes | Figure | None:
     """The score of :func:`spade_sd.tl.query` as a heat map of spots (or tiles) over the H&E.
 
     Parameters
@@ -78,11 +74,15 @@ def query(
         Size of a new figure, or axes to draw into.
     show, return_fig
         Show the figure (default: when matplotlib is interactive); return it.
+    save
+        Write the figure to this file (the format from its suffix, e.g. ``"query.png"`` or ``".pdf"``).
 
     Returns
     -------
-    The :class:`~matplotlib.figure.Figure` if ``return_fig``, else ``None``.
+    As scanpy's plots: the :class:`~matplotlib.figure.Figure` if ``return_fig``; else the
+    :class:`~matplotlib.axes.Axes` when not shown (``show=False``), ``None`` when shown.
     """
+    save = check_save(save)
     holding = [n for n, t in sdata.tables.items() if key in t.obs] if table_key is None else [table_key]
     if table_key is None and not holding:
         raise KeyError(
@@ -102,12 +102,13 @@ def query(
         require_scale=False,
     )
     values = table.obs[key].to_numpy(dtype=float)[geometry.table_rows]
+    created = ax is None
     if ax is None:
         _, ax = plt.subplots(figsize=figsize or (6.5, 6), layout="constrained")
     _draw_values(ax, sdata, geometry, values, cmap, alpha, (vmin, vmax))
     genes = params.get("genes")
     ax.set_title(title or f"query: {', '.join(map(str, genes)) if genes is not None else params.get('query', key)}")
-    return _finish(ax.figure, show, return_fig)
+    return finish(ax.figure, ax, show=show, save=save, return_fig=return_fig, created=created)
 
 
 def expression(
@@ -121,8 +122,9 @@ def expression(
     alpha: float = 0.9,
     figsize: tuple[float, float] | None = None,
     show: bool | None = None,
+    save: str | os.PathLike | None = None,
     return_fig: bool = False,
-) -> Figure | None:
+) -> Axes | list[Axes] | Figure | None:
     """Predicted expression of genes (:func:`spade_sd.tl.predict_expression`) beside the measured one, over the H&E.
 
     One row per gene: the prediction, and where the spots' own table measures the gene, its measured
@@ -149,11 +151,16 @@ def expression(
         Figure size; default 5 × 4.5 inches per map.
     show, return_fig
         Show the figure (default: when matplotlib is interactive); return it.
+    save
+        Write the figure to this file (the format from its suffix, e.g. ``"expression.png"`` or ``".pdf"``).
 
     Returns
     -------
-    The :class:`~matplotlib.figure.Figure` if ``return_fig``, else ``None``.
+    As scanpy's plots: the :class:`~matplotlib.figure.Figure` if ``return_fig``; else, when not shown
+    (``show=False``), the :class:`~matplotlib.axes.Axes` of the one map, or a list of them, row by row (each gene's
+    prediction, then its measurement); ``None`` when shown.
     """
+    save = check_save(save)
     if predicted_key not in sdata.tables:
         raise KeyError(
             f"No table {predicted_key!r} (tables: {list(sdata.tables)}); run sd.tl.predict_expression first or pass "
@@ -187,7 +194,10 @@ def expression(
         else:
             axes[i, 1].set_axis_off()
             axes[i, 1].text(0.5, 0.5, f"{gene}: not measured", ha="center", va="center")
-    return _finish(fig, show, return_fig)
+    panels = list(axes.ravel())
+    return finish(
+        fig, panels[0] if len(panels) == 1 else panels, show=show, save=save, return_fig=return_fig, created=True
+    )
 
 
 def _measured(sdata: SpatialData, names, genes: list[str], params: dict, layer: str | None) -> dict | None:

@@ -15,7 +15,19 @@ from spatialdata import SpatialData
 from spatialdata.transformations import get_transformation
 from xarray import DataArray, DataTree
 
+from spade_sd.spots.bins import (
+    BINS,
+    CELLS,
+    NOUNS,
+    SPOTS,
+    bin_name_size,
+    bin_size_um,
+    reader_of,
+    shape_kind,
+    units_in_um,
+)
 from spade_sd.utils.constants import (
+    BIN_SIZE_UM,
     DERIVED_FROM,
     MPP,
     SPOT_DIAMETER_UM,
@@ -62,6 +74,10 @@ class SpotGeometry:
         ``(height, width)`` of each pyramid level.
     level_downsample
         Level-0 pixels per pixel of each level, ``(x, y)``.
+    kind, size_px
+        What the shapes are (``"spots"``: circles or round polygons of one size; ``"bins"``: squares of one size;
+        ``"cells"``: anything else) and their size in level-0 pixels (diameter, side, or median diameter of equal
+        area).
     """
 
     image_key: str
@@ -75,6 +91,8 @@ class SpotGeometry:
     mpp_source: str
     level_shapes: tuple[tuple[int, int], ...]
     level_downsample: tuple[tuple[float, float], ...]
+    kind: str = SPOTS
+    size_px: float = float("nan")
 
     @property
     def n_spots(self) -> int:
@@ -261,6 +279,12 @@ def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     return points @ matrix[:2, :2].T + matrix[:2, 2]
 
 
+def pixels_from_shapes(sdata: SpatialData, image_key: str, shapes_key: str, coordinate_system: str) -> np.ndarray:
+    """3×3 matrix mapping the shapes' own (x, y) to the image's level-0 pixels, through ``coordinate_system``."""
+    to_level0 = np.linalg.inv(affine_to(image_levels(sdata.images[image_key])[0], coordinate_system))
+    return to_level0 @ affine_to(sdata.shapes[shapes_key], coordinate_system)
+
+
 def pyramid_downsample(
     levels: list[DataArray], coordinate_system: str, to_level0: np.ndarray
 ) -> tuple[tuple[float, float], ...]:
@@ -299,9 +323,18 @@ def _spot_table(sdata: SpatialData, shapes_key: str, table_key: str) -> tuple[np
     return rows, instances
 
 
-def _centers_and_radius(shapes, instances: pd.Index, shapes_key: str) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Centers and radii of the spots in the shapes' coordinates, and whether they are circles."""
-    shapes = shapes.loc[instances]
+@dataclass(frozen=True)
+class _Outline:
+    """Centers and radii of shapes in their own coordinates (polygons: the radius of the circle of equal area)."""
+
+    centers: np.ndarray
+    radius: np.ndarray
+    circles: bool
+    kind: str
+    size: float
+
+
+def _outline(shapes, shapes_key: str) -> _Outline:
     geometry = shapes.geometry
     if (geometry.geom_type == "Point").all():
         if "radius" not in shapes:
@@ -309,9 +342,39 @@ def _centers_and_radius(shapes, instances: pd.Index, shapes_key: str) -> tuple[n
                 f"Shapes {shapes_key!r} are points without a 'radius' column; spots are circles (points with a "
                 "radius) or polygons. Add the spots' radius in the shapes' units: shapes['radius'] = ..."
             )
-        return np.c_[geometry.x, geometry.y], shapes["radius"].to_numpy(float), True
-    centroids = geometry.centroid
-    return np.c_[centroids.x, centroids.y], np.sqrt(geometry.area.to_numpy(float) / np.pi), False
+        centers, radius, circles = np.c_[geometry.x, geometry.y], shapes["radius"].to_numpy(float), True
+    else:
+        centroids = geometry.centroid
+        centers, radius, circles = (
+            np.c_[centroids.x, centroids.y],
+            np.sqrt(geometry.area.to_numpy(float) / np.pi),
+            False,
+        )
+    return _Outline(centers, radius, circles, *shape_kind(geometry, radius, circles))
+
+
+def linear_scale(matrix: np.ndarray) -> float:
+    """Length scale of an affine map (the geometric mean of its x and y scales)."""
+    return float(np.sqrt(abs(np.linalg.det(matrix[:2, :2]))))
+
+
+# Bins read to measure a coordinate system (their first ones: all of one size)
+_BINS_MEASURED = 1000
+
+
+def _bins_nearby(sdata: SpatialData, shapes_key: str, system: str, to_level0: np.ndarray) -> tuple[float, str] | None:
+    """µm per level-0 pixel from Visium HD bins in the same coordinate system (for the cells segmented with them)."""
+    for name in sorted(sdata.shapes):
+        size_um = bin_name_size(name)
+        if name == shapes_key or size_um is None or system not in coordinate_systems(sdata.shapes[name]):
+            continue
+        bins = sdata.shapes[name].iloc[:_BINS_MEASURED]
+        if not (bins.geometry.geom_type == "Point").all() or "radius" in bins:
+            outline = _outline(bins, name)
+            if outline.kind != CELLS:
+                px = outline.size * linear_scale(to_level0 @ affine_to(sdata.shapes[name], system))
+                return size_um / px, f"the {size_um:g} µm Visium HD bins {name!r} in coordinate system {system!r}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -325,6 +388,11 @@ class _Spots:
     centers: np.ndarray
     radius: np.ndarray
     circles: bool
+    kind: str
+    size_px: float
+    px_per_unit: float
+    units_in_um: str
+    bins_nearby: tuple[float, str] | None
 
     @property
     def diameter_px(self) -> float:
@@ -386,7 +454,7 @@ def _space_ranger_scalefactors(table: AnnData) -> bool:
     """Whether ``uns['spatial']`` holds Space Ranger's Visium scale factors (scanpy's layout; not Visium HD's bins)."""
     libraries = table.uns.get("spatial", {}).values()
     factors = [lib.get("scalefactors", {}) for lib in libraries if isinstance(lib, dict)]
-    return any("spot_diameter_fullres" in f and "bin_size_um" not in f for f in factors)
+    return any("spot_diameter_fullres" in f and BIN_SIZE_UM not in f for f in factors)
 
 
 def _obs_spot_diameter(spots: _Spots) -> float:
@@ -425,8 +493,8 @@ def _spot_size(table: AnnData, spots: _Spots) -> tuple[float | None, str, str]:
     return None, why_not, ""
 
 
-def _scale_from_spots(table: AnnData, spots: _Spots) -> tuple[float | None, str]:
-    """The µm per pixel the spots give and how; else ``None`` and why not.
+def _scale_from_circles(table: AnnData, spots: _Spots) -> tuple[float | None, str]:
+    """The µm per pixel spots of one size give and how; else ``None`` and why not.
 
     Visium's spots are measured by their grid, 100 µm between neighbours, whenever the table has their array
     positions: the circles spatialdata-io and scanpy draw are Space Ranger's ``spot_diameter_fullres``, a 65 µm
@@ -445,17 +513,63 @@ def _scale_from_spots(table: AnnData, spots: _Spots) -> tuple[float | None, str]
     return diameter / spots.diameter_px, f"{source} and the circles' radius"
 
 
+def _scale_from_spots(table: AnnData, spots: _Spots) -> tuple[float | None, str]:
+    """The µm per pixel the shapes give and how; else ``None`` and why not.
+
+    Bins (and Visium HD's bins drawn as circles) are measured by their side in µm, never by a spot diameter; cells
+    by nothing of their own: their scale comes from shapes in µm (spatialdata-io's xenium layout) or from bins in
+    the same coordinate system.
+    """
+    meta = table.uns.get(UNS_KEY, {})
+    why = ""
+    if spots.kind in (SPOTS, BINS):
+        side_um, source = bin_size_um(meta, (spots.shapes_key, spots.table_key))
+        if side_um is not None:
+            return side_um / spots.size_px, f"{source} and the bins' side"
+    if spots.kind == SPOTS:
+        derived, why = _scale_from_circles(table, spots)
+        if derived is not None:
+            return derived, why
+    if spots.units_in_um:
+        return 1 / spots.px_per_unit, f"{spots.units_in_um}, through the transformations"
+    if spots.kind == CELLS and spots.bins_nearby is not None:
+        return spots.bins_nearby
+    if spots.kind == BINS:
+        why = (
+            f"shapes {spots.shapes_key!r} are polygons: squares of one size ({spots.size_px:.3g} px a side), read "
+            f"as bins, whose side in µm is recorded nowhere (uns[{UNS_KEY!r}][{BIN_SIZE_UM!r}], or a Visium HD name "
+            "such as 'square_008um'); a spot diameter does not measure squares"
+        )
+    elif spots.kind == CELLS:
+        why = (
+            f"shapes {spots.shapes_key!r} are cells ({'circles' if spots.circles else 'polygons'} of varied size "
+            "or shape), which no spot diameter measures, and neither Xenium's µm coordinates nor Visium HD bins "
+            "in the same coordinate system were found"
+        )
+    return None, why
+
+
+def _what_to_record(spots: _Spots) -> str:
+    if spots.kind == BINS:
+        return f"or record the bins' side on the table: uns[{UNS_KEY!r}] = {{{BIN_SIZE_UM!r}: ...}}"
+    if spots.kind == CELLS:
+        return (
+            "or aggregate the cells into squares of known size (sd.pp.aggregate, which takes mpp= once and "
+            "records the squares' size)"
+        )
+    return f"or set uns[{UNS_KEY!r}] = {{{SPOT_DIAMETER_UM!r}: ...}} on the table (known technologies: {SPOT_DIAMETERS_UM})"
+
+
 def _resolve_mpp(mpp: float | None, table: AnnData, spots: _Spots) -> tuple[float, str]:
     meta = table.uns.get(UNS_KEY, {})
     derived, derived_source = _scale_from_spots(table, spots)
     if mpp is None and MPP not in meta:
         if derived is None:
             raise ValueError(
-                f"The physical scale is unknown: table {spots.table_key!r} records no spot diameter or technology "
-                f"(uns[{UNS_KEY!r}] has {sorted(meta)}){'; ' + derived_source if derived_source else ''}, and no "
-                f"mpp was given. Pass mpp= (µm per pixel of image {spots.image_key!r}'s own full-resolution level), "
-                f"or set uns[{UNS_KEY!r}] = {{{SPOT_DIAMETER_UM!r}: ...}} on the table (known technologies: "
-                f"{SPOT_DIAMETERS_UM})."
+                f"The physical scale is unknown: table {spots.table_key!r} records no spot diameter, bin size or "
+                f"technology (uns[{UNS_KEY!r}] has {sorted(meta)}){'; ' + derived_source if derived_source else ''}, "
+                f"and no mpp was given. Pass mpp= (µm per pixel of image {spots.image_key!r}'s own full-resolution "
+                f"level), {_what_to_record(spots)}."
             )
         return check_mpp(f"the µm per pixel derived from {derived_source}", derived), derived_source
     source = "the mpp argument" if mpp is not None else f"the table's uns[{UNS_KEY!r}][{MPP!r}]"
@@ -465,7 +579,7 @@ def _resolve_mpp(mpp: float | None, table: AnnData, spots: _Spots) -> tuple[floa
         raise ValueError(
             f"{source[0].upper()}{source[1:]} gives {value:.4g} µm per pixel, but the spots of shapes "
             f"{spots.shapes_key!r} give image {spots.image_key!r} {derived:.4g} µm per pixel ({derived_source}): "
-            f"at {value:.4g} their {spots.diameter_px:.3g} px circles would be {value * spots.diameter_px:.3g} µm "
+            f"at {value:.4g} their {spots.size_px:.3g} px {NOUNS[spots.kind]} would be {value * spots.size_px:.3g} µm "
             f"across. mpp is the µm per pixel of the image element's own full-resolution level (its level 0; for a "
             f"Visium low-resolution PNG its own pixels, not Space Ranger's full-resolution ones): {fix}."
         )
@@ -528,21 +642,28 @@ def resolve_geometry(
     levels = image_levels(sdata.images[image_key])
     to_level0 = np.linalg.inv(affine_to(levels[0], system))
     shapes = sdata.shapes[shapes_key]
-    shapes_to_pixels = to_level0 @ affine_to(shapes, system)
+    shapes_to_pixels = pixels_from_shapes(sdata, image_key, shapes_key, system)
 
     rows, instances = _spot_table(sdata, shapes_key, table_key)
     if len(rows) == 0:
         raise ValueError(f"Table {table_key!r} has no rows for shapes {shapes_key!r}.")
-    centers, radius, circles = _centers_and_radius(shapes, instances, shapes_key)
+    outline = _outline(shapes.loc[instances], shapes_key)
     table = sdata.tables[table_key]
+    obs = table.obs.iloc[rows]
+    px_per_unit = linear_scale(shapes_to_pixels)
     spots = _Spots(
         image_key,
         shapes_key,
         table_key,
-        table.obs.iloc[rows],
-        _apply(shapes_to_pixels, centers),
-        radius * np.sqrt(abs(np.linalg.det(shapes_to_pixels[:2, :2]))),
-        circles,
+        obs,
+        _apply(shapes_to_pixels, outline.centers),
+        outline.radius * px_per_unit,
+        outline.circles,
+        outline.kind,
+        outline.size * px_per_unit,
+        px_per_unit,
+        units_in_um(obs, np.pi * outline.radius**2, shapes_key, reader_of(sdata.attrs)),
+        _bins_nearby(sdata, shapes_key, system, to_level0) if outline.kind == CELLS else None,
     )
     try:
         value, source = _resolve_mpp(mpp, table, spots)
@@ -566,4 +687,6 @@ def resolve_geometry(
         mpp_source=source,
         level_shapes=tuple((lv.sizes["y"], lv.sizes["x"]) for lv in levels),
         level_downsample=pyramid_downsample(levels, system, to_level0),
+        kind=spots.kind,
+        size_px=spots.size_px,
     )

@@ -1,19 +1,49 @@
-"""What the public tools share: backbone arguments, writing results into tables, models attached to data."""
+"""What the public tools share: backbone arguments, writing results into tables, finding the model, legacy input.
+
+Finding the model (:func:`find_model`): one given (a :class:`~spade_sd.SpadeModel`, or a folder or Hugging Face Hub
+id it was saved to), else the one :func:`spade_sd.tl.pretrain` attached to the data, else the one an earlier
+:func:`spade_sd.tl.embed` recorded in ``.uns`` (its identity and where it was saved), loaded from there.
+
+Legacy input (:func:`accepts_legacy_anndata`): scanpy's spatial AnnData (``uns['spatial']``) is converted to a
+SpatialData with spatialdata-io, the tool runs on it, and the outputs it records are written back to the AnnData.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
+import os
 import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from anndata import AnnData
 
-from spade_sd.utils.constants import DERIVED_FROM, OUTPUTS, RESERVED_UNS, UNS_KEY, WRITTEN_BY
+from spade_sd.utils.constants import (
+    DERIVED_FROM,
+    LEGACY_SPATIAL,
+    MODEL_SOURCE,
+    OUTPUTS,
+    RESERVED_UNS,
+    SOURCE_PATH,
+    SOURCE_REPO,
+    SOURCE_REVISION,
+    SPATIAL_KEY,
+    UNS_KEY,
+    WRITTEN_BY,
+)
 from spade_sd.utils.logging import logger
 
 # Models trained by pretrain(), by the SpatialData they were trained on; dropped with the object.
 ATTACHED_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# The same for legacy AnnData objects (unhashable, so by id, each entry dropped with its object): {id: (ref, model)}
+_ANNDATA_MODELS: dict[int, tuple[weakref.ref, Any]] = {}
+# SpatialData converted from a legacy AnnData -> that AnnData, so models attached to one are found from the other
+_CONVERTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @cache
@@ -55,22 +85,323 @@ def slide_name(table: AnnData, shapes_key: str) -> str:
 
 
 def given_or_attached_model(sdata, model, tool: str):
-    """``model``, else the model :func:`spade_sd.tl.pretrain` attached to ``sdata``; an error if there is neither.
+    """The model :func:`find_model` finds; an error saying what to pass if it finds none.
 
     Unlike :func:`spade_sd.tl.embed`, tools that read what a model learnt never train one on the data in hand.
     """
+    found, problem = find_model(sdata, model, tool)
+    if found is None:
+        raise ValueError(
+            f"{tool} needs a trained model: pass model= (a SpadeModel from sd.tl.pretrain, or the folder or Hugging "
+            "Face Hub id it was saved to with save_pretrained); none was given and none is attached to this "
+            f"SpatialData{'; ' + problem if problem else ''}."
+        )
+    return found
+
+
+def find_model(sdata, model, tool: str, *, records: dict[str, Mapping] | None = None) -> tuple[Any, str | None]:
+    """The model to use, and ``None`` or why no earlier one could be found.
+
+    Parameters
+    ----------
+    sdata
+        The data the tool runs on.
+    model
+        A :class:`~spade_sd.SpadeModel`, a folder or Hugging Face Hub repository id
+        (:meth:`SpadeModel.from_pretrained <spade_sd.SpadeModel.from_pretrained>`), or ``None``: the model
+        attached to ``sdata`` by :func:`spade_sd.tl.pretrain`, else the one ``records`` name.
+    tool
+        The tool, named in messages.
+    records
+        The earlier embeddings' ``.uns`` records to look at, by where they are (e.g. ``".uns['spade'] of table
+        'table'"``); ``None`` looks at every table's. A model they name is loaded from where it was saved (logged)
+        and attached to ``sdata``; a differing identity is warned about, saying what differs.
+
+    Returns
+    -------
+    The model (``None`` if none was given, attached or recorded and found), and why a recorded one was not found.
+    """
+    if model is not None:
+        return as_model(model, tool), None
+    found = attached_model(sdata)
+    if found is not None:
+        return found, None
+    records = embedding_records(sdata) if records is None else records
+    found, problem = _recorded_model(records)
+    if found is not None:
+        attach_model(sdata, found)
+    return found, problem
+
+
+def as_model(model, tool: str):
+    """``model`` if it is a :class:`~spade_sd.SpadeModel`, else the model saved in the folder or Hub repository it names."""
     from spade_sd.model.spade_model import SpadeModel
 
-    if model is None:
-        model = ATTACHED_MODELS.get(sdata)
-        if model is None:
-            raise ValueError(
-                f"{tool} needs a trained model: pass model= (a SpadeModel from sd.tl.pretrain or SpadeModel.load); "
-                "none was given and none is attached to this SpatialData."
-            )
+    if isinstance(model, str | os.PathLike):
+        return SpadeModel.from_pretrained(model)
     if not isinstance(model, SpadeModel):
-        raise TypeError(f"Expected a spade_sd.SpadeModel as model, found {type(model).__name__}.")
+        raise TypeError(
+            f"{tool}: Expected a spade_sd.SpadeModel as model (or the folder or Hugging Face Hub id of one saved with "
+            f"save_pretrained), found {type(model).__name__}."
+        )
     return model
+
+
+def attached_model(data):
+    """The model :func:`spade_sd.tl.pretrain` attached to ``data`` (a SpatialData or a legacy AnnData), or ``None``."""
+    if isinstance(data, AnnData):
+        entry = _ANNDATA_MODELS.get(id(data))
+        return entry[1] if entry is not None and entry[0]() is data else None
+    model = ATTACHED_MODELS.get(data)
+    source = _CONVERTED.get(data)
+    if model is None and source is not None and source() is not None:
+        model = attached_model(source())
+    return model
+
+
+def attach_model(data, model) -> None:
+    """Attach ``model`` to ``data`` (and, for a SpatialData converted from a legacy AnnData, to that AnnData)."""
+    if isinstance(data, AnnData):
+        key = id(data)
+        if key not in _ANNDATA_MODELS:
+            weakref.finalize(data, _ANNDATA_MODELS.pop, key, None)
+        _ANNDATA_MODELS[key] = (weakref.ref(data), model)
+        return
+    ATTACHED_MODELS[data] = model
+    source = _CONVERTED.get(data)
+    if source is not None and source() is not None:
+        attach_model(source(), model)
+
+
+def embedding_records(sdata, table_key: str | None = None, uns_key: str | None = None) -> dict[str, Mapping]:
+    """The ``.uns`` records :func:`spade_sd.tl.embed` left, by where they are; only ``uns_key`` of ``table_key`` if given."""
+    records = {}
+    for name, table in getattr(sdata, "tables", {}).items():
+        if table_key is not None and name != table_key:
+            continue
+        for key, entry in table.uns.items():
+            if key in RESERVED_UNS or (uns_key is not None and key != uns_key):
+                continue
+            if hasattr(entry, "get") and "outputs" in entry and hasattr(entry.get("model"), "get"):
+                records[f".uns[{key!r}] of table {name!r}"] = entry
+    return records
+
+
+def model_record(model) -> dict[str, Any]:
+    """What :func:`spade_sd.tl.embed` records of its model in ``.uns[key]['model']``.
+
+    Its identity, backbone and configuration, and where it was saved (``source``), so a later call can load it.
+    """
+    record = {
+        "identity": model.identity(),
+        "n_experts": model.n_experts,
+        "backbone": model.backbone.to_config(),
+        "config": model.config.to_dict(),
+    }
+    if model.source:
+        record[MODEL_SOURCE] = dict(model.source)
+    return record
+
+
+def _recorded_model(records: dict[str, Mapping]) -> tuple[Any, str | None]:
+    """The one model ``records`` name, loaded from where it was saved; else ``None`` and why not (``None`` if none)."""
+    identities = {str(record["model"].get("identity")) for record in records.values()}
+    if not identities:
+        return None, None
+    if len(identities) > 1:
+        shown = "; ".join(f"{where}: {record['model'].get('identity')}" for where, record in records.items())
+        return None, f"the earlier embeddings were made by {len(identities)} models ({shown}): pass the one to use"
+    saved = [(where, record) for where, record in records.items() if hasattr(record["model"].get(MODEL_SOURCE), "get")]
+    if not saved:
+        where, record = next(iter(records.items()))
+        identity = record["model"].get("identity")
+        return None, (
+            f"the embedding in {where} was made by model {identity}, which is not attached to this SpatialData and "
+            "was never saved (no path is recorded)"
+        )
+    where, record = saved[0]
+    return _load_recorded(where, record["model"])
+
+
+def _load_recorded(where: str, record: Mapping) -> tuple[Any, str | None]:
+    from spade_sd.model.spade_model import SpadeModel
+
+    identity = str(record.get("identity"))
+    source = {str(key): str(value) for key, value in record[MODEL_SOURCE].items()}
+    if SOURCE_PATH in source:
+        location = source[SOURCE_PATH]
+        if not Path(location).is_dir():
+            return None, (
+                f"the embedding in {where} was made by model {identity}, saved at {location}, which is not attached "
+                "to this SpatialData and no longer at that path (moved or deleted?)"
+            )
+        options = {}
+    elif SOURCE_REPO in source:
+        location = source[SOURCE_REPO]
+        options = {"revision": source.get(SOURCE_REVISION) or None}
+    else:
+        return None, f"the embedding in {where} records model {identity} saved at {source}, which names no folder"
+    try:
+        model = SpadeModel.from_pretrained(location, **options)
+    except (OSError, ValueError) as error:
+        return (
+            None,
+            f"the embedding in {where} was made by model {identity}, saved at {location}, which fails to load: {error}",
+        )
+    found = model.identity()
+    if found == identity:
+        logger.info("Reusing model %s, which made the embedding in %s: loaded from %s", identity, where, location)
+    else:
+        logger.warning(
+            "The model now at %s (identity %s) is not the one that made the embedding in %s (identity %s): %s. "
+            "Embedding with it, its results will differ from the earlier ones; to keep the earlier model, save "
+            "each model to a folder of its own.",
+            location,
+            found,
+            where,
+            identity,
+            model_difference(record, model),
+        )
+    return model, None
+
+
+def model_difference(record: Mapping, model) -> str:
+    """What differs between a recorded model (:func:`model_record`) and ``model``: backbone, experts, configuration."""
+    differences = []
+    backbone = record.get("backbone", {})
+    if str(backbone.get("identity")) != model.backbone.identity():
+        differences.append(f"backbone {backbone.get('name')!r} recorded, {model.backbone.name!r} found (other weights)")
+    if _plain(record.get("n_experts")) != model.n_experts:
+        differences.append(f"{_plain(record.get('n_experts'))} experts recorded, {model.n_experts} found")
+    recorded, found = _flat(_plain(record.get("config", {}))), _flat(model.config.to_dict())
+    changed = [key for key in sorted(recorded.keys() | found.keys()) if recorded.get(key) != found.get(key)]
+    differences += [f"config {key} {recorded.get(key)} recorded, {found.get(key)} found" for key in changed[:5]]
+    if len(changed) > 5:
+        differences.append(f"and {len(changed) - 5} more configuration entries")
+    return "; ".join(differences) or "the same configuration and backbone, other trained weights (trained again?)"
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON holds it: what anndata reads back from zarr (numpy arrays and scalars) made plain."""
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, np.ndarray | list | tuple):
+        return [_plain(item) for item in value]
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, str]:
+    if isinstance(value, Mapping):
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): json.dumps(value, sort_keys=True)}
+
+
+def is_legacy_anndata(data) -> bool:
+    """Whether ``data`` is scanpy's legacy spatial AnnData (``uns['spatial']``), which the tools convert."""
+    return isinstance(data, AnnData) and LEGACY_SPATIAL in data.uns
+
+
+def accepts_legacy_anndata(tool: str) -> Callable:
+    """Let a tool whose first argument is a SpatialData take scanpy's legacy spatial AnnData as well.
+
+    The AnnData is converted (:func:`legacy_to_spatialdata`), the tool runs on the SpatialData, and the outputs the
+    tool recorded (``.uns['spade_sd']['outputs']``) are written back to the AnnData. A failure leaves it unchanged.
+    """
+
+    def decorate(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def run(sdata, *args, **kwargs):
+            if not isinstance(sdata, AnnData):
+                return function(sdata, *args, **kwargs)
+            converted = legacy_to_spatialdata(sdata, tool)
+            result = function(converted, *args, **kwargs)
+            _write_back(converted.tables[_LEGACY_TABLE], sdata)
+            return result
+
+        return run
+
+    return decorate
+
+
+# The table spatialdata-io's from_legacy_anndata makes
+_LEGACY_TABLE = "table"
+
+
+def legacy_to_spatialdata(adata: AnnData, tool: str):
+    """A SpatialData from scanpy's legacy spatial AnnData, by :func:`spatialdata_io.experimental.from_legacy_anndata`.
+
+    It keeps the image of the most pixels (scanpy's ``hires`` over ``lowres``), so that the spots are read at the
+    finest scale there is. The AnnData is not changed.
+
+    Raises
+    ------
+    TypeError
+        ``adata`` lacks what the layout needs (``obsm['spatial']``, one library in ``uns['spatial']`` with an image).
+    ModuleNotFoundError
+        spatialdata-io is not installed.
+    """
+    spatial = adata.uns.get(LEGACY_SPATIAL)
+    expected = (
+        f"{tool} reads a SpatialData, or scanpy's legacy spatial AnnData (sc.read_visium): obsm['spatial'] holding "
+        "the spots' full-resolution pixels and uns['spatial'][library_id] holding 'images' and 'scalefactors'"
+    )
+    libraries = list(spatial) if isinstance(spatial, Mapping) else []
+    if not libraries:
+        found = "no uns['spatial']" if spatial is None else f"uns['spatial'] holding no library ({spatial!r:.60})"
+        raise TypeError(f"{expected}; found an AnnData with {found}.")
+    if len(libraries) > 1:
+        raise TypeError(
+            f"{expected}; found {len(libraries)} libraries in uns['spatial'] ({libraries[:5]}). Pass one slide at a "
+            "time: subset the AnnData to one library's spots and keep only its entry in uns['spatial']."
+        )
+    images = spatial[libraries[0]].get("images", {}) if isinstance(spatial[libraries[0]], Mapping) else {}
+    if not isinstance(images, Mapping) or not images:
+        raise TypeError(f"{expected}; uns['spatial'][{libraries[0]!r}] holds no images, and {tool} needs the H&E.")
+    coords = adata.obsm.get(SPATIAL_KEY)
+    if coords is None or np.ndim(coords) != 2 or np.shape(coords)[1] != 2:
+        shape = None if coords is None else np.shape(coords)
+        raise TypeError(f"{expected}; found obsm['spatial'] of shape {shape}, not (n_obs, 2).")
+    try:
+        from spatialdata_io.experimental import from_legacy_anndata as convert
+    except ImportError as error:
+        raise ModuleNotFoundError(
+            f"{tool} converts scanpy's legacy spatial AnnData with spatialdata-io, which is not installed ({error}). "
+            "Install it (pip install spatialdata-io) or pass a SpatialData."
+        ) from error
+    sdata = convert(adata)
+    kept = max(sdata.images, key=lambda name: int(np.prod(sdata.images[name].shape[1:])))
+    for name in [name for name in sdata.images if name != kept]:
+        del sdata.images[name]
+    _CONVERTED[sdata] = weakref.ref(adata)
+    logger.info(
+        "%s: converted scanpy's legacy AnnData (library %r, image %r) to a SpatialData with "
+        "spatialdata_io.experimental.from_legacy_anndata; the outputs are written back to the AnnData. For several "
+        "calls, convert once: sdata = from_legacy_anndata(adata) (the outputs then go to sdata's table).",
+        tool,
+        libraries[0],
+        kept.removeprefix(f"{libraries[0]}_"),
+    )
+    return sdata
+
+
+def _write_back(table: AnnData, adata: AnnData) -> None:
+    """Write the outputs recorded in ``table`` (converted from ``adata``) back to ``adata``, dropping those removed."""
+    if not table.obs_names.equals(adata.obs_names):  # from_legacy_anndata keeps every spot, in order
+        raise RuntimeError("The converted table's spots differ from the AnnData's; nothing was written back.")
+    before = adata.uns.get(UNS_KEY, {}).get(OUTPUTS, {}) if hasattr(adata.uns.get(UNS_KEY), "get") else {}
+    after = table.uns.get(UNS_KEY, {}).get(OUTPUTS, {})
+    for field, owners in after.items():
+        for key in owners:
+            if field == "obs":  # by position: the spots are the same, in order (checked above)
+                adata.obs[key] = table.obs[key].values
+            else:
+                getattr(adata, field)[key] = getattr(table, field)[key]
+    for field, owners in before.items():
+        for key in owners:
+            if key not in after.get(field, {}) and key not in _field(table, field) and key in _field(adata, field):
+                del getattr(adata, field)[key]
+    if UNS_KEY in table.uns:
+        adata.uns[UNS_KEY] = table.uns[UNS_KEY]
 
 
 def table_owner(table: AnnData) -> str | None:

@@ -8,7 +8,14 @@ from spatialdata import SpatialData
 
 from spade_sd.model.subspace import UNLIKE_TRAINING, KeptShare
 from spade_sd.spots.geometry import resolve_elements
-from spade_sd.tl._common import ATTACHED_MODELS, claim_outputs, rows_filled
+from spade_sd.tl._common import (
+    accepts_legacy_anndata,
+    claim_outputs,
+    embedding_records,
+    find_model,
+    model_record,
+    rows_filled,
+)
 from spade_sd.utils.logging import logger
 from spade_sd.utils.validation import check_bool, check_int, check_key
 
@@ -77,6 +84,7 @@ def embed_patches(
         return model.embed_chunks(passes, len(patches), hard=hard, share=share)
 
 
+@accepts_legacy_anndata(TOOL)
 def embed(
     sdata: SpatialData,
     model=None,
@@ -101,10 +109,16 @@ def embed(
     Parameters
     ----------
     sdata
-        SpatialData with an H&E image, spots or tiles, and a table annotating them.
+        SpatialData with an H&E image, spots or tiles, and a table annotating them; or scanpy's legacy spatial
+        AnnData (``uns['spatial']``, as ``sc.read_visium`` makes it), converted with spatialdata-io (logged), the
+        outputs written to it.
     model
-        A :class:`~spade_sd.SpadeModel`. ``None`` uses the model :func:`spade_sd.tl.pretrain` attached to this
-        object, or trains one on it (logged).
+        A :class:`~spade_sd.SpadeModel`, or the folder or Hugging Face Hub repository id it was saved to
+        (:meth:`SpadeModel.save_pretrained <spade_sd.SpadeModel.save_pretrained>`). ``None`` uses the model
+        :func:`spade_sd.tl.pretrain` attached to this object; else the model that made the earlier embedding under
+        ``key_added``, loaded from where it was saved (recorded in ``.uns``; logged, and a warning says what differs
+        if the model there is another); else trains one on it (logged; a warning says why an earlier embedding's
+        model could not be found).
     image_key, shapes_key, table_key, mpp
         Elements and scale, as in :func:`spade_sd.pp.spot_patches`.
     key_added
@@ -146,8 +160,9 @@ def embed(
         and transfer labels; ``X_spade_expr`` for linear probes of expression fitted on few spots.
     ``.uns['spade']``
         ``params`` of this call (elements, routing, expression source, patch geometry), the ``model``'s identity,
-        backbone and configuration (:meth:`SpadeConfig.to_dict <spade_sd.config.SpadeConfig.to_dict>`), and the
-        package ``versions`` that trained it; for a model with a principal subspace (the projection of ``n_comps``,
+        backbone and configuration (:meth:`SpadeConfig.to_dict <spade_sd.config.SpadeConfig.to_dict>`) and, for a
+        saved model, its ``source`` (``{"path": folder}`` or ``{"repo_id": …, "revision": …}``: where a later call
+        without ``model`` loads it from), and the package ``versions`` that trained it; for a model with a principal subspace (the projection of ``n_comps``,
         else the expression subspace), ``subspace``: its ``n_comps``, what it ``projects``, the share of these
         patches' embedding variance it keeps (``kept_variance``) and that share on the training spots
         (``training_kept_variance``). Below 0.85 of the training share a warning says the images are unlike the
@@ -168,8 +183,9 @@ def embed(
     # checked before a model is trained on the slide (model=None) or any patch encoded
     table_name = resolve_elements(sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key)[2]
     claimed = claim_outputs(sdata.tables[table_name], table_name, TOOL, result_slots(keys))
+    records = embedding_records(sdata, table_name, keys["uns"])
     model = resolve_model(
-        sdata, model, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=mpp, layer=layer
+        sdata, model, records, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=mpp, layer=layer
     )
     geometry, spot_patches = model_patches(
         sdata, model, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=mpp
@@ -200,12 +216,7 @@ def embed(
             "expression": "none" if expression is None else ("X" if layer is None else f"layers[{layer!r}]"),
             **model.config.patches.to_dict(),
         },
-        "model": {
-            "identity": model.identity(),
-            "n_experts": model.n_experts,
-            "backbone": model.backbone.to_config(),
-            "config": model.config.to_dict(),
-        },
+        "model": model_record(model),
         "versions": dict(model.config.versions),
         "outputs": sorted(outputs) + [keys["expert"]],
     }
@@ -276,19 +287,30 @@ def _checked_options(*, genes, hard, cache, batch_size, num_workers) -> int:
     return check_num_workers(num_workers)
 
 
-def resolve_model(sdata: SpatialData, model, *, layer: str | None = None, **elements):
-    """The model given, else the one pretrain attached to ``sdata``, else one trained on it now (logged)."""
-    from spade_sd.model.spade_model import SpadeModel
-
+def resolve_model(sdata: SpatialData, model, records: dict, *, layer: str | None = None, **elements):
+    """The model given or found (:func:`~spade_sd.tl._common.find_model`), else one trained on ``sdata`` now (logged)."""
+    model, problem = find_model(sdata, model, TOOL, records=records)
     if model is None:
-        model = ATTACHED_MODELS.get(sdata)
-        if model is None:
-            from spade_sd.tl._pretrain import pretrain
+        from spade_sd.tl._pretrain import pretrain
 
+        if problem:
+            logger.warning(
+                "%s%s: training a new model on this slide with tl.pretrain, whose embedding replaces the earlier "
+                "one. To embed with the earlier model, pass it: sd.tl.embed(sdata, model=<its folder>).",
+                problem[0].upper(),
+                problem[1:],
+            )
+        else:
             logger.info("No model given or attached to this SpatialData: training one on it with tl.pretrain")
-            model = pretrain(sdata, **elements, layer=layer)
-    if not isinstance(model, SpadeModel):
-        raise TypeError(f"Expected a spade_sd.SpadeModel as model, found {type(model).__name__}.")
+        model = pretrain(sdata, **elements, layer=layer)
+        logger.warning(
+            "tl.embed trained a model on this slide's %d spots (%d experts); it is kept in memory with this "
+            "SpatialData only. To keep it: model = sd.tl.pretrain(sdata); model.save_pretrained(path), then "
+            "sd.tl.embed(sdata, model=path): the path is recorded, so sd.tl.embed(sdata) finds the model again "
+            "after sdata.write and read_zarr.",
+            model.config.n_spots,
+            model.n_experts,
+        )
     return model
 
 

@@ -4,7 +4,7 @@ from spatialdata import SpatialData
 
 from spade_sd.config import PatchConfig
 from spade_sd.spots.patches import resolve_patches
-from spade_sd.tl._common import as_backbone, claim_outputs, rows_filled
+from spade_sd.tl._common import accepts_legacy_anndata, as_backbone, claim_outputs, rows_filled
 from spade_sd.utils.constants import BACKBONE_KEY, SEAL_ATTACHMENT, SEAL_KEY
 from spade_sd.utils.logging import logger
 from spade_sd.utils.validation import check_bool, check_int, check_key
@@ -12,6 +12,7 @@ from spade_sd.utils.validation import check_bool, check_int, check_key
 TOOL = "tl.features"
 
 
+@accepts_legacy_anndata(TOOL)
 def features(
     sdata: SpatialData,
     *,
@@ -36,7 +37,8 @@ def features(
     Parameters
     ----------
     sdata
-        SpatialData with an H&E image, spots and a table annotating them.
+        SpatialData with an H&E image, spots and a table annotating them; or scanpy's legacy spatial AnnData
+        (``uns['spatial']``), converted with spatialdata-io (logged), the outputs written to it.
     backbone
         A :class:`~spade_sd.Backbone`, or what its constructor takes (a timm name, a module, a callable);
         ``None`` is the offline default EfficientNet-Lite0 (ImageNet).

@@ -18,7 +18,7 @@ from spade_sd.tl._pretrain import (
     unique_names,
 )
 from spade_sd.utils.constants import SEAL_ATTACHMENT, SPATIAL_KEY
-from spade_sd.utils.logging import logger
+from spade_sd.utils.logging import logger, timed
 from spade_sd.utils.validation import check_bool, check_int
 
 
@@ -98,7 +98,7 @@ def finetune(
     cache: bool = True,
     feature_batch_size: int = 64,
     feature_num_workers: int = 0,
-    quiet: bool = True,
+    quiet: bool = False,
     accelerator: str = "auto",
     devices: int | str | Sequence[int] = "auto",
     num_nodes: int = 1,
@@ -158,7 +158,8 @@ def finetune(
     feature_batch_size, feature_num_workers
         Patches per forward pass and reader processes while computing the prefix activations.
     quiet
-        Silence Lightning's progress output.
+        No progress bar for this call (for every call: ``sd.settings.progress = False``). Lightning's own messages
+        are shown only at ``sd.settings.verbosity = "debug"``, and never with ``quiet``.
     accelerator, devices, num_nodes, strategy, **trainer_kwargs
         Passed to :class:`lightning.pytorch.Trainer`; under DDP the contrastive negatives are gathered across
         processes. ``precision`` defaults to ``"bf16-mixed"`` where bfloat16 is fast. A name the Trainer does not
@@ -186,7 +187,7 @@ def finetune(
     from spade_sd.model.seal_heads import SealAlignment
     from spade_sd.training.seal import train_seal, zscore_stats
 
-    sdatas = as_list(sdata)
+    sdatas = as_list(sdata, "tl.finetune")
     tuned = _tuned_backbone(backbone, config)
     slides = resolve_slides(sdatas, image_key, shapes_key, table_key, mpp, patches=patch_config, groupby=None)
     names = unique_names([slide.name for slide in slides])
@@ -215,11 +216,19 @@ def finetune(
         options = {"batch_size": feature_batch_size, "cache": cache, "num_workers": feature_num_workers}
         sources = [mapped_features(slide.patches, encoder, **options).reshape(-1, *encoder.shape) for slide in slides]
     slide = np.repeat(names, [len(table) for table in tables])
-    logger.info(
+    with timed(
         "Fine-tuning %s on %d slides (%s), %d spots, %d genes", tuned, len(names), ", ".join(names), n_spots, len(panel)
-    )
-    heads, history = train_seal(
-        tuned, sources, expression, slide, config=config, coords=_coords(tables), quiet=quiet, trainer_kwargs=trainer
-    )
+    ) as timer:
+        heads, history = train_seal(
+            tuned,
+            sources,
+            expression,
+            slide,
+            config=config,
+            coords=_coords(tables),
+            quiet=quiet,
+            trainer_kwargs=trainer,
+        )
+        timer.add("keep the adapters with tuned.save(path)")
     SealAlignment(heads, panel, mean, std, config, history).attach_to(tuned, SEAL_ATTACHMENT)
     return tuned

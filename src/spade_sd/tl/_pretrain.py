@@ -17,8 +17,8 @@ from spade_sd.config import (
     check_trainer_kwargs,
 )
 from spade_sd.spots.genes import GenePanel, check_expression_tables
-from spade_sd.tl._common import ATTACHED_MODELS, as_backbone, slide_name
-from spade_sd.utils.logging import logger
+from spade_sd.tl._common import as_backbone, attach_model, is_legacy_anndata, legacy_to_spatialdata, slide_name
+from spade_sd.utils.logging import logger, timed
 from spade_sd.utils.validation import check_bool, check_int
 
 
@@ -104,6 +104,21 @@ def _checked_arguments(keywords: dict[str, Any]) -> tuple[SpadeConfig, dict[str,
     return config, {**lightning, **trainer}
 
 
+def _say_fewer_experts(trained: int, requested: int, n_spots: int) -> None:
+    """Say once, plainly, that the model has fewer experts than asked for, and why."""
+    if trained < requested:
+        logger.warning(
+            "The model has %d experts, not the %d requested: %d held too few of the %d spots (as the merge messages "
+            "above say) and were merged into their nearest expert, since an expert trains on its own spots only. "
+            "Pass n_experts=%d to ask for what the data support, or train on more spots.",
+            trained,
+            requested,
+            requested - trained,
+            n_spots,
+            trained,
+        )
+
+
 def own_keywords(keywords: dict[str, Any]) -> list[str]:
     """The names a user may pass to a public function, from its ``locals()`` (its data and ``**`` left out)."""
     return [name for name in keywords if name not in ("sdata", "trainer_kwargs")]
@@ -126,11 +141,13 @@ def labelled_tables(slides: list[_Slide], names: list[str]) -> list[tuple[str, A
     return labelled
 
 
-def as_list(sdata: SpatialData | Sequence[SpatialData]) -> list[SpatialData]:
-    sdatas = [sdata] if isinstance(sdata, SpatialData) else list(sdata)
+def as_list(sdata: SpatialData | Sequence[SpatialData], tool: str = "tl.pretrain") -> list[SpatialData]:
+    sdatas = [sdata] if isinstance(sdata, SpatialData | AnnData) else list(sdata)
+    sdatas = [legacy_to_spatialdata(s, tool) if is_legacy_anndata(s) else s for s in sdatas]
     if not sdatas or not all(isinstance(s, SpatialData) for s in sdatas):
         raise TypeError(
-            f"Expected a SpatialData or a non-empty list of them; found {type(sdata).__name__} "
+            f"Expected a SpatialData (or scanpy's legacy spatial AnnData) or a non-empty list of them; found "
+            f"{type(sdata).__name__} "
             f"holding {sorted({type(s).__name__ for s in sdatas})}."
         )
     return sdatas
@@ -221,7 +238,9 @@ def pretrain(
     Parameters
     ----------
     sdata
-        One SpatialData or a list; slides may have different gene sets (the shared gene panel handles it).
+        One SpatialData or a list; slides may have different gene sets (the shared gene panel handles it). Scanpy's
+        legacy spatial AnnData (``uns['spatial']``) is converted with spatialdata-io (logged), and the model is
+        attached to it as to a SpatialData.
     image_key, shapes_key, table_key
         Element names (one for all, or one per SpatialData); inferred when unambiguous.
     backbone
@@ -323,7 +342,8 @@ def pretrain(
         naming the keyword to use, and so is, before any work, a name the Trainer does not take (``max_epoch``),
         with the closest keyword.
     quiet
-        Silence Lightning's banners and progress bar.
+        No progress bar for this call (for every call: ``sd.settings.progress = False``). Lightning's own messages
+        and model summary are shown only at ``sd.settings.verbosity = "debug"``, and never with ``quiet``.
 
     Returns
     -------
@@ -354,20 +374,23 @@ def pretrain(
         panel = fit_panel(tables, config.panel)
         torch.set_num_threads(threads)  # scanpy's HVG selection resets torch's threads to every core
     options = {"batch_size": feature_batch_size, "cache": cache, "num_workers": feature_num_workers}
-    features = [extract_features(slide.patches, backbone, **options) for slide in slides]
-    logger.info("Pretraining on %d slides (%s), %d spots", len(slides), ", ".join(names), sum(map(len, features)))
-    model = fit_model(
-        features,
-        tables,
-        names,
-        groups,
-        backbone,
-        config=config,
-        panel=panel,
-        coords=np.concatenate([slide.patches.geometry.centers for slide in slides]),  # validation blocks
-        quiet=quiet,
-        trainer_kwargs=trainer,
-    )
+    n_spots = sum(len(slide.patches) for slide in slides)
+    with timed("Pretraining on %d slides (%s), %d spots", len(slides), ", ".join(names), n_spots) as timer:
+        features = [extract_features(slide.patches, backbone, **options) for slide in slides]
+        model = fit_model(
+            features,
+            tables,
+            names,
+            groups,
+            backbone,
+            config=config,
+            panel=panel,
+            coords=np.concatenate([slide.patches.geometry.centers for slide in slides]),  # validation blocks
+            quiet=quiet,
+            trainer_kwargs=trainer,
+        )
+        timer.add("%d experts, %d panel genes; keep the model with model.save(path)", model.n_experts, len(model.panel))
+    _say_fewer_experts(model.n_experts, config.clustering.n_experts, n_spots)
     for data in sdatas:
-        ATTACHED_MODELS[data] = model
+        attach_model(data, model)
     return model

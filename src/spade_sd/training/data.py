@@ -1,7 +1,12 @@
-"""Data plumbing of expert training: spots as tensors, batches within one expert, validation held out by slide."""
+"""Data plumbing of expert training: spots as tensors, batches within one expert, validation held out by slide.
+
+At scale the standardized features are never held: :class:`StandardizedRows` reads them from each slide's array
+(a memory map of float16 or float32 features on disk, say) where a batch or a pass needs them.
+"""
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -11,27 +16,175 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from spade_sd.config import SealConfig, TrainingConfig
+from spade_sd.model.standardization import FeatureScaler
 from spade_sd.utils.logging import logger
+
+# Rows read from memory maps between two releases of their pages (see release_pages)
+RELEASE_ROWS = 16_384
+# Rows of one block when passing over every spot
+BLOCK_ROWS = 4_096
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Unmap the pages of a read-only memory map that reading touched; nothing for any other array.
+
+    A memory map's pages stay mapped into the process (and counted in its resident memory) once read, until the
+    kernel needs the memory; a pass over 5 GB of features would look like 5 GB resident. Dropping them keeps them
+    in the page cache (reading them again costs a minor fault) and the resident set bounded. Copy-on-write maps
+    (``mode="c"``) are left alone: dropping their pages would drop what was written to them.
+    """
+    if not isinstance(array, np.memmap) or array.mode == "c":
+        return
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is not None and hasattr(mmap, "MADV_DONTNEED"):
+        base.madvise(mmap.MADV_DONTNEED)
+
+
+class StandardizedRows:
+    """The standardized features of every training spot, read from each slide's features only where they are used.
+
+    Indexing with a slice or with row positions returns float32 rows, as indexing the standardized matrix would;
+    :meth:`blocks` passes over every row. The features may be memory maps (float16 or float32 on disk): only the
+    rows asked for are read, converted to float32 and standardized, first by their slide's own statistics (with
+    per-slide standardization) and then by ``scaler``, and the memory maps' pages are released every
+    :data:`RELEASE_ROWS` rows, so the resident memory stays bounded whatever the number of spots.
+
+    Parameters
+    ----------
+    features
+        Each slide's backbone features ``(n_slide, d)``, slide after slide.
+    slide_scalers
+        Each slide's own standardization, or ``None`` for none (``standardize="global"``).
+    scaler
+        The standardization of all slides, applied after the slides' own; ``None`` until it is fitted (on
+        :meth:`blocks`), then set with :meth:`with_scaler`.
+    """
+
+    def __init__(
+        self,
+        features: Sequence[np.ndarray],
+        slide_scalers: Sequence[FeatureScaler] | None = None,
+        scaler: FeatureScaler | None = None,
+    ) -> None:
+        widths = {np.shape(f)[1] if np.ndim(f) == 2 else None for f in features}
+        if len(features) == 0 or len(widths) != 1 or None in widths:
+            raise ValueError(
+                "Expected every slide's features as a 2-d array (n_spots, d) of one width d; found shapes "
+                f"{sorted({np.shape(f) for f in features})[:5]}. Compute every slide's features with one backbone."
+            )
+        if slide_scalers is not None and len(slide_scalers) != len(features):
+            raise ValueError(f"Expected one scaler per slide ({len(features)}); found {len(slide_scalers)}.")
+        self.features = list(features)
+        self.offsets = np.cumsum([0, *map(len, self.features)])
+        self.slide_scalers = slide_scalers
+        self.scaler = scaler
+        self._since_release = 0
+        if slide_scalers is not None:
+            # one (n_slides, d) table of means and one of deviations: a batch's rows, from many slides, in one go
+            self._means = np.stack([s.mean for s in slide_scalers])
+            self._stds = np.stack([s.std for s in slide_scalers])
+
+    def with_scaler(self, scaler: FeatureScaler) -> StandardizedRows:
+        """The same rows, standardized by ``scaler`` too."""
+        return StandardizedRows(self.features, self.slide_scalers, scaler)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n_spots, d)``."""
+        return int(self.offsets[-1]), int(np.shape(self.features[0])[1])
+
+    @property
+    def ndim(self) -> int:
+        """2, as the matrix it stands for."""
+        return 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: slice | np.ndarray | Sequence[int]) -> np.ndarray:
+        if isinstance(key, slice):
+            key = np.arange(*key.indices(len(self)))
+        rows = np.asarray(key)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        rows = rows.astype(np.int64, copy=False)
+        if rows.ndim != 1 or (rows.size and (rows.min() < -len(self) or rows.max() >= len(self))):
+            raise IndexError(f"Expected row positions below {len(self)}; found {rows.min()}..{rows.max()}.")
+        return self._read(np.where(rows < 0, rows + len(self), rows))
+
+    def blocks(self, size: int = BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+        """``(start, rows)`` blocks of ``size`` standardized rows covering every spot, in order."""
+        for start in range(0, len(self), size):
+            yield start, self[start : start + size]
+
+    def _read(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), self.shape[1]), dtype=np.float32)
+        order = np.argsort(rows, kind="stable")
+        ordered = rows[order]
+        bounds = np.searchsorted(ordered, self.offsets)
+        slide = np.empty(len(rows), dtype=np.int64)
+        for s in np.flatnonzero(np.diff(bounds)):
+            part = slice(bounds[s], bounds[s + 1])
+            local = ordered[part] - self.offsets[s]
+            contiguous = local[-1] - local[0] + 1 == len(local)
+            # a run of rows is read as one slice; scattered rows (a batch) one by one, from where they lie
+            out[order[part]] = self.features[s][local[0] : local[-1] + 1] if contiguous else self.features[s][local]
+            slide[order[part]] = s
+        self._released(len(rows))
+        if self.slide_scalers is not None:
+            out = (out - self._means[slide]) / self._stds[slide]
+        if self.scaler is not None:
+            out = self.scaler.transform(out)
+        return out
+
+    def _released(self, n_rows: int) -> None:
+        self._since_release += n_rows
+        if self._since_release >= RELEASE_ROWS:
+            for features in self.features:
+                release_pages(features)
+            self._since_release = 0
 
 
 class SpotDataset(Dataset):
-    """In-memory (image feature, expression, expert) triples; a list of indices is fetched as one batch."""
+    """(image feature, expression, expert) triples; a list of indices is fetched as one batch.
 
-    def __init__(self, X: np.ndarray, Y: np.ndarray, expert_idx: np.ndarray) -> None:
-        self.X = torch.as_tensor(np.asarray(X, dtype=np.float32))
+    Parameters
+    ----------
+    X
+        Image features: an in-memory array (held as a tensor), or :class:`StandardizedRows` read batch by batch.
+    Y, expert_idx
+        Expression and expert of the same spots.
+    rows
+        With :class:`StandardizedRows`: the position in ``X`` of each spot (e.g. the training spots).
+    """
+
+    def __init__(
+        self,
+        X: np.ndarray | StandardizedRows,
+        Y: np.ndarray,
+        expert_idx: np.ndarray,
+        rows: np.ndarray | None = None,
+    ) -> None:
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        self.X = X if self.rows is not None else torch.as_tensor(np.asarray(X, dtype=np.float32))
         self.Y = torch.as_tensor(np.asarray(Y, dtype=np.float32))
         self.expert = torch.as_tensor(np.asarray(expert_idx, dtype=np.int64))
 
     def __len__(self) -> int:
-        return self.X.shape[0]
+        return self.expert.shape[0]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.rows is not None:
+            return torch.from_numpy(self.X[self.rows[[i]]][0]), self.Y[i], self.expert[i]
         return self.X[i], self.Y[i], self.expert[i]
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # one fancy-indexing per batch instead of per spot; the DataLoader's collate_fn passes it through
         idx = torch.as_tensor(indices, dtype=torch.long)
-        return self.X[idx], self.Y[idx], self.expert[idx]
+        x = self.X[idx] if self.rows is None else torch.from_numpy(self.X[self.rows[idx.numpy()]])
+        return x, self.Y[idx], self.expert[idx]
 
 
 def _keep_batch(batch: Any) -> Any:
@@ -212,7 +365,8 @@ class ExpertDataModule(L.LightningDataModule):
     Parameters
     ----------
     X, Y, expert_idx
-        Standardized image features (n_spots, d), log-normalized expression (n_spots, n_genes), expert of each spot.
+        Standardized image features (n_spots, d; an array, or :class:`StandardizedRows` read batch by batch),
+        log-normalized expression (n_spots, n_genes), expert of each spot.
     val_mask
         True for validation spots.
     batch_size
@@ -223,7 +377,7 @@ class ExpertDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        X: np.ndarray,
+        X: np.ndarray | StandardizedRows,
         Y: np.ndarray,
         expert_idx: np.ndarray,
         val_mask: np.ndarray,
@@ -232,8 +386,11 @@ class ExpertDataModule(L.LightningDataModule):
         seed: int,
     ) -> None:
         super().__init__()
-        self.train_set = SpotDataset(X[~val_mask], Y[~val_mask], expert_idx[~val_mask])
-        self.val_set = SpotDataset(X[val_mask], Y[val_mask], expert_idx[val_mask])
+        if isinstance(X, StandardizedRows):
+            sets = [(X, Y[m], expert_idx[m], np.flatnonzero(m)) for m in (~val_mask, val_mask)]
+        else:
+            sets = [(X[m], Y[m], expert_idx[m]) for m in (~val_mask, val_mask)]
+        self.train_set, self.val_set = (SpotDataset(*arguments) for arguments in sets)
         self.batch_size, self.seed = batch_size, seed
 
     def train_dataloader(self) -> DataLoader:
@@ -249,5 +406,6 @@ class ExpertDataModule(L.LightningDataModule):
         sampler = ExpertBatchSampler(
             dataset.expert.numpy(), self.batch_size, shuffle=shuffle, seed=self.seed, num_replicas=world, rank=rank
         )
-        # in-memory tensors: worker processes would only add start-up and transfer costs
+        # in-memory tensors, or rows read in one call per batch: worker processes would only add start-up and
+        # transfer costs
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=_keep_batch, num_workers=0)

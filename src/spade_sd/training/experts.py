@@ -17,11 +17,21 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.strategies import DDPStrategy
 
-from spade_sd.config import LossName, TrainingConfig, check_trainer_kwargs
+from spade_sd.config import FIT_SPOTS, SELECTION_SPOTS, LossName, TrainingConfig, check_trainer_kwargs
+from spade_sd.model.clustering import sample_rows
 from spade_sd.model.heads import ExpertMixture
-from spade_sd.training.data import ExpertDataModule, validation_mask
-from spade_sd.training.lightning_loop import HISTORY, BestWeights, lightning_quiet, torch_flags_restored, warmup_cosine
-from spade_sd.training.losses import contrastive_loss
+from spade_sd.model.reference import stratified_sample
+from spade_sd.training.data import ExpertDataModule, StandardizedRows, validation_mask
+from spade_sd.training.lightning_loop import (
+    HISTORY,
+    BestWeights,
+    lightning_quiet,
+    lightning_verbose,
+    quiet_trainer_options,
+    torch_flags_restored,
+    warmup_cosine,
+)
+from spade_sd.training.losses import chunked_contrastive_loss, contrastive_loss
 from spade_sd.utils.logging import logger
 
 
@@ -83,7 +93,7 @@ class ExpertsModule(L.LightningModule):
 
 
 def train_experts(
-    X_std: np.ndarray,
+    X_std: np.ndarray | StandardizedRows,
     Y: np.ndarray,
     expert_idx: np.ndarray,
     slide: np.ndarray,
@@ -104,7 +114,9 @@ def train_experts(
     Parameters
     ----------
     X_std
-        Standardized image features, (n_spots, d).
+        Standardized image features, (n_spots, d): an array, or :class:`~spade_sd.training.data.StandardizedRows`
+        read batch by batch (then the backbone start, ``head_init="backbone"``, is fitted on a seeded draw of
+        :data:`~spade_sd.config.FIT_SPOTS` training spots).
     Y
         Log-normalized expression, (n_spots, n_genes).
     expert_idx
@@ -121,9 +133,10 @@ def train_experts(
     init
         A trained one-expert mixture (the generalist) whose heads start every expert; after training, experts get
         its heads back, one at a time, where that does not raise the contrastive loss of the whole validation set
-        (``history["experts_from_generalist"]``).
+        (``history["experts_from_generalist"]``; of a seeded draw of :data:`~spade_sd.config.SELECTION_SPOTS`
+        validation spots, per expert in proportion to its spots, when there are more).
     quiet
-        Silence Lightning's banners, model summary and progress bar.
+        No epoch progress bar, and no Lightning output even at debug verbosity.
     trainer_kwargs
         :class:`lightning.pytorch.Trainer` arguments only (``accelerator``, ``devices``, ``num_nodes``,
         ``strategy``, ...; ``callbacks`` are added to ours; ``logger`` defaults to none, so nothing is written to
@@ -154,7 +167,7 @@ def train_experts(
     )
     start = time.perf_counter()
     with lightning_quiet(quiet), torch_flags_restored():
-        L.seed_everything(config.seed, workers=True, verbose=not quiet)
+        L.seed_everything(config.seed, workers=True, verbose=lightning_verbose(quiet))
         mixture = ExpertMixture(
             n_experts,
             X_std.shape[1],
@@ -166,19 +179,20 @@ def train_experts(
         if init is not None:
             mixture.start_from(init)
         elif config.head_init == "backbone":
-            mixture.start_at_components(X_std[~val_mask])
+            mixture.start_at_components(_training_rows(X_std, val_mask, config.seed))
         module = ExpertsModule(mixture, config)
         data = ExpertDataModule(X_std, Y, expert_idx, val_mask, batch_size=config.batch_size, seed=config.seed)
         trainer = _trainer(config, monitor=monitor, has_validation=bool(val_mask.any()), quiet=quiet, **trainer_kwargs)
         trainer.fit(module, datamodule=data)
     history = _history(trainer, monitor, slide, val_mask, expert_idx, n_experts, untrained)
     if init is not None:
+        scored = _selection_rows(val_mask, expert_idx, config.seed)
         history["experts_from_generalist"] = _keep_generalist_where_better(
             module.mixture.cpu().eval(),
             init,
-            X_std[val_mask],
-            Y[val_mask],
-            expert_idx[val_mask],
+            X_std[scored],
+            Y[scored],
+            expert_idx[scored],
             config.loss,
             config.temperature,
         )
@@ -194,6 +208,23 @@ def train_experts(
     return module.mixture.cpu().eval(), history
 
 
+def _training_rows(X_std: np.ndarray | StandardizedRows, val_mask: np.ndarray, seed: int) -> np.ndarray:
+    """The training spots' features the backbone start is fitted on: all of them, or a seeded draw of rows read."""
+    if isinstance(X_std, np.ndarray):
+        return X_std[~val_mask]
+    training = np.flatnonzero(~val_mask)
+    return X_std[training[sample_rows(len(training), FIT_SPOTS, seed)]]
+
+
+def _selection_rows(val_mask: np.ndarray, expert_idx: np.ndarray, seed: int) -> np.ndarray:
+    """The validation spots that choose which experts keep the generalist's heads (a bounded per-expert draw)."""
+    rows = np.flatnonzero(val_mask)
+    if len(rows) <= SELECTION_SPOTS:
+        return rows
+    logger.info("Scoring the experts against the generalist on %d of %d validation spots", SELECTION_SPOTS, len(rows))
+    return rows[stratified_sample(expert_idx[rows], SELECTION_SPOTS, seed)]
+
+
 def _keep_generalist_where_better(
     mixture: ExpertMixture,
     generalist: ExpertMixture,
@@ -205,7 +236,8 @@ def _keep_generalist_where_better(
 ) -> list[int]:
     """Give experts back the generalist's heads, one at a time, where that does not raise the validation loss.
 
-    The loss is that of the whole validation set, every spot embedded by its own expert's heads (or the
+    The loss is that of the whole validation set (:func:`~spade_sd.training.losses.chunked_contrastive_loss`, so
+    memory grows with the spots, not their pairs), every spot embedded by its own expert's heads (or the
     generalist's, for experts given back), so the negatives come from all experts, as they do when embeddings of
     different experts are compared. Experts are tried in order and a reset is kept when the loss does not rise.
     An expert then departs from the generalist it started from only where that helped on held-out spots, so on
@@ -226,7 +258,7 @@ def _keep_generalist_where_better(
                 if e not in reset:
                     rows = torch.from_numpy(expert_val == e)
                     image[rows], gene[rows] = own_image[rows], own_gene[rows]
-            return float(contrastive_loss(image, gene, **options))
+            return float(chunked_contrastive_loss(image, gene, **options))
 
         reset: set[int] = set()
         best = validation_loss(reset)
@@ -244,9 +276,12 @@ def _keep_generalist_where_better(
 
 
 def _validated(
-    X: np.ndarray, Y: np.ndarray, expert_idx: np.ndarray, slide: np.ndarray, n_experts: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    X, Y = np.asarray(X, dtype=np.float32), np.asarray(Y, dtype=np.float32)
+    X: np.ndarray | StandardizedRows, Y: np.ndarray, expert_idx: np.ndarray, slide: np.ndarray, n_experts: int
+) -> tuple[np.ndarray | StandardizedRows, np.ndarray, np.ndarray, np.ndarray]:
+    # rows read on demand were checked finite when their standardization was fitted on every one of them
+    streamed = isinstance(X, StandardizedRows)
+    X = X if streamed else np.asarray(X, dtype=np.float32)
+    Y = np.asarray(Y, dtype=np.float32)
     expert_idx, slide = np.asarray(expert_idx, dtype=np.int64), np.asarray(slide)
     n = X.shape[0]
     if X.ndim != 2 or Y.ndim != 2 or Y.shape[0] != n or expert_idx.shape != (n,) or slide.shape != (n,):
@@ -256,7 +291,7 @@ def _validated(
         )
     if n and (expert_idx.min() < 0 or expert_idx.max() >= n_experts):
         raise ValueError(f"expert_idx must lie in 0..{n_experts - 1}; found {expert_idx.min()}..{expert_idx.max()}.")
-    if not (np.isfinite(X).all() and np.isfinite(Y).all()):
+    if not ((streamed or np.isfinite(X).all()) and np.isfinite(Y).all()):
         raise ValueError("X and Y must be finite; found NaN or infinite values.")
     return X, Y, expert_idx, slide
 
@@ -267,19 +302,17 @@ def _trainer(
     early_stopping = EarlyStopping(
         monitor=monitor, patience=config.patience, mode="min", check_on_train_epoch_end=not has_validation
     )
-    callbacks = [early_stopping, BestWeights(monitor), *trainer_kwargs.pop("callbacks", [])]
     options = {
         "deterministic": True,
         "enable_checkpointing": False,  # the best weights are kept in memory: nothing is written to disk
-        "logger": False,
-        "enable_model_summary": not quiet,
         "num_sanity_val_steps": 0,
         **({} if has_validation else {"limit_val_batches": 0}),
         "max_epochs": config.max_epochs,
         **trainer_kwargs,
-        "enable_progress_bar": trainer_kwargs.get("enable_progress_bar", True) and not quiet,
+        **quiet_trainer_options(quiet, "Training experts", trainer_kwargs),
         "use_distributed_sampler": False,  # ExpertBatchSampler shards the single-expert batches itself
     }
+    callbacks = [early_stopping, BestWeights(monitor), *options.pop("callbacks")]
     trainer = L.Trainer(callbacks=callbacks, **options)
     # each step trains one expert, so DDP must not wait for the other experts' gradients; setting it on the
     # strategy covers strings ("ddp", "ddp_spawn"), strategy objects and what "auto" resolves to alike

@@ -2,6 +2,12 @@
 
 Training ends with the reference bank: a bounded draw of the training spots, whose embeddings and expression the
 model keeps for expression prediction and queries.
+
+From :data:`~spade_sd.config.SCALE_SPOTS` spots on, training takes the bounded-memory path (``docs/scale.md``): the
+features (memory maps of float16 or float32 allowed) are read in row blocks and standardized on the fly
+(:class:`~spade_sd.training.data.StandardizedRows`), the clustering scales (:func:`two_stage_kmeans` with
+``scalable=True``), every principal basis is fitted on a seeded draw of :data:`~spade_sd.config.FIT_SPOTS` spots, and
+the reference bank embeds only the spots it keeps.
 """
 
 from __future__ import annotations
@@ -14,9 +20,9 @@ from typing import Any
 import numpy as np
 from anndata import AnnData
 
-from spade_sd.config import PanelConfig, SpadeConfig, TrainingConfig, check_n_comps
+from spade_sd.config import FIT_SPOTS, SCALE_SPOTS, PanelConfig, SpadeConfig, TrainingConfig, check_n_comps
 from spade_sd.model.backbone_block import BackboneBlock
-from spade_sd.model.clustering import two_stage_kmeans
+from spade_sd.model.clustering import fit_experts, sample_rows
 from spade_sd.model.heads import ExpertMixture
 from spade_sd.model.reference import ReferenceBank, stratified_sample
 from spade_sd.model.routing import default_tau, expert_weights
@@ -24,6 +30,7 @@ from spade_sd.model.spade_model import SpadeModel
 from spade_sd.model.standardization import MIN_SLIDE_PATCHES, FeatureScaler, fit_slide_scaler
 from spade_sd.model.subspace import EmbeddingSubspace
 from spade_sd.spots.genes import GenePanel
+from spade_sd.training.data import BLOCK_ROWS, StandardizedRows, release_pages
 from spade_sd.training.experts import train_experts
 from spade_sd.training.lightning_loop import torch_threads
 from spade_sd.utils.logging import logger
@@ -48,13 +55,15 @@ def fit_model(
     coords: np.ndarray | None = None,
     quiet: bool = False,
     trainer_kwargs: Mapping[str, Any] | None = None,
+    scalable: bool | None = None,
 ) -> SpadeModel:
     """Train a SpadeModel on the spots of several slides.
 
     Parameters
     ----------
     features
-        Backbone features of each slide's spots.
+        Backbone features of each slide's spots: arrays, or memory maps (e.g. ``np.load(path, mmap_mode="r")``,
+        float16 or float32), which the bounded-memory path (``scalable``) reads a block of rows at a time.
     tables
         Each slide's table restricted to those spots (raw counts), same row order.
     slides
@@ -71,9 +80,13 @@ def fit_model(
     coords
         Every spot's coordinates (slide after slide), for validation blocks when there are few slides.
     quiet
-        Silence Lightning's banners and progress bar.
+        No progress bar, and no Lightning output even at debug verbosity.
     trainer_kwargs
         :class:`lightning.pytorch.Trainer` arguments only (see :func:`~spade_sd.training.experts.train_experts`).
+    scalable
+        Train in memory bounded whatever the number of spots (the module's description says how; the model then
+        differs from the in-memory path's by its sampled fits); ``None``: from :data:`~spade_sd.config.SCALE_SPOTS`
+        spots on.
 
     Returns
     -------
@@ -84,14 +97,25 @@ def fit_model(
     n_spots = sum(len(f) for f in features)
     n_features = features[0].shape[1] if len(features) and np.ndim(features[0]) == 2 else None
     check_sizes([len(f) for f in features], slides, config, n_features)
+    scalable = n_spots >= SCALE_SPOTS if scalable is None else scalable
     panel, expression = _panel_expression(tables, panel, config.panel)
-    X, slide, group = _pooled(features, slides, groups, config.clustering.standardize)
-    scaler = FeatureScaler().fit(X)
-    X_std = scaler.transform(X)
-    clustering = two_stage_kmeans(
-        X_std, group, n_fine=config.clustering.n_fine, n_experts=config.clustering.n_experts, seed=config.training.seed
+    slide, group = _labels(features, slides, groups)
+    if scalable:
+        logger.info("Training on %d spots in bounded memory: features read in blocks of rows", n_spots)
+        X_std = _streamed(features, config.clustering.standardize)
+        scaler = X_std.scaler
+    else:
+        X = _pooled(features, config.clustering.standardize)
+        scaler = FeatureScaler().fit(X)
+        X_std = scaler.transform(X)
+    clustering, expert = fit_experts(
+        X_std,
+        group,
+        n_fine=config.clustering.n_fine,
+        n_experts=config.clustering.n_experts,
+        seed=config.training.seed,
+        scalable=scalable,
     )
-    expert = clustering.assign(X_std)[1]
     options = {"coords": coords, "quiet": quiet, "trainer_kwargs": trainer_kwargs}
     with torch_threads(config.training.train_threads):
         mixture, history = _train(X_std, expression, expert, slide, clustering.n_experts, config.training, **options)
@@ -105,16 +129,23 @@ def fit_model(
         config=replace(config, slides=tuple(slides), n_spots=n_spots, versions=_versions()),
         history=_json_safe(history),
     )
-    model = _with_subspace(model, X_std, expression, config.training)
-    model = _with_block(model, X_std, config.training)
+    # at scale, the bases are fitted on a seeded draw of the spots (their features and expression in memory)
+    fitted = sample_rows(n_spots, FIT_SPOTS, config.training.seed) if scalable else slice(None)
+    model = _with_subspace(model, X_std[fitted], expression[fitted], config.training)
+    model = _with_block(model, X_std[fitted], config.training)
     if config.training.reference_size > 0:
-        model = replace(model, reference=reference_bank(model, features, tables, slides))
-    logger.info("Fitted the SpadeModel in %.1f s", time.perf_counter() - start)
+        model = replace(model, reference=reference_bank(model, features, tables, slides, scalable=scalable))
+    logger.debug("Fitted the SpadeModel in %.1f s", time.perf_counter() - start)
     return model
 
 
 def reference_bank(
-    model: SpadeModel, features: Sequence[np.ndarray], tables: Sequence[AnnData], slides: Sequence[str]
+    model: SpadeModel,
+    features: Sequence[np.ndarray],
+    tables: Sequence[AnnData],
+    slides: Sequence[str],
+    *,
+    scalable: bool = False,
 ) -> ReferenceBank:
     """The reference bank of a trained model: a per-expert stratified draw of its training spots.
 
@@ -131,36 +162,73 @@ def reference_bank(
     features, tables, slides
         Backbone features, tables (raw counts, same rows) and names of the training slides, as given to
         :func:`fit_model`.
+    scalable
+        Bounded memory: the experts of all spots are found block by block, only the spots drawn are embedded, and
+        the extra genes are the most variable over a seeded draw of :data:`~spade_sd.config.FIT_SPOTS` spots.
     """
     from spade_sd.encoders.features import CHUNK_SIZE
 
-    embedded = [model.embed_chunks(lambda f=f: _chunks(f, CHUNK_SIZE), len(f)) for f in features]
-    embedding = np.concatenate([e for e, _ in embedded])
-    expert = np.concatenate([w.argmax(axis=1) for _, w in embedded])
-    slide = np.concatenate([np.full(len(f), name) for f, name in zip(features, slides, strict=True)])
     training = model.config.training
-    chosen = stratified_sample(expert, training.reference_size, training.seed)
-    genes = reference_genes(model.panel, tables, training.reference_genes, model.config.panel.layer)
+    n_spots = sum(map(len, features))
+    if scalable:
+        scalers = [model.slide_scaler(block for _, block in _chunks(f, CHUNK_SIZE)) for f in features]
+        expert = np.concatenate([_experts(model, f, scaler) for f, scaler in zip(features, scalers, strict=True)])
+        chosen = stratified_sample(expert, training.reference_size, training.seed)
+        rows = _per_slide(chosen, features)
+        embedding = np.concatenate(
+            [
+                model.embed_features(f[r], slide_scaler=scaler)[0]
+                for f, r, scaler in zip(features, rows, scalers, strict=True)
+            ]
+        )
+        expert = expert[chosen]
+        # every slide keeps a spot in the draw, so the genes chosen are shared by all of them
+        drawn = _per_slide(sample_rows(n_spots, FIT_SPOTS, training.seed), features)
+        gene_tables = [table[r if len(r) else [0]] for table, r in zip(tables, drawn, strict=True)]
+    else:
+        embedded = [model.embed_chunks(lambda f=f: _chunks(f, CHUNK_SIZE), len(f)) for f in features]
+        embedding = np.concatenate([e for e, _ in embedded])
+        expert = np.concatenate([w.argmax(axis=1) for _, w in embedded])
+        chosen = stratified_sample(expert, training.reference_size, training.seed)
+        embedding, expert = embedding[chosen], expert[chosen]
+        rows, gene_tables = _per_slide(chosen, features), tables
+    slide = np.concatenate([np.full(len(r), name) for r, name in zip(rows, slides, strict=True)])
+    genes = reference_genes(model.panel, gene_tables, training.reference_genes, model.config.panel.layer)
     normalizer = GenePanel(genes, target_sum=model.panel.target_sum)
-    offsets = np.cumsum([0, *map(len, tables)])
-    rows = [
-        chosen[(chosen >= start) & (chosen < stop)] - start
-        for start, stop in zip(offsets[:-1], offsets[1:], strict=True)
-    ]
     expression = np.concatenate(
         [normalizer.transform(table[r], layer=model.config.panel.layer) for table, r in zip(tables, rows, strict=True)]
     )
     bank = ReferenceBank(
-        embedding=embedding[chosen],
+        embedding=embedding,
         expression=expression,
         genes=genes,
-        expert=expert[chosen],
-        slide=slide[chosen],
+        expert=expert,
+        slide=slide,
         obs_names=[name for table, r in zip(tables, rows, strict=True) for name in table.obs_names[r]],
         target_sum=model.panel.target_sum,
     )
-    logger.info("Reference bank: %d of %d training spots, %d genes", len(bank), len(slide), len(genes))
+    logger.info("Reference bank: %d of %d training spots, %d genes", len(bank), n_spots, len(genes))
     return bank
+
+
+def _per_slide(chosen: np.ndarray, features: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Sorted positions among all slides' spots, as each slide's own row positions."""
+    offsets = np.cumsum([0, *map(len, features)])
+    return [
+        chosen[(chosen >= start) & (chosen < stop)] - start
+        for start, stop in zip(offsets[:-1], offsets[1:], strict=True)
+    ]
+
+
+def _experts(model: SpadeModel, features: np.ndarray, slide_scaler: FeatureScaler | None) -> np.ndarray:
+    """The expert (largest routing weight) of every spot of one slide, its features read block by block."""
+    return np.concatenate(
+        [
+            expert_weights(model.standardize(block, slide_scaler), model.clustering, tau=model.tau).argmax(axis=1)
+            for _, block in _chunks(features, BLOCK_ROWS)
+        ]
+        or [np.zeros(0, dtype=np.int64)]
+    )
 
 
 def reference_genes(panel: GenePanel, tables: Sequence[AnnData], n_genes: int, layer: str | None) -> list[str]:
@@ -177,7 +245,9 @@ def reference_genes(panel: GenePanel, tables: Sequence[AnnData], n_genes: int, l
 
 
 def _chunks(features: np.ndarray, size: int) -> Iterator[tuple[int, np.ndarray]]:
-    return ((start, features[start : start + size]) for start in range(0, len(features), size))
+    for start in range(0, len(features), size):
+        yield start, features[start : start + size]
+        release_pages(features)  # a memory map's pages, once read, would otherwise count as resident
 
 
 def check_sizes(sizes: Sequence[int], slides: Sequence[str], config: SpadeConfig, n_features: int | None) -> None:
@@ -231,20 +301,33 @@ def _panel_expression(
     return panel, np.concatenate([panel.transform(table, layer=config.layer) for table in tables])
 
 
-def _pooled(
-    features: Sequence[np.ndarray], slides: Sequence[str], groups: Sequence[np.ndarray], standardize: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All slides' features (each slide standardized by its own statistics first, if asked), slides and groups."""
+def _pooled(features: Sequence[np.ndarray], standardize: str) -> np.ndarray:
+    """All slides' features in memory (each slide standardized by its own statistics first, if asked)."""
     if standardize == "slide":
         features = [fit_slide_scaler([np.asarray(f, dtype=np.float32)]).transform(f) for f in features]
-    X = np.concatenate(features).astype(np.float32)
+    return np.concatenate(features).astype(np.float32)
+
+
+def _streamed(features: Sequence[np.ndarray], standardize: str) -> StandardizedRows:
+    """All slides' standardized features, read on demand; the statistics are gathered in passes over row blocks."""
+    slide_scalers = None
+    if standardize == "slide":
+        slide_scalers = [fit_slide_scaler(block for _, block in _chunks(f, BLOCK_ROWS)) for f in features]
+    rows = StandardizedRows(features, slide_scalers)
+    return rows.with_scaler(FeatureScaler().fit_chunks(block for _, block in rows.blocks()))
+
+
+def _labels(
+    features: Sequence[np.ndarray], slides: Sequence[str], groups: Sequence[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every spot's slide and stage-1 group, slide after slide."""
     slide = np.concatenate([np.full(len(f), name, dtype=object) for f, name in zip(features, slides, strict=True)])
     group = np.concatenate([np.asarray(g).astype(str) for g in groups])
-    return X, slide.astype(str), group
+    return slide.astype(str), group
 
 
 def _train(
-    X_std: np.ndarray,
+    X_std: np.ndarray | StandardizedRows,
     expression: np.ndarray,
     expert: np.ndarray,
     slide: np.ndarray,
@@ -255,7 +338,7 @@ def _train(
     """The experts' heads; with ``warm_start`` and several experts, started from a generalist trained first."""
     if not (config.warm_start and n_experts > 1):
         return train_experts(X_std, expression, expert, slide, n_experts=n_experts, config=config, **options)
-    logger.info("Warm start: one generalist expert first, then every expert starts from it")
+    logger.debug("Warm start: one generalist expert first, then every expert starts from it")
     everyone = np.zeros(len(X_std), dtype=np.int64)
     init, generalist = train_experts(X_std, expression, everyone, slide, n_experts=1, config=config, **options)
     experts = replace(config, lr=config.lr * config.expert_lr_factor)

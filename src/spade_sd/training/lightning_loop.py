@@ -1,4 +1,10 @@
-"""Pieces every Lightning training loop of the package shares: schedule, best weights, quiet runs, torch flags."""
+"""Pieces every Lightning training loop of the package shares: schedule, best weights, quiet runs, torch flags.
+
+Lightning speaks for itself by default (seed lines, accelerator lines, tips for its cloud services, deprecation
+warnings, a model summary, its own progress bar); within spade_sd's calls it is silent unless
+``sd.settings.verbosity`` is debug, and an epoch bar of ours (:class:`EpochProgress`) follows
+``sd.settings.progress``, so what the user sees is spade_sd's own start and finish lines.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,9 @@ from typing import Any
 
 import lightning as L
 import torch
+
+from spade_sd.utils.logging import progress_bar
+from spade_sd.utils.settings import settings
 
 _LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
 HISTORY = "history/"
@@ -102,12 +111,80 @@ class BestWeights(L.Callback):
         trainer.callback_metrics[HISTORY + "best_loss"] = torch.tensor(self.best, dtype=torch.float64)
 
 
+def lightning_verbose(quiet: bool = False) -> bool:
+    """Whether Lightning's own messages and model summary are shown: at debug verbosity, in a call not ``quiet``."""
+    return not quiet and settings.verbosity <= logging.DEBUG
+
+
+class EpochProgress(L.Callback):
+    """A progress bar over training epochs, with the latest losses (:func:`~spade_sd.utils.logging.progress_bar`).
+
+    Lightning's own bar counts the batches of each epoch, one bar per epoch and per validation; what a user waits
+    for is the epochs, bounded by ``max_epochs`` (early stopping may end sooner).
+    """
+
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+        self.bar = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Open the bar (on the first process only)."""
+        total = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        self.bar = progress_bar(total=total, desc=self.desc, unit="epoch", enabled=trainer.is_global_zero)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Advance the bar and show the epoch's losses."""
+        if self.bar is None:
+            return
+        losses = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train_loss", "val_loss")}
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
+        self.bar.update()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Close the bar."""
+        self.teardown(trainer, pl_module, "fit")
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Close the bar, also when training stops with an error."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def quiet_trainer_options(quiet: bool, desc: str, trainer_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The Trainer options that keep Lightning quiet, and our epoch bar among the callbacks.
+
+    No logger (nothing written to disk), the model summary at debug verbosity only, Lightning's progress bar only
+    when ``trainer_kwargs`` ask for it (``enable_progress_bar=True``); the caller's ``callbacks`` follow ours.
+    Merge the result after ``trainer_kwargs``.
+
+    Parameters
+    ----------
+    quiet
+        The call was asked to be quiet: no bar, no Lightning output even at debug verbosity.
+    desc
+        What the epoch bar says is being trained.
+    trainer_kwargs
+        The Trainer arguments the user passed.
+    """
+    return {
+        "logger": trainer_kwargs.get("logger", False),
+        "enable_model_summary": trainer_kwargs.get("enable_model_summary", lightning_verbose(quiet)),
+        "enable_progress_bar": trainer_kwargs.get("enable_progress_bar", False),
+        "callbacks": [*([] if quiet else [EpochProgress(desc)]), *trainer_kwargs.get("callbacks", [])],
+    }
+
+
 @contextmanager
 def lightning_quiet(quiet: bool) -> Iterator[None]:
-    """Silence Lightning's info logs and warnings for the context when ``quiet`` (its worker hint always)."""
+    """Silence Lightning's info logs and its warnings for the context, unless :func:`lightning_verbose`.
+
+    The levels of Lightning's loggers are restored on leaving, so a user's own Lightning runs speak as before.
+    Its hint that a DataLoader has few workers is always silenced: ours read from memory.
+    """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        if not quiet:
+        if lightning_verbose(quiet):
             yield
             return
         warnings.filterwarnings("ignore", module="lightning")

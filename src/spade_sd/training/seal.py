@@ -28,6 +28,8 @@ from spade_sd.training.lightning_loop import (
     HISTORY,
     BestWeights,
     lightning_quiet,
+    lightning_verbose,
+    quiet_trainer_options,
     torch_flags_restored,
     torch_threads,
     warmup_cosine,
@@ -240,16 +242,14 @@ def _trainer(
     options = {
         "deterministic": True,
         "enable_checkpointing": False,
-        "logger": False,
-        "enable_model_summary": not quiet,
         "num_sanity_val_steps": 0,
         **({} if has_validation else {"limit_val_batches": 0}),
         "max_epochs": config.max_epochs,
         "precision": default_precision(),
         **trainer_kwargs,
-        "enable_progress_bar": trainer_kwargs.get("enable_progress_bar", True) and not quiet,
+        **quiet_trainer_options(quiet, "Fine-tuning (SEAL)", trainer_kwargs),
     }
-    callbacks = [early, BestWeights(monitor), *options.pop("callbacks", [])]
+    callbacks = [early, BestWeights(monitor), *options.pop("callbacks")]
     return L.Trainer(callbacks=callbacks, **options)
 
 
@@ -304,7 +304,7 @@ def train_seal(
         Spot coordinates, for a validation block when there are few slides (see
         :func:`~spade_sd.training.data.split_by_slide`).
     quiet
-        Silence Lightning's progress output.
+        No epoch progress bar, and no Lightning output even at debug verbosity.
     trainer_kwargs
         Passed to :class:`lightning.pytorch.Trainer` (``accelerator``, ``devices``, ``strategy``, ``precision``...).
 
@@ -317,7 +317,7 @@ def train_seal(
     monitor = "val_loss" if val_mask.any() else "train_loss"
     start = time.perf_counter()
     with lightning_quiet(quiet), torch_flags_restored(), torch_threads(config.train_threads):
-        L.seed_everything(config.seed, workers=True, verbose=not quiet)
+        L.seed_everything(config.seed, workers=True, verbose=lightning_verbose(quiet))
         heads = SealHeads(backbone.dim, expression.shape[1], config.embed_dim)
         module = SealModule(backbone, heads, config)
         train, val = _loaders(sources, expression, val_mask, config)

@@ -1,6 +1,7 @@
-"""Package settings: where downloads and derived files go, where the real data sets are found, how much is logged.
+"""Package settings: folders, verbosity, progress bars and CPU threads.
 
-Like :data:`scanpy.settings`, one object holds them (:data:`settings`, also ``spade_sd.settings``). Unless set
+Where downloads and derived files go, where the real data sets are found, how much is logged, whether progress bars
+are drawn and how many CPU threads the backbone may use. Like :data:`scanpy.settings`, one object holds them (:data:`settings`, also ``spade_sd.settings``). Unless set
 explicitly, the folders follow the environment variables ``SPADE_SD_CACHE_DIR`` and ``SPADE_SD_DATA_DIR`` each time
 they are read, so a test or a notebook may change them at any point.
 """
@@ -10,10 +11,17 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 CACHE_DIR_ENV = "SPADE_SD_CACHE_DIR"
 DATA_DIR_ENV = "SPADE_SD_DATA_DIR"
+# The level of the spade_sd logger unless set: what starts, how long it took and what was added is shown
+DEFAULT_VERBOSITY = logging.INFO
+# scanpy's verbosity numbers (error, warning, info, hint, debug) as logging levels, so its users' habits carry over
+_SCANPY_VERBOSITY = {0: logging.ERROR, 1: logging.WARNING, 2: logging.INFO, 3: logging.INFO, 4: logging.DEBUG}
+_LEVEL_NAMES = ("debug", "info", "warning", "error", "critical")
 
 
 class Settings:
@@ -28,12 +36,25 @@ class Settings:
         A folder holding the real data sets laid out as ``<dataset>/<path>`` (``SPADE_SD_DATA_DIR``), or ``None``
         to download them.
     verbosity
-        Level of the ``spade_sd`` logger (e.g. ``logging.INFO``).
+        Level of the ``spade_sd`` logger: ``"info"`` (the default) shows what each step starts, how long it took
+        and what it added; ``"warning"`` only what needs attention; ``"debug"`` also the details, and the messages,
+        tips and model summaries of Lightning, which are silenced otherwise.
+    progress
+        Draw progress bars (``tqdm.auto``: widgets in notebooks) over feature extraction, tiling and training
+        epochs. ``True`` (the default) draws them where someone watches: a terminal or a notebook, not a log file
+        or a pipe; ``False`` never.
+    n_jobs
+        CPU threads of the backbone (PyTorch's :func:`torch.set_num_threads` while it encodes, onnxruntime's
+        session) within spade_sd's calls; the caller's torch setting is restored afterwards. ``None`` (the
+        default): torch's own setting, and every core this process may use for onnxruntime; ``-1``: every core.
+        Training the small heads uses ``train_threads`` of the training configuration instead.
     """
 
     def __init__(self) -> None:
         self._cache_dir: Path | None = None
         self._data_dir: Path | None = None
+        self._progress = True
+        self._n_jobs: int | None = None
 
     @property
     def cache_dir(self) -> Path:
@@ -123,18 +144,81 @@ class Settings:
 
     @property
     def verbosity(self) -> int:
-        """Level of the ``spade_sd`` logger."""
+        """Level of the ``spade_sd`` logger (a :mod:`logging` level; ``logging.INFO`` by default)."""
         return logging.getLogger("spade_sd").getEffectiveLevel()
 
     @verbosity.setter
     def verbosity(self, level: int | str) -> None:
-        logging.getLogger("spade_sd").setLevel(level)
+        logging.getLogger("spade_sd").setLevel(_as_level(level))
+
+    @property
+    def progress(self) -> bool:
+        """Whether progress bars are drawn (where a terminal or a notebook shows them)."""
+        return self._progress
+
+    @progress.setter
+    def progress(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"sd.settings.progress must be True or False; found {value!r}.")
+        self._progress = value
+
+    @property
+    def n_jobs(self) -> int | None:
+        """CPU threads of the backbone within spade_sd's calls; ``None``: torch's and onnxruntime's own choice."""
+        return self._n_jobs
+
+    @n_jobs.setter
+    def n_jobs(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value == 0 or value < -1):
+            raise ValueError(
+                f"sd.settings.n_jobs must be a positive number of threads, -1 for every core or None for torch's own "
+                f"setting; found {value!r}."
+            )
+        self._n_jobs = value
+
+    def threads(self) -> int | None:
+        """The number of threads :attr:`n_jobs` asks for (``-1`` resolved to the cores this process may use)."""
+        if self._n_jobs == -1:
+            return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return self._n_jobs
 
     def __repr__(self) -> str:
         return (
             f"Settings(cache_dir={str(self.cache_dir)!r}, data_dir={None if self.data_dir is None else str(self.data_dir)!r}, "
-            f"verbosity={logging.getLevelName(self.verbosity)!r})"
+            f"verbosity={logging.getLevelName(self.verbosity)!r}, progress={self.progress!r}, n_jobs={self.n_jobs!r})"
         )
+
+
+def _as_level(level: int | str) -> int:
+    """A logging level from a level, its name (any case) or one of scanpy's verbosity numbers 0–4."""
+    if isinstance(level, str) and level.lower() in _LEVEL_NAMES:
+        return logging.getLevelName(level.upper())
+    if isinstance(level, int) and not isinstance(level, bool):
+        if level in _SCANPY_VERBOSITY:
+            return _SCANPY_VERBOSITY[level]
+        if level > 0:
+            return level
+    raise ValueError(
+        f"sd.settings.verbosity must be one of {list(_LEVEL_NAMES)}, a logging level (e.g. logging.INFO) or scanpy's "
+        f"0 (errors) to 4 (debug); found {level!r}."
+    )
+
+
+@contextmanager
+def backbone_threads() -> Iterator[None]:
+    """Run with :attr:`Settings.n_jobs` torch CPU threads (if set), restoring the caller's number afterwards."""
+    threads = settings.threads()
+    if threads is None:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 settings = Settings()

@@ -1,0 +1,128 @@
+"""Training at scale: the bounded-memory path of fit_model gives what the in-memory path would, on small data.
+
+The slides here are built directly (features with planted types, sparse counts whose marker genes follow them):
+fit_model takes cached features and tables, so no image is needed, and the sizes stay small enough for seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from anndata import AnnData
+from scipy import sparse
+from sklearn.metrics import adjusted_rand_score
+
+from spade_sd.config import ClusteringConfig, SpadeConfig, TrainingConfig
+from spade_sd.model import clustering as clustering_module
+from spade_sd.model.clustering import two_stage_kmeans
+from spade_sd.model.standardization import FeatureScaler, fit_slide_scaler
+from spade_sd.training.data import StandardizedRows, release_pages
+from spade_sd.training.fit import fit_model
+from spade_sd.training.losses import chunked_contrastive_loss, contrastive_loss
+
+
+def _slides(n_slides=3, n_per_slide=120, d=24, n_genes=80, n_types=3, seed=0):
+    """Features around one centre per planted type (plus a shift per slide) and Poisson counts with type markers."""
+    rng = np.random.default_rng(seed)
+    centres = 3 * rng.normal(size=(n_types, d))
+    markers = rng.permutation(n_genes)[: 5 * n_types].reshape(n_types, 5)
+    features, tables, types = [], [], []
+    for s in range(n_slides):
+        kind = rng.integers(n_types, size=n_per_slide)
+        features.append((centres[kind] + 0.5 * rng.normal(size=d) + rng.normal(size=(n_per_slide, d))).astype("f4"))
+        rate = np.full((n_per_slide, n_genes), 0.3)
+        rate[np.arange(n_per_slide)[:, None], markers[kind]] = 8.0
+        counts = sparse.csr_matrix(rng.poisson(rate).astype(np.float32))
+        tables.append(AnnData(counts, var={"gene": [f"g{i}" for i in range(n_genes)]}).copy())
+        tables[-1].var_names = [f"g{i}" for i in range(n_genes)]
+        tables[-1].obs_names = [f"s{s}_{i}" for i in range(n_per_slide)]
+        types.append(kind)
+    names = [f"s{s}" for s in range(n_slides)]
+    return features, tables, names, [np.full(n_per_slide, n) for n in names], np.concatenate(types)
+
+
+def _config(**training) -> SpadeConfig:
+    options = {"max_epochs": 1, "out_dim": 16, "batch_size": 32, "reference_size": 50, "reference_genes": 40}
+    return SpadeConfig(
+        clustering=ClusteringConfig(n_experts=2, n_fine=4),
+        training=dataclasses.replace(TrainingConfig(), **{**options, **training}),
+    )
+
+
+@pytest.mark.parametrize("loss", ["clip", "soft_target"])
+def test_chunked_score_equals_the_whole_validation_set_at_once(loss):
+    rng = torch.Generator().manual_seed(0)
+    image, gene = torch.randn(301, 16, generator=rng), torch.randn(301, 16, generator=rng)
+    options = {"loss": loss, "temperature": 0.7, "logit_scale": torch.tensor(2.3)}
+    whole = contrastive_loss(image, gene, **options)
+    for chunk_size in (3, 64, 300):  # blocks that divide n unevenly
+        chunked = chunked_contrastive_loss(image, gene, chunk_size=chunk_size, **options)
+        torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+    # up to chunk_size spots it is the loss itself, bit for bit
+    assert torch.equal(chunked_contrastive_loss(image, gene, chunk_size=301, **options), whole)
+
+
+def test_rows_read_on_demand_equal_the_standardized_matrix(tmp_path):
+    features, *_ = _slides()
+    path = tmp_path / "features.npy"
+    np.save(path, np.concatenate(features).astype(np.float16))
+    on_disk = np.load(path, mmap_mode="r")
+    offsets = np.cumsum([0, *map(len, features)])
+    mapped = [on_disk[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    held = [np.asarray(f, dtype=np.float32) for f in mapped]
+    # what the in-memory path computes: each slide by its own statistics, then all of them together
+    per_slide = np.concatenate([fit_slide_scaler([f]).transform(f) for f in held])
+    scaler = FeatureScaler().fit(per_slide)
+    expected = scaler.transform(per_slide)
+    rows = StandardizedRows(mapped, [fit_slide_scaler([f]) for f in held], scaler)
+    assert rows.shape == expected.shape and len(rows) == len(expected)
+    picked = np.array([300, 5, 121, 5, 0, 359])  # unsorted, repeated, across slides
+    np.testing.assert_allclose(rows[picked], expected[picked], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(rows[100:250], expected[100:250], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate([b for _, b in rows.blocks(7)]), expected, rtol=1e-6, atol=1e-6)
+    release_pages(mapped[1])  # the pages go; the values stay readable
+    np.testing.assert_allclose(rows[picked], expected[picked], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="one width"):
+        StandardizedRows([held[0], held[1][:, :5]])
+
+
+def test_memory_mapped_float16_features_train_the_same_model_as_in_memory(tmp_path):
+    features, tables, names, groups, types = _slides()
+    half = [f.astype(np.float16) for f in features]
+    mapped = []
+    for name, f in zip(names, half, strict=True):
+        np.save(tmp_path / f"{name}.npy", f)
+        mapped.append(np.load(tmp_path / f"{name}.npy", mmap_mode="r"))
+    options = {"config": _config(), "quiet": True, "scalable": True}
+    from_disk = fit_model(mapped, tables, names, groups, None, **options)
+    in_memory = fit_model(half, tables, names, groups, None, **options)
+    theirs = in_memory.mixture.state_dict()
+    assert all(torch.equal(value, theirs[name]) for name, value in from_disk.mixture.state_dict().items())
+    np.testing.assert_array_equal(from_disk.clustering.centroids, in_memory.clustering.centroids)
+    assert from_disk.tau == in_memory.tau
+    np.testing.assert_array_equal(from_disk.reference.embedding, in_memory.reference.embedding)
+    assert from_disk.reference.genes == in_memory.reference.genes and len(from_disk.reference) == 50
+    # and the experts follow the planted types, as they do in memory
+    expert = np.concatenate([from_disk.embed_features(f)[1].argmax(axis=1) for f in mapped])
+    assert adjusted_rand_score(types, expert) > 0.5
+
+
+def test_scalable_clustering_is_deterministic_and_finds_the_planted_types(monkeypatch):
+    features, _, _, groups, types = _slides(n_slides=2, n_per_slide=400)
+    X = FeatureScaler().fit(np.concatenate(features)).transform(np.concatenate(features))
+    # small thresholds, so that the sampled axes and the mini-batch k-means are the ones at work
+    monkeypatch.setattr(clustering_module, "FIT_SPOTS", 200)
+    monkeypatch.setattr(clustering_module, "MINIBATCH_SPOTS", 300)
+    monkeypatch.setattr(clustering_module, "MAX_DISTANCES", 100)  # distances a few rows at a time
+    options = {"n_fine": 6, "n_experts": 3, "n_pcs": 5, "scalable": True}
+    first = two_stage_kmeans(X, np.concatenate(groups), seed=3, **options)
+    again = two_stage_kmeans(X, np.concatenate(groups), seed=3, **options)
+    other = two_stage_kmeans(X, np.concatenate(groups), seed=4, **options)
+    np.testing.assert_array_equal(first.centroids, again.centroids)
+    np.testing.assert_array_equal(first.centroid_expert, again.centroid_expert)
+    np.testing.assert_array_equal(first.components, again.components)
+    assert not np.array_equal(first.centroids, other.centroids)
+    assert adjusted_rand_score(types, first.assign(X)[1]) > 0.9
