@@ -15,7 +15,7 @@ tasks=("domains",))``:
   (:func:`spade_sd.metrics.domain_agreement`).
 
 Representations (``--variants``): ``backbone`` (the frozen features), ``spade`` followed by ``sd.tl.pretrain``
-keyword overrides as in ``quality.py`` (e.g. ``spade:head_init=random,n_comps=16``), and ``predicted`` (the same
+keyword overrides as in ``quality.py`` (e.g. ``spade:representation=heads``), and ``predicted`` (the same
 overrides allowed) for ``sd.tl.predict_expression(method="ridge")`` of the fold's model → 30 PCs. Each of them is
 also scored **through** ``sd.tl.domains``: the representation augmented with its spatial neighbourhood at each
 ``--spatial-weights`` λ (the functions ``tl.domains`` clusters, :mod:`spade_sd.spots.neighbourhood`), the same
@@ -57,8 +57,9 @@ from spade_sd.spots.neighbourhood import neighbourhood_features, spatial_graph
 
 log = logging.getLogger("clustering")
 
-# "spade" is the default model; "spade:head_init=random,n_comps=16" the default before issue 22
-DEFAULT_VARIANTS = ("backbone", "spade", "spade:head_init=random,n_comps=16", "predicted")
+# "spade" is the default model (X_spade: the backbone's features next to the expression read-out);
+# "spade:representation=heads" the default of spade_sd 0.2 (X_spade: the heads' full-rank output)
+DEFAULT_VARIANTS = ("backbone", "spade", "spade:representation=heads", "predicted")
 SPATIAL_WEIGHTS = (0.5, 0.8)
 FIGURE_SECTIONS = {"mob": "MOB3", "her2st": "C5"}
 FIGURE_REFERENCE = "expression@0.5"

@@ -1,4 +1,8 @@
-"""The default embedding keeps every direction; the expression tools compare within the expression subspace."""
+"""The default X_spade adds to the backbone: its features next to the expression read from the image.
+
+The heads keep every direction from the backbone's start; the expression tools compare within the expression
+subspace; X_spade is the backbone's features followed by the read-out of that subspace.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import pytest
 import spade_sd as sd
 from spade_sd.encoders.morphology import MorphologyFeatures
 from spade_sd.metrics import knn_predict
-from spade_sd.model.spade_model import FORMAT_2, _saved_config
+from spade_sd.model.spade_model import FORMAT_2, FORMAT_3, _saved_config
 from spade_sd.tl._common import unit_rows
 
 PATCH = {"size_um": 64.0, "size_px": 64}
@@ -33,22 +37,28 @@ def default(morphology):
     return model, slides
 
 
+def _heads(model, sdata) -> np.ndarray:
+    """The heads' image embedding of a slide's spots, from its backbone features."""
+    sd.tl.features(sdata, backbone=model.backbone, **PATCH)
+    return model.embed_features(sdata.tables["table"].obsm["X_backbone"])[0]
+
+
 @pytest.fixture(scope="module")
 def projected(morphology):
     """A model of the design before spade_sd 0.2: every embedding projected onto 16 directions."""
     return sd.tl.pretrain(_slides(), backbone=morphology, n_comps=16, expression_comps=None, **TRAIN)
 
 
-def test_the_default_starts_at_the_backbone_and_keeps_every_direction(default):
+def test_the_default_heads_start_at_the_backbone_and_keep_every_direction(default):
     model, slides = default
     training = model.config.training
     assert training.head_init == "backbone" and training.n_comps is None and training.expression_comps == 16
     assert model.subspace is None and model.expression_subspace.n_comps == 16
     table = slides[0].tables["table"]
-    embedding, tools = table.obsm["X_spade"], table.obsm["X_spade_expr"]
+    embedding, tools = _heads(model, slides[0]), table.obsm["X_spade_expr"]
     assert np.linalg.matrix_rank(embedding - embedding.mean(axis=0), tol=1e-3) > 16
     assert np.linalg.matrix_rank(tools - tools.mean(axis=0), tol=1e-3) == 16
-    np.testing.assert_array_equal(tools, model.expression_space(embedding))
+    np.testing.assert_allclose(tools, model.expression_space(embedding), rtol=1e-5, atol=1e-5)
     assert table.uns["spade"]["subspace"]["projects"] == "expression tools"
     assert "X_spade_expr" in table.uns["spade"]["outputs"]
 
@@ -60,7 +70,7 @@ def test_predict_expression_and_query_compare_within_the_expression_subspace(def
     table = target.tables["table"]
     bank = model.reference
     expected = knn_predict(
-        model.expression_space(table.obsm["X_spade"]),
+        table.obsm["X_spade_expr"],
         model.expression_space(bank.embedding),
         bank.expression[:, :5].astype(np.float32),
         k=10,
@@ -68,7 +78,7 @@ def test_predict_expression_and_query_compare_within_the_expression_subspace(def
     )
     np.testing.assert_allclose(target.tables["spade_predicted"].X, expected, rtol=1e-4, atol=1e-4)
     # over whole embeddings the prediction differs: the subspace is really used
-    whole = knn_predict(table.obsm["X_spade"], bank.embedding, bank.expression[:, :5].astype(np.float32), k=10)
+    whole = knn_predict(_heads(model, slides[0]), bank.embedding, bank.expression[:, :5].astype(np.float32), k=10)
     assert np.abs(whole - expected).max() > 1e-3
 
     genes = model.panel.genes[:2]
@@ -76,7 +86,7 @@ def test_predict_expression_and_query_compare_within_the_expression_subspace(def
     profile = np.asarray(table.uns["spade_query"]["profile"], dtype=np.float32)
     weights = table.obsm["X_spade_weights"]
     gene = model.embed_expression(np.repeat(profile[None], table.n_obs, axis=0), weights)
-    image = model.expression_space(table.obsm["X_spade"])
+    image = table.obsm["X_spade_expr"]
     score = (unit_rows(image) * unit_rows(model.expression_space(gene))).sum(axis=1)
     np.testing.assert_allclose(table.obs["spade_query"], score, atol=1e-5)
 
@@ -118,6 +128,9 @@ def test_a_model_saved_before_the_new_defaults_keeps_the_options_it_was_trained_
     recorded = {"format": FORMAT_2, "config": {"training": {"head_init": "backbone", "expression_comps": 8}}}
     training = _saved_config(recorded, config).training
     assert (training.head_init, training.expression_comps) == ("backbone", 8)
+    # 0.2's format: the heads' output was X_spade
+    recorded = {"format": FORMAT_3, "config": {"training": {"head_init": "backbone", "expression_comps": 16}}}
+    assert _saved_config(recorded, config).training.representation == "heads"
 
 
 def test_the_expression_subspace_saves_and_reloads(default, morphology, tmp_path):
@@ -126,8 +139,12 @@ def test_the_expression_subspace_saves_and_reloads(default, morphology, tmp_path
     loaded = sd.SpadeModel.load(tmp_path / "model", backbone=morphology)
     assert loaded.identity() == model.identity()
     np.testing.assert_array_equal(loaded.expression_subspace.basis, model.expression_subspace.basis)
-    embedding = slides[0].tables["table"].obsm["X_spade"]
+    embedding = _heads(model, slides[0])
     np.testing.assert_array_equal(loaded.expression_space(embedding), model.expression_space(embedding))
+    np.testing.assert_array_equal(loaded.readout.projection, model.readout.projection)
+    target = _slides()[0]
+    sd.tl.embed(target, loaded)
+    np.testing.assert_array_equal(target.tables["table"].obsm["X_spade"], slides[0].tables["table"].obsm["X_spade"])
 
 
 def test_bad_expression_comps_is_refused_before_training(morphology):
@@ -136,14 +153,68 @@ def test_bad_expression_comps_is_refused_before_training(morphology):
 
 
 def test_the_default_outputs_are_the_measured_variants(default, morphology):
-    """X_spade is the ``head_init="backbone", n_comps=None`` model's embedding and X_spade_expr the
-    ``head_init="backbone", n_comps=16`` model's: the benchmarks of those variants measure the default's outputs."""
+    """The heads are the ``head_init="backbone", n_comps=None`` model's and X_spade_expr the
+    ``head_init="backbone", n_comps=16`` model's: the benchmarks of those variants measure the default's parts."""
     model, slides = default
     table = slides[0].tables["table"]
-    variants = {"n_comps": None, "expression_comps": None}, {"n_comps": 16, "expression_comps": None}
+    heads = {"expression_comps": None, "representation": "heads"}
+    variants = {"n_comps": None, **heads}, {"n_comps": 16, **heads}
     full, projected = (sd.tl.pretrain(_slides(), backbone=morphology, **v, **TRAIN) for v in variants)
-    for variant, key in ((full, "X_spade"), (projected, "X_spade_expr")):
-        assert variant.config.training.head_init == "backbone"
+    for variant, ours in ((full, _heads(model, slides[0])), (projected, table.obsm["X_spade_expr"])):
+        assert variant.config.training.head_init == "backbone" and variant.readout is None
         target = _slides()[0]
         sd.tl.embed(target, variant)
-        np.testing.assert_allclose(table.obsm[key], target.tables["table"].obsm["X_spade"], atol=1e-5, err_msg=key)
+        np.testing.assert_allclose(ours, target.tables["table"].obsm["X_spade"], atol=1e-5)
+
+
+def test_x_spade_is_the_backbone_features_then_the_expression_readout(default):
+    model, slides = default
+    assert model.config.training.representation == "backbone+readout" and model.readout is not None
+    sdata = slides[0]
+    table = sdata.tables["table"]
+    X = table.obsm["X_spade"]
+    assert (
+        X.shape == (table.n_obs, model.backbone.dim + model.readout.n_comps) == (table.n_obs, model.representation_dim)
+    )
+    assert 1 <= model.readout.n_comps <= model.config.training.expression_comps
+    sd.tl.features(sdata, backbone=model.backbone, **PATCH)
+    # the backbone's features themselves: nothing of them is projected away
+    np.testing.assert_array_equal(X[:, : model.backbone.dim], table.obsm["X_backbone"])
+    # the block's spread next to the backbone's, on the training slides, is what readout_weight sets
+    ratios = []
+    for sdata in slides:
+        values = sdata.tables["table"].obsm["X_spade"]
+        spread = [np.square(v - v.mean(axis=0)).sum(axis=1).mean() for v in np.split(values, [model.backbone.dim], 1)]
+        ratios.append(np.sqrt(spread[1] / spread[0]))
+    assert np.mean(ratios) == pytest.approx(model.config.training.readout_weight, rel=0.25)
+
+
+def test_the_readout_block_is_the_ridge_prediction_of_the_bank_genes(default):
+    """Distances within the block are distances between predicted expression profiles (one scale factor)."""
+    from scipy.spatial.distance import pdist
+
+    model, _ = default
+    target = sd.datasets.synthetic(n_slides=1, grid=(10, 10), mpp=1.0, n_genes=120, seed=7)
+    sd.tl.embed(target, model)
+    sd.tl.predict_expression(target, model, method="ridge", genes=model.reference.genes)
+    predicted = np.asarray(target.tables["spade_predicted"].X, dtype=np.float64)
+    block = target.tables["table"].obsm["X_spade"][:, model.backbone.dim :].astype(np.float64)
+    ratio = pdist(block) / pdist(predicted)
+    assert ratio.std() / ratio.mean() < 1e-3
+    assert target.tables["spade_predicted"].uns["spade_predicted"]["params"]["alpha"] == pytest.approx(
+        model.readout.alpha, rel=1e-6
+    )
+
+
+def test_heads_representation_writes_the_heads_output(morphology):
+    model = sd.tl.pretrain(_slides(), backbone=morphology, representation="heads", **TRAIN)
+    assert model.readout is None and model.representation_dim == model.dim
+    target = _slides()[0]
+    sd.tl.embed(target, model)
+    table = target.tables["table"]
+    np.testing.assert_allclose(table.obsm["X_spade"], _heads(model, target), rtol=1e-5, atol=1e-5)
+
+
+def test_a_readout_without_a_reference_bank_is_refused_before_training(morphology):
+    with pytest.raises(ValueError, match=r"found reference_size=0\. Pass reference_size > 0 or representation='heads'"):
+        sd.tl.pretrain(_slides(), backbone=morphology, reference_size=0, **TRAIN)

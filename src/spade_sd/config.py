@@ -32,6 +32,8 @@ LossName = Literal["soft_target", "clip"]
 LOSSES: tuple[str, ...] = ("soft_target", "clip")
 OutputName = Literal["aligned", "joint"]
 OUTPUTS: tuple[str, ...] = ("aligned", "joint")
+RepresentationName = Literal["backbone+readout", "heads"]
+REPRESENTATIONS: tuple[str, ...] = ("backbone+readout", "heads")
 HeadInitName = Literal["random", "backbone"]
 HEAD_INITS: tuple[str, ...] = ("random", "backbone")
 
@@ -193,6 +195,17 @@ class TrainingConfig(_Config):
         embeddings within the span of the ``expression_comps`` leading principal directions of the training spots'
         image embeddings, and :func:`~spade_sd.tl.embed` writes that projection beside the embedding
         (``.obsm['X_spade_expr']``); ``None``: the tools compare whole embeddings and nothing more is written.
+    representation
+        What :func:`~spade_sd.tl.embed` writes as ``X_spade``, the representation to cluster and transfer labels on.
+        ``"backbone+readout"``: the backbone's features, unchanged, followed by the expression the model reads from
+        the image (:class:`~spade_sd.model.readout.ExpressionReadout`: the ridge read-out of the embeddings as the
+        expression tools compare them, fitted on the reference bank, in its principal coordinates); needs a
+        reference bank.
+        ``"heads"``: the heads' output (the aligned coordinates, as ``output`` says), what models saved before 0.3
+        wrote. The expression tools compare within the expression subspace either way.
+    readout_weight
+        With ``representation="backbone+readout"``: the read-out block's total standard deviation relative to the
+        backbone features' on the training slides (each around its own mean).
     output
         ``"aligned"``: the embedding is the heads' (aligned) coordinates; ``"joint"``: the aligned coordinates
         followed by a block of the standardized backbone features (:class:`~spade_sd.model.backbone_block.BackboneBlock`),
@@ -255,6 +268,8 @@ class TrainingConfig(_Config):
     out_dim: int = 256
     n_comps: int | None = None
     expression_comps: int | None = 16
+    representation: RepresentationName = "backbone+readout"
+    readout_weight: float = 0.7
     output: OutputName = "aligned"
     backbone_comps: int | None = 64
     backbone_weight: float = 1.0
@@ -284,6 +299,8 @@ class TrainingConfig(_Config):
         _set(self, "out_dim", check_int("out_dim", self.out_dim, minimum=1))
         check_n_comps(self.n_comps, self.out_dim)
         check_n_comps(self.expression_comps, self.out_dim, name="expression_comps")
+        check_choice("representation", self.representation, REPRESENTATIONS)
+        _set(self, "readout_weight", check_number("readout_weight", self.readout_weight, **positive))
         check_choice("output", self.output, OUTPUTS)
         if self.backbone_comps is not None:
             _set(self, "backbone_comps", check_int("backbone_comps", self.backbone_comps, minimum=1))
@@ -436,7 +453,7 @@ _FORMAT_1_TRAINING = (
 )
 # What a later model lacking one of these training options was trained with: each came with the option it records,
 # and the defaults changed later (the heads started at random and the tools compared whole embeddings).
-TRAINING_ABSENT = {"head_init": "random", "expression_comps": None}
+TRAINING_ABSENT = {"head_init": "random", "expression_comps": None, "representation": "heads"}
 
 
 def config_from_format_1(
@@ -581,7 +598,7 @@ class DomainsConfig(_Config):
     Attributes
     ----------
     spatial_weight
-        Weight λ in ``[0, 1]`` of the neighbourhood: each spot's standardized features are weighted ``√(1 − λ)``
+        Weight λ in ``[0, 1]`` of the neighbourhood: each spot's centred and scaled features are weighted ``√(1 − λ)``
         and the mean of its spatial neighbours' features ``√λ`` (as BANKSY weighs them); 0 clusters the
         representation alone.
     spatial_neighbors

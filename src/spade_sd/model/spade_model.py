@@ -10,7 +10,8 @@ loading runs no code.
 the arrays (panel genes and order, standardization, subspace, routing temperature, ...): on load, an edited, added or
 deleted entry of ``config.json`` is refused by name (:mod:`spade_sd.utils.saved_metadata`).
 
-Formats: ``spade_sd.model/3`` writes that copy. ``spade_sd.model/2`` (one configuration section per stage,
+Formats: ``spade_sd.model/4`` adds the expression read-out of ``X_spade`` (:mod:`spade_sd.model.readout`);
+``spade_sd.model/3`` writes the same copy, and its models embed as they did (``representation="heads"``). ``spade_sd.model/2`` (one configuration section per stage,
 ``SpadeConfig.to_dict``) and ``spade_sd.model/1`` (one flat configuration dict, migrated on load by
 :func:`~spade_sd.config.config_from_format_1`) have none: they load with an info message that ``config.json`` was not
 verified, after the checks that need no copy (every entry read is present and the configuration fits the arrays:
@@ -46,6 +47,7 @@ from spade_sd.model.backbone_block import BackboneBlock
 from spade_sd.model.clustering import ExpertClustering
 from spade_sd.model.heads import ExpertMixture
 from spade_sd.model.model_card import model_card
+from spade_sd.model.readout import ExpressionReadout
 from spade_sd.model.reference import ReferenceBank
 from spade_sd.model.routing import expert_weights
 from spade_sd.model.standardization import FeatureScaler, fit_slide_scaler
@@ -56,7 +58,8 @@ from spade_sd.utils.hub import DEFAULT_LICENSE, MODEL_CARD, is_card, metrics_tab
 from spade_sd.utils.logging import logger
 from spade_sd.utils.saved_metadata import check_against_copy, require, write_weights
 
-MODEL_FORMAT = "spade_sd.model/3"
+MODEL_FORMAT = "spade_sd.model/4"
+FORMAT_3 = "spade_sd.model/3"
 # The earlier formats: without the copy of config.json in model.safetensors; format 1 with a flat configuration
 FORMAT_2 = "spade_sd.model/2"
 FORMAT_1 = "spade_sd.model/1"
@@ -129,6 +132,9 @@ class SpadeModel:
         The principal subspace of the training spots' aligned image embeddings within which the expression tools
         compare embeddings (:meth:`expression_space`); ``None`` (``expression_comps=None``, and every model saved
         before the option existed) compares whole embeddings.
+    readout
+        For ``representation="backbone+readout"``: the expression read-out whose block follows the backbone's
+        features in ``X_spade`` (:meth:`represent`); ``None`` for models that write the heads' output.
     source
         Where the model was last saved to or loaded from: ``{"path": folder}`` (absolute) or, for the Hub,
         ``{"repo_id": …, "revision": commit}``; ``None`` for a model only in memory. :func:`spade_sd.tl.embed`
@@ -148,6 +154,7 @@ class SpadeModel:
     reference: ReferenceBank | None = None
     block: BackboneBlock | None = None
     expression_subspace: EmbeddingSubspace | None = None
+    readout: ExpressionReadout | None = None
     # not a constructor argument: dataclasses.replace() gives a changed copy none
     source: dict[str, str] | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -312,7 +319,8 @@ class SpadeModel:
         *,
         hard: bool = False,
         share: KeptShare | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
+        represent: bool = False,
+    ) -> tuple[np.ndarray, ...]:
         """Image-side embedding of all ``n`` patches of one slide whose features arrive in chunks.
 
         This is how :func:`spade_sd.tl.embed` embeds a slide (and how training embeds its reference spots): with
@@ -329,13 +337,17 @@ class SpadeModel:
             Route each patch to the expert of its nearest fine centroid only.
         share
             Accumulates the share of the heads' output variance the principal subspace keeps.
+        represent
+            Also return ``X_spade`` (:meth:`represent`), from the same pass over the features.
 
         Returns
         -------
-        The embedding ``(n, dim)`` and the expert weights ``(n, n_experts)``.
+        The embedding ``(n, dim)`` and the expert weights ``(n, n_experts)``; with ``represent``, then ``X_spade``
+        ``(n, representation_dim)``.
         """
         embedding = np.empty((n, self.dim), dtype=np.float32)
         weights = np.empty((n, self.n_experts), dtype=np.float32)
+        representation = np.empty((n, self.representation_dim), dtype=np.float32) if represent else None
         slide_scaler = (
             self.slide_scaler(features for _, features in passes()) if self.standardization == "slide" else None
         )
@@ -344,7 +356,24 @@ class SpadeModel:
             embedding[start:stop], weights[start:stop] = self.embed_features(
                 features, hard=hard, slide_scaler=slide_scaler, share=share
             )
-        return embedding, weights
+            if representation is not None:
+                representation[start:stop] = self.represent(features, embedding[start:stop])
+        return (embedding, weights) if representation is None else (embedding, weights, representation)
+
+    @property
+    def representation_dim(self) -> int:
+        """Width of ``X_spade``: the backbone's plus the read-out's, or :attr:`dim` for a model without a read-out."""
+        return self.dim if self.readout is None else self.backbone.dim + self.readout.n_comps
+
+    def represent(self, features: np.ndarray, embedding: np.ndarray) -> np.ndarray:
+        """``X_spade`` of patches from their backbone ``features`` and image-side ``embedding``.
+
+        With a read-out (``representation="backbone+readout"``, the default): the features, unchanged, followed by
+        the expression block (:class:`~spade_sd.model.readout.ExpressionReadout`); without one, the embedding.
+        """
+        if self.readout is None:
+            return np.asarray(embedding, dtype=np.float32)
+        return self.readout.represent(features, self.expression_space(embedding))
 
     def expression_space(self, embedding: np.ndarray) -> np.ndarray:
         """Embeddings as the expression tools compare them: projected onto :attr:`expression_subspace`.
@@ -399,6 +428,8 @@ class SpadeModel:
             arrays.update({f"block.{k}": v for k, v in self.block.to_arrays().items()})
         if self.expression_subspace is not None:
             arrays.update({f"expression_subspace.{k}": v for k, v in self.expression_subspace.to_arrays().items()})
+        if self.readout is not None:
+            arrays.update({f"readout.{k}": v for k, v in self.readout.to_arrays().items()})
         metadata = {
             "format": MODEL_FORMAT,
             "config": self.config.to_dict(),
@@ -530,12 +561,12 @@ class SpadeModel:
         except json.JSONDecodeError as error:
             raise ValueError(f"{config_path} is damaged (not valid JSON: {error}).") from error
         found = metadata.get("format") if isinstance(metadata, dict) else None
-        if found not in (MODEL_FORMAT, FORMAT_2, FORMAT_1):
+        if found not in (MODEL_FORMAT, FORMAT_3, FORMAT_2, FORMAT_1):
             raise ValueError(
                 f"{path} holds model format {found!r}; this spade_sd ({_version()}) reads {MODEL_FORMAT!r} "
-                f"(and {FORMAT_2!r}, {FORMAT_1!r}). Load it with the spade_sd version that saved it."
+                f"(and {FORMAT_3!r}, {FORMAT_2!r}, {FORMAT_1!r}). Load it with the spade_sd version that saved it."
             )
-        if found == MODEL_FORMAT:  # earlier formats could lack the digest
+        if found in (MODEL_FORMAT, FORMAT_3):  # earlier formats could lack the digest
             require(metadata, (WEIGHTS_DIGEST,), config_path, "SpadeModel.save")
         # the bytes that are hashed are the bytes that are parsed
         data = weights_path.read_bytes()
@@ -557,7 +588,7 @@ class SpadeModel:
             arrays = load(data)
         except (SafetensorError, OSError, ValueError) as error:
             raise ValueError(f"{weights_path} is damaged and cannot be read: {error}") from error
-        if found == MODEL_FORMAT:
+        if found in (MODEL_FORMAT, FORMAT_3):
             recorded = {k: v for k, v in metadata.items() if k != WEIGHTS_DIGEST}
             check_against_copy(recorded, data, config_path, weights_path)
         else:
@@ -723,7 +754,16 @@ class SpadeModel:
     ) -> SpadeModel:
         part = {
             prefix: {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{prefix}.")}
-            for prefix in ("mixture", "scaler", "clustering", "subspace", "reference", "block", "expression_subspace")
+            for prefix in (
+                "mixture",
+                "scaler",
+                "clustering",
+                "subspace",
+                "reference",
+                "block",
+                "expression_subspace",
+                "readout",
+            )
         }
         require(metadata, _REQUIRED + (_REFERENCE if part["reference"] else ()), config_path, "SpadeModel.save")
         config = _saved_config(metadata, config_path)
@@ -760,6 +800,7 @@ class SpadeModel:
             expression_subspace=EmbeddingSubspace.from_arrays(part["expression_subspace"])
             if part["expression_subspace"]
             else None,
+            readout=ExpressionReadout.from_arrays(part["readout"]) if part["readout"] else None,
         )
 
 

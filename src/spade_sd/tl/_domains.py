@@ -34,9 +34,9 @@ def domains(
 ) -> None:
     """Spatial domains: Leiden clusters of each spot's representation next to the mean of its neighbours'.
 
-    Each spot's (or tile's) standardized representation is put next to the mean of its ``spatial_neighbors``
-    nearest spots' (squidpy's :func:`~squidpy.gr.spatial_neighbors_knn`), weighted ``√(1 − λ)`` and ``√λ`` with λ
-    ``spatial_weight``, as BANKSY does; scanpy's neighbour graph of that and Leiden (igraph) give the domains.
+    Each spot's (or tile's) representation, centred and scaled as a whole (its geometry kept), is put next to the
+    mean of its ``spatial_neighbors`` nearest spots' (squidpy's :func:`~squidpy.gr.spatial_neighbors_knn`), weighted
+    ``√(1 − λ)`` and ``√λ`` with λ ``spatial_weight``, as BANKSY does; scanpy's neighbour graph of that and Leiden (igraph) give the domains.
     Clustering the representation alone (``spatial_weight=0``) scatters domains across the tissue. With
     ``use_rep="X_spade"`` on tiles of an H&E-only slide (:func:`spade_sd.pp.tile_image`, then
     :func:`spade_sd.tl.embed` with ``shapes_key="tiles"``) the domains are informed by expression with no ST at

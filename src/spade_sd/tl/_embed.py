@@ -65,13 +65,15 @@ def embed_patches(
     cache: bool = True,
     num_workers: int = 0,
     share: KeptShare | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+    represent: bool = False,
+) -> tuple[np.ndarray, ...]:
     """Embedding and expert weights of every patch, as :func:`embed` computes them, streaming the backbone features.
 
     A model with per-slide standardization needs the slide's feature statistics first: one pass over the
     features collects them (computing the features once, into the cache or a temporary file), a second embeds
     (:meth:`SpadeModel.embed_chunks <spade_sd.SpadeModel.embed_chunks>`). ``share``, if given, accumulates how
-    much of the heads' output variance the model's principal subspace keeps.
+    much of the heads' output variance the model's principal subspace keeps. ``represent``: ``X_spade`` as well
+    (:meth:`SpadeModel.represent <spade_sd.SpadeModel.represent>`), from the same pass.
     """
     from spade_sd.encoders.features import iter_features, rereadable_features
 
@@ -81,7 +83,7 @@ def embed_patches(
     else:  # one pass: no temporary file even without the cache
         source = nullcontext(lambda: iter_features(patches, model.backbone, **options))
     with source as passes:
-        return model.embed_chunks(passes, len(patches), hard=hard, share=share)
+        return model.embed_chunks(passes, len(patches), hard=hard, share=share, represent=represent)
 
 
 @accepts_legacy_anndata(TOOL)
@@ -145,8 +147,13 @@ def embed(
     Nothing; adds to the table (with the default ``key_added="X_spade"``):
 
     ``.obsm['X_spade']``
-        Image-side embedding ``(n_obs, model.dim)`` of every spot: ``out_dim`` aligned coordinates, followed for a
-        model trained with ``output="joint"`` by its block of standardized backbone features.
+        The representation to cluster and transfer labels on, ``(n_obs, model.representation_dim)``. By default
+        (``representation="backbone+readout"``) the backbone's features of every spot, unchanged, followed by the
+        expression the model reads from its H&E (:meth:`SpadeModel.represent <spade_sd.SpadeModel.represent>`:
+        distances within that block are distances between the expression profiles the model predicts, scaled to
+        ``readout_weight`` of the backbone's spread). For a model trained with ``representation="heads"`` (and every
+        model saved before spade_sd 0.3): the heads' image-side embedding ``(n_obs, model.dim)``, ``out_dim``
+        aligned coordinates followed, for ``output="joint"``, by a block of standardized backbone features.
     ``.obs['spade_expert']``
         Categorical expert with the largest routing weight.
     ``.obsm['X_spade_weights']``
@@ -154,8 +161,8 @@ def embed(
     ``.obsm['X_spade_gene']``
         Gene-side embedding, where expression over the panel exists.
     ``.obsm['X_spade_expr']``
-        For a model with an expression subspace (``expression_comps``, 16 by default): the embedding projected onto
-        it (:meth:`SpadeModel.expression_space <spade_sd.SpadeModel.expression_space>`), what
+        For a model with an expression subspace (``expression_comps``, 16 by default): the heads' image-side
+        embedding projected onto it (:meth:`SpadeModel.expression_space <spade_sd.SpadeModel.expression_space>`), what
         :func:`~spade_sd.tl.predict_expression` and :func:`~spade_sd.tl.query` compare. Use ``X_spade`` to cluster
         and transfer labels; ``X_spade_expr`` for linear probes of expression fitted on few spots.
     ``.uns['spade']``
@@ -194,10 +201,17 @@ def embed(
     rows = geometry.table_rows
     expression = _expression(model, table[rows], genes, layer, geometry.table_key)
     share = None if model.subspace is None else KeptShare()
-    embedding, weights = embed_patches(
-        model, spot_patches, hard=hard, batch_size=batch_size, cache=cache, num_workers=num_workers, share=share
+    embedding, weights, representation = embed_patches(
+        model,
+        spot_patches,
+        hard=hard,
+        batch_size=batch_size,
+        cache=cache,
+        num_workers=num_workers,
+        share=share,
+        represent=True,
     )
-    outputs = {keys["embedding"]: embedding, keys["weights"]: weights}
+    outputs = {keys["embedding"]: representation, keys["weights"]: weights}
     if model.expression_subspace is not None:
         outputs[keys["expression"]] = model.expression_space(embedding)
         if share is None:
@@ -255,6 +269,13 @@ def _subspace_report(model, share: KeptShare, keys: dict[str, str]) -> dict:
                 f".obsm[{keys['embedding']!r}] may know less about their morphology than the backbone's features. "
                 "For morphology tasks (clustering, label transfer) embed them with model.full_rank() as well, e.g. "
                 "sd.tl.embed(sdata, model.full_rank(), key_added='X_spade_full')"
+            )
+        elif model.readout is not None:
+            consequence = (
+                f".obsm[{keys['embedding']!r}] holds the backbone's features unchanged (for clustering and label "
+                "transfer it stays at least level with them on such slides), but its expression block and the "
+                f"expression tools (tl.predict_expression, tl.query, .obsm[{keys['expression']!r}]) read directions "
+                "fitted to the training tissue: treat the expression they read from these images with caution"
             )
         else:
             consequence = (

@@ -120,7 +120,8 @@ def transfer_labels(
         claim_outputs(table, geometry.table_key, EMBED_TOOL, result_slots(result_keys(use_rep)))
 
     if ref.rep is None:
-        ref.rep = embed_patches(model, ref.patches, batch_size=batch_size, cache=cache)[0]
+        # X_spade as embed writes it (the model's representation), so both sides are compared alike
+        ref.rep = embed_patches(model, ref.patches, batch_size=batch_size, cache=cache, represent=True)[2]
     if target.rep is None:
         embed(sdata, model, **elements, key_added=use_rep, batch_size=batch_size, cache=cache)
         target.rep = np.asarray(table.obsm[use_rep])[geometry.table_rows]

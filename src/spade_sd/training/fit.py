@@ -24,6 +24,7 @@ from spade_sd.config import FIT_SPOTS, SCALE_SPOTS, PanelConfig, SpadeConfig, Tr
 from spade_sd.model.backbone_block import BackboneBlock
 from spade_sd.model.clustering import fit_experts, sample_rows
 from spade_sd.model.heads import ExpertMixture
+from spade_sd.model.readout import ExpressionReadout, slide_variance
 from spade_sd.model.reference import ReferenceBank, stratified_sample
 from spade_sd.model.routing import default_tau, expert_weights
 from spade_sd.model.spade_model import SpadeModel
@@ -135,6 +136,8 @@ def fit_model(
     model = _with_block(model, X_std[fitted], config.training)
     if config.training.reference_size > 0:
         model = replace(model, reference=reference_bank(model, features, tables, slides, scalable=scalable))
+    if config.training.representation == "backbone+readout":
+        model = replace(model, readout=expression_readout(model, features))
     logger.debug("Fitted the SpadeModel in %.1f s", time.perf_counter() - start)
     return model
 
@@ -231,6 +234,29 @@ def _experts(model: SpadeModel, features: np.ndarray, slide_scaler: FeatureScale
     )
 
 
+def expression_readout(model: SpadeModel, features: Sequence[np.ndarray]) -> ExpressionReadout:
+    """The read-out of ``X_spade``'s expression block, fitted on the model's reference bank.
+
+    The block's scale is set against the backbone ``features`` of the training slides (raw, each slide around its
+    own mean), with ``config.training.readout_weight``.
+    """
+    bank = model.reference
+    readout = ExpressionReadout.fit(
+        model.expression_space(bank.embedding),
+        bank.expression,
+        bank.slide,
+        backbone_variance=slide_variance(features),
+        weight=model.config.training.readout_weight,
+    )
+    logger.debug(
+        "Expression read-out of X_spade: %d coordinates (ridge penalty %.3g) after the %d backbone features",
+        readout.n_comps,
+        readout.alpha,
+        model.backbone.dim,
+    )
+    return readout
+
+
 def reference_genes(panel: GenePanel, tables: Sequence[AnnData], n_genes: int, layer: str | None) -> list[str]:
     """The panel's genes, then the others among the ``n_genes - len(panel)`` most variable genes shared by ``tables``.
 
@@ -275,6 +301,11 @@ def check_sizes(sizes: Sequence[int], slides: Sequence[str], config: SpadeConfig
                 "Pass standardize='global' or leave these slides out."
             )
     check_n_comps(config.training.n_comps, config.training.out_dim, n_spots)
+    if config.training.representation == "backbone+readout" and config.training.reference_size == 0:
+        raise ValueError(
+            "representation='backbone+readout' fits X_spade's expression read-out on the reference bank; found "
+            "reference_size=0. Pass reference_size > 0 or representation='heads'."
+        )
     check_n_comps(config.training.expression_comps, config.training.out_dim, n_spots, name="expression_comps")
     comps = config.training.backbone_comps
     if config.training.output == "joint" and comps is not None and n_features is not None:

@@ -1,0 +1,147 @@
+"""The expression read-out: what ``X_spade`` adds to the backbone's features.
+
+``X_spade`` is the representation users cluster and transfer labels on. It is the backbone's features, unchanged,
+next to a short block of **expression read from the image**: the ridge regression from the embeddings as the
+expression tools compare them (:meth:`SpadeModel.expression_space <spade_sd.SpadeModel.expression_space>`, by
+default the 16-d expression subspace) to the reference bank's measured expression, fitted when the model is trained
+(as :func:`spade_sd.tl.predict_expression` with ``method="ridge"`` fits it), in the principal coordinates of its
+predictions. Distances
+within the block are distances between predicted expression profiles (log1p-normalized, over the bank's genes), so
+a scanpy neighbour graph on ``X_spade`` joins spots whose H&E looks alike *and* whose predicted expression agrees.
+
+Why not the heads' outputs themselves: measured with ``benchmarks/clustering.py`` (leave one section out, MOB1–3
+and her2st C2–C5, 14 cases), Leiden on the heads' full-rank output follows the held-out sections' expression
+domains no better than on the backbone (ARI 1.04×, below it in 8 of 14 cases), while the backbone next to the
+read-out does (``docs/quality.md``). And a block added to the backbone's features cannot take away what the backbone
+knew about slides unlike the training data (the default before 0.2 did: label transfer on an unseen patient fell
+from 0.71 to 0.57).
+
+The block's total variance is :attr:`ExpressionReadout.weight`² times the backbone features' on the training slides
+(each slide around its own mean), so the block's share of a neighbour graph does not depend on the backbone's
+dimension or scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+# singular values of the ridge's coefficients below this fraction of the largest are rounding, not read-out
+_RANK_TOLERANCE = 1e-4
+# the ridge penalties tried, times the total variance of the coordinates: as spade_sd.tl.predict_expression tries
+RIDGE_GRID = np.logspace(-6, 0, 13)
+
+
+@dataclass
+class ExpressionReadout:
+    """Maps aligned image embeddings to the expression block of ``X_spade``.
+
+    Attributes
+    ----------
+    mean
+        Mean ``(d,)`` of the reference bank's embeddings in the expression tools' space (``d`` columns).
+    projection
+        ``(d, k)``: the read-out's principal directions times their singular values, scaled so that the block's
+        distances are distances between predicted profiles times one factor (which sets the block's spread to
+        ``weight`` times the backbone's).
+    weight
+        The block's total standard deviation relative to the backbone features' on the training slides.
+    alpha
+        Ridge penalty chosen by leave-one-out on the reference bank.
+    """
+
+    mean: np.ndarray
+    projection: np.ndarray
+    weight: float
+    alpha: float
+
+    @property
+    def n_comps(self) -> int:
+        """Columns of the expression block."""
+        return self.projection.shape[1]
+
+    @classmethod
+    def fit(
+        cls,
+        space: np.ndarray,
+        expression: np.ndarray,
+        slide: np.ndarray,
+        *,
+        backbone_variance: float,
+        weight: float,
+    ) -> ExpressionReadout:
+        """Fit the read-out on the reference bank.
+
+        Parameters
+        ----------
+        space
+            The bank spots' embeddings as the expression tools compare them ``(n, d)``.
+        expression
+            Their log1p-normalized expression ``(n, n_genes)``.
+        slide
+            Their training slide ``(n,)``: variances are taken around each slide's mean.
+        backbone_variance
+            Mean over the training slides of the backbone features' total variance around the slide's mean.
+        weight
+            The block's total standard deviation relative to the backbone's.
+        """
+        from sklearn.linear_model import RidgeCV
+
+        X = np.asarray(space, dtype=np.float64)
+        Y = np.asarray(expression, dtype=np.float64)
+        mean = X.mean(axis=0)
+        total = float(np.square(X - mean).sum()) or 1.0
+        ridge = RidgeCV(alphas=total * RIDGE_GRID).fit(X, Y)
+        # predictions are X·W (+ intercept); distances between them are those of X·U·S, W = U·S·Rᵀ. Embeddings in
+        # a subspace make W of that rank: the directions with no weight (rounding only) are left out
+        u, s, _ = np.linalg.svd(ridge.coef_.T, full_matrices=False)
+        rank = max(int((s > s[0] * _RANK_TOLERANCE).sum()), 1) if s.size and s[0] > 0 else 1
+        u, s = u[:, :rank], s[:rank]
+        u *= np.sign(u[np.abs(u).argmax(axis=0), np.arange(rank)])  # deterministic signs
+        variance = _slide_variance((X - mean) @ (u * s), np.asarray(slide))
+        scale = weight * np.sqrt(backbone_variance / variance) if variance > 0 else 0.0
+        return cls(
+            mean=np.asarray(mean, dtype=np.float32),
+            projection=np.ascontiguousarray(u * s * scale, dtype=np.float32),
+            weight=float(weight),
+            alpha=float(ridge.alpha_),
+        )
+
+    def block(self, space: np.ndarray) -> np.ndarray:
+        """The expression block ``(n, k)`` of embeddings as the expression tools compare them ``(n, d)``."""
+        return (np.asarray(space, dtype=np.float32) - self.mean) @ self.projection
+
+    def represent(self, features: np.ndarray, space: np.ndarray) -> np.ndarray:
+        """``X_spade`` rows: backbone ``features`` ``(n, d)`` followed by the expression block of ``space``."""
+        return np.concatenate([np.asarray(features, dtype=np.float32), self.block(space)], axis=1)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Arrays to save."""
+        return {
+            "mean": self.mean,
+            "projection": self.projection,
+            "weight": np.asarray([self.weight], dtype=np.float64),
+            "alpha": np.asarray([self.alpha], dtype=np.float64),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> ExpressionReadout:
+        """Inverse of :meth:`to_arrays`."""
+        return cls(
+            mean=np.asarray(arrays["mean"], dtype=np.float32),
+            projection=np.asarray(arrays["projection"], dtype=np.float32),
+            weight=float(arrays["weight"][0]),
+            alpha=float(arrays["alpha"][0]),
+        )
+
+
+def slide_variance(values: Sequence[np.ndarray]) -> float:
+    """Mean over slides of each slide's total variance (sum over columns) around its own mean."""
+    totals = [float(np.square(v - v.mean(axis=0, dtype=np.float64)).sum(axis=1).mean()) for v in values if len(v)]
+    return float(np.mean(totals)) if totals else 0.0
+
+
+def _slide_variance(values: np.ndarray, slide: np.ndarray) -> float:
+    return slide_variance([values[slide == name] for name in np.unique(slide)])
