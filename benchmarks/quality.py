@@ -201,6 +201,9 @@ def evaluate_fold(
     frames.append(_named(few, "few-shot probe 20%", task="few_shot"))
     knn = metrics.knn_expression(X[test], X[~test], Y[~test], Y[test], k=50, genes=genes, label=label)
     frames.append(_named(knn, "kNN retrieval", task="knn", fold=held_out))
+    # the gene side is compared with the heads' image side: X_spade_expr, or X_spade for representation="heads"
+    if G is not None and G.shape[1] != X.shape[1]:
+        G = None
     if G is not None and np.isfinite(G[~test]).all():
         joint = metrics.knn_expression(X[test], G[~test], Y[~test], Y[test], k=50, genes=genes, label=label)
         frames.append(_named(joint, "kNN retrieval (joint)", task="knn_joint", fold=held_out))

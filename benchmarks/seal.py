@@ -72,7 +72,9 @@ def _fold(sections, s_out, seed: int, patch: dict, seal: dict) -> dict[str, tupl
         for s in sections:
             s.table.obsm.pop("X_spade_gene", None)
             sd.tl.embed(s.sdata, model)
-        reps[label] = (_rep(sections, "X_spade"), np.concatenate([quality._gene_side(s, model) for s in sections]))
+        # the gene side pairs with the heads' image side (X_spade is the backbone's features next to the read-out)
+        image = "X_spade" if model.readout is None else "X_spade_expr"
+        reps[label] = (_rep(sections, image), np.concatenate([quality._gene_side(s, model) for s in sections]))
     return reps
 
 

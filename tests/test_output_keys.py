@@ -246,8 +246,7 @@ def own_reference(counted, synthetic_slides):
     table = sdata.tables["table"]
     expression = sd.GenePanel(list(table.var_names), target_sum=model.panel.target_sum).transform(table)
     # predict_expression compares within the model's expression subspace: what tl.embed writes as X_spade_expr
-    embedding = model.expression_space(table.obsm["X_spade"])
-    np.testing.assert_array_equal(embedding, table.obsm["X_spade_expr"])
+    embedding = table.obsm["X_spade_expr"]
     return sdata, np.asarray(embedding, dtype=np.float64), np.asarray(expression, dtype=np.float64)
 
 

@@ -285,7 +285,10 @@ def test_legacy_anndata_is_converted_embedded_and_given_the_outputs(model, mob1,
     with caplog.at_level(logging.INFO, logger="spade_sd"):
         sd.tl.embed(adata, model)
     assert "converted scanpy's legacy AnnData (library 'MOB1', image 'hires')" in caplog.text
-    assert adata.obsm["X_spade"].shape == (adata.n_obs, model.dim) and np.isfinite(adata.obsm["X_spade"]).all()
+    assert (
+        adata.obsm["X_spade"].shape == (adata.n_obs, model.representation_dim)
+        and np.isfinite(adata.obsm["X_spade"]).all()
+    )
     # the scale found through the conversion: the hires image has half the JPEG's resolution
     assert adata.uns["spade"]["params"]["mpp"] == pytest.approx(2 * resolve_patches(mob1, **SMALL_PATCH)[0].mpp, 0.01)
     assert list(adata.obs.columns) == [SPOT_DIAMETER_UM, "spade_expert"] and "spatialdata_attrs" not in adata.uns

@@ -57,7 +57,8 @@ def test_probes_hold_out_whole_slides(result, slides):
 
 def test_scores_are_in_range_and_summarise(result):
     values = result["value"].dropna()
-    assert values.between(-1, 1).all()
+    # a perfect partition's NMI can exceed 1 by rounding (sklearn's arithmetic mean of entropies)
+    assert values.between(-1, 1 + 1e-9).all()
     summary = summarize(result)
     assert {"X_backbone", "X_spade"} == set(summary["encoder"])
     assert summary["n"].ge(1).all()

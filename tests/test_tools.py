@@ -56,7 +56,8 @@ def test_the_bank_keeps_training_spots_embedded_as_embed_embeds_them(mob):
     table = mob1.tables["table"]
     mine = bank.slide == "MOB1"
     rows = table.obs_names.get_indexer(np.asarray(bank.obs_names)[mine])
-    np.testing.assert_array_equal(bank.embedding[mine], table.obsm["X_spade"][rows])
+    # the bank holds the heads' embeddings: X_spade_expr is their projection onto the expression subspace
+    np.testing.assert_array_equal(model.expression_space(bank.embedding[mine]), table.obsm["X_spade_expr"][rows])
     np.testing.assert_array_equal(bank.expert[mine], table.obsm["X_spade_weights"][rows].argmax(axis=1))
     expected = sd.GenePanel(bank.genes).transform(table)[rows].astype(np.float16)
     np.testing.assert_array_equal(bank.expression[mine], expected)
@@ -93,7 +94,10 @@ def test_a_query_finds_where_its_marker_is_expressed(mob):
     model, slides, measured = mob
     mob3 = slides[2]
     scored = metrics.knn_expression(
-        mob3.tables["table"].obsm["X_spade"], model.reference.embedding, model.reference.expression, measured
+        mob3.tables["table"].obsm["X_spade_expr"],
+        model.expression_space(model.reference.embedding),
+        model.reference.expression,
+        measured,
     )
     panel = scored["value"].to_numpy()[: len(model.panel)]
     best = int(np.argmax(panel))  # a gene whose pattern the H&E shows
@@ -228,7 +232,7 @@ REFUSED = [
     ("k too large", "predict", {"k": 1000}, ValueError, r"k=1000 exceeds the 128 reference spots"),
     ("bad method", "predict", {"method": "mlp"}, ValueError, r"method must be one of \['knn', 'ridge'\]"),
     ("taken name", "predict", {"key_added": "table"}, ValueError, r"already has an element 'table'"),
-    ("unembedded AnnData", "predict", {"reference": "raw table"}, KeyError, r"has no .obsm\['X_spade'\]"),
+    ("unembedded AnnData", "predict", {"reference": "raw table"}, KeyError, r"has no .obsm\['X_spade_expr'\]"),
     ("empty query", "query", {"genes": []}, ValueError, r"The query is empty"),
     ("unknown query gene", "query", {"genes": ["Xist"]}, KeyError, r"not in the model's reference bank.*Xist"),
     (
@@ -315,7 +319,9 @@ def test_an_anndata_reference_must_come_from_the_same_model(counted, synthetic_s
 
 def test_a_model_trained_without_a_bank_has_none(synthetic_slides):
     options = {"n_experts": 2, "n_fine": 4, "max_epochs": 1, "quiet": True, "cache": False, **PATCH}
-    model = sd.tl.pretrain(synthetic_slides(), backbone=sd.Backbone(CountingMeans()), reference_size=0, **options)
+    # without a bank X_spade is the heads' output: the read-out is fitted on the bank
+    no_bank = {"reference_size": 0, "representation": "heads"}
+    model = sd.tl.pretrain(synthetic_slides(), backbone=sd.Backbone(CountingMeans()), **no_bank, **options)
     assert model.reference is None and model.config.training.reference_size == 0
     small = sd.tl.pretrain(synthetic_slides(), backbone=sd.Backbone(CountingMeans()), reference_size=10, **options)
     assert len(small.reference) == 10 and len(set(small.reference.obs_names)) == 10

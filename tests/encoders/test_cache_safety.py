@@ -104,9 +104,9 @@ def test_version_gives_a_stable_cached_identity(features_dir, patches, means, ca
     assert len(versioned.identity()) == 64
     np.testing.assert_array_equal(extract_features(patches, versioned), means)
     assert len(list(features_dir.glob("*.npy"))) == 1
-    with caplog.at_level(logging.INFO, logger="spade_sd"):
+    with caplog.at_level(logging.DEBUG, logger="spade_sd"):  # reading the cache is logged at debug
         np.testing.assert_array_equal(extract_features(patches, Backbone(channel_means, version="means 1")), means)
-    assert _messages(caplog, logging.INFO, "Reading") and not _messages(caplog, logging.INFO, NOT_CACHED)
+    assert _messages(caplog, logging.DEBUG, "Reading") and not _messages(caplog, logging.INFO, NOT_CACHED)
     with pytest.raises(ValueError, match="version= applies to a torch.nn.Module or a plain callable"):
         Backbone("resnet18", pretrained=False, version="1")
     with pytest.raises(TypeError, match="non-empty string"):

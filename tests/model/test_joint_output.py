@@ -23,8 +23,10 @@ def trained():
     torch.set_num_threads(1)
     backbone = sd.Backbone(_channel_statistics, dim=6, version="channel-statistics")
     slides = sd.datasets.synthetic(n_slides=2, grid=(8, 8), mpp=1.0, n_genes=60, seed=0)
-    aligned = sd.tl.pretrain(slides, backbone=backbone, seed=1, **FAST)
-    joint = sd.tl.pretrain(slides, backbone=backbone, seed=1, output="joint", backbone_comps=4, **FAST)
+    # X_spade as the heads' output (representation="heads"): the joint block is part of the heads' embedding
+    heads = {"representation": "heads", **FAST}
+    aligned = sd.tl.pretrain(slides, backbone=backbone, seed=1, **heads)
+    joint = sd.tl.pretrain(slides, backbone=backbone, seed=1, output="joint", backbone_comps=4, **heads)
     return backbone, slides, aligned, joint
 
 

@@ -178,8 +178,9 @@ def embed(
         This tool recorded as the writer of the keys above.
 
     All outputs are computed before any is written, so a failure leaves the table as it was. Features are
-    computed (or read from the cache) and embedded a chunk of patches at a time, so a whole slide's backbone
-    features never sit in memory: peak memory grows only with the ``(n_obs, model.dim)`` outputs. A model trained
+    computed (or read from the cache) and embedded a chunk of patches at a time: peak memory grows with the outputs,
+    of which the default ``X_spade`` holds the features themselves (``(n_obs, backbone.dim + 16)`` float32, 5 MB per
+    1,000 spots with the default backbone), no intermediate copy of them. A model trained
     with ``standardize="slide"`` standardizes the features by the statistics of all patches embedded here
     (a first pass over the features; at least 30 patches), so embed a slide's spots or tiles in one call.
     """

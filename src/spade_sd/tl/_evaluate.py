@@ -97,10 +97,30 @@ def _finite_rows(rep: str, X: np.ndarray) -> np.ndarray:
     return keep
 
 
-def _gene_side(tables: list[AnnData], rep: str, keep: np.ndarray) -> np.ndarray | None:
-    # Only representations with a gene side (the SPADE embedding's f"{rep}_gene") are scored on gene → image recall.
-    gene_rep = f"{rep}_gene"
-    return _stack(tables, gene_rep)[keep] if all(gene_rep in t.obsm for t in tables) else None
+def _gene_side(
+    tables: list[AnnData], rep: str, X: np.ndarray, keep: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The gene side and the image side it is compared with, or ``None`` for a representation without a gene side.
+
+    Only representations with a gene side (the SPADE embedding's ``f"{rep}_gene"``) are scored on gene → image
+    recall. The image side is ``rep`` itself where it has the gene side's width (the heads' output), else
+    ``f"{rep}_expr"`` (the default ``X_spade`` is the backbone's features next to a read-out; the heads' image side
+    is in ``X_spade_expr``, projected onto the expression subspace).
+    """
+    gene_rep, expr_rep = f"{rep}_gene", f"{rep}_expr"
+    if not all(gene_rep in t.obsm for t in tables):
+        return None
+    G = _stack(tables, gene_rep)[keep]
+    if G.shape[1] == X.shape[1]:
+        return G, X[keep]
+    if all(expr_rep in t.obsm for t in tables) and _width(tables, expr_rep) == G.shape[1]:
+        return G, _stack(tables, expr_rep)[keep]
+    return None
+
+
+def _width(tables: list[AnnData], key: str) -> int:
+    """Columns of ``.obsm[key]`` (the first table's)."""
+    return np.shape(tables[0].obsm[key])[1]
 
 
 def _domain_scores(
@@ -233,10 +253,10 @@ def evaluate(
     results = []
     for rep, X in representations.items():
         keep = _finite_rows(rep, X)
-        x, s, G = X[keep], slide[keep], _gene_side(tables, rep, keep)
+        x, s, sides = X[keep], slide[keep], _gene_side(tables, rep, X, keep)
         y = Y[keep] if Y is not None else None
         for task in tasks:
-            if task == "domains" or (task == "gene_to_image" and G is None):
+            if task == "domains" or (task == "gene_to_image" and sides is None):
                 continue
             if task in ("probe", "probe_cv"):
                 alpha = "hest" if task == "probe" else "cv"
@@ -252,7 +272,7 @@ def evaluate(
                     x, classes[keep], k=tuple(k_shots), n_repeats=n_repeats, label=rep, seed=seed
                 )
             else:
-                result = gene_to_image_recall(G, x, groups=s, label=rep)
+                result = gene_to_image_recall(*sides, groups=s, label=rep)
             results.append(result.assign(task=task))
     if "domains" in tasks:
         results += [df.assign(task="domains") for df in _domain_scores(tables, representations, slide, labels, seed)]

@@ -55,8 +55,9 @@ def predict_expression(
         Spots with measured expression. ``None``: the model's reference bank (:attr:`SpadeModel.reference
         <spade_sd.SpadeModel.reference>`, training spots over the panel and the training slides' most variable
         genes). A SpatialData: its spots are embedded with the model and its table's raw counts normalized. An
-        AnnData: a table embedded by this very model with :func:`spade_sd.tl.embed` (``.obsm['X_spade']``, checked
-        against ``.uns['spade']['model']['identity']``) holding raw counts.
+        AnnData: a table embedded by this very model with :func:`spade_sd.tl.embed` (its ``.obsm['X_spade_expr']``,
+        or ``.obsm['X_spade']`` for a model with ``representation="heads"``, checked against
+        ``.uns['spade']['model']['identity']``) holding raw counts.
 
         A reference may hold the very spots predicted: ``sdata`` itself, or its spots' table (or a view of it, e.g.
         ``table[table.obs["labelled"]]``). Each such spot is then left out of its own prediction (leave-one-out:

@@ -16,7 +16,7 @@ from anndata import AnnData
 from spatialdata import SpatialData
 
 from spade_sd.spots.genes import GenePanel, check_expression_tables
-from spade_sd.tl._embed import embed_patches, model_patches
+from spade_sd.tl._embed import embed_patches, model_patches, result_keys
 from spade_sd.utils.constants import EMBEDDING_KEY
 
 
@@ -98,22 +98,26 @@ def _normalizer(model, genes: list[str]) -> GenePanel:
 
 
 def _embedded_table(model, table: AnnData, layer: str | None) -> ExpressionReference:
-    if EMBEDDING_KEY not in table.obsm:
+    # the tools compare the heads' embeddings: X_spade itself for a model that writes them there, else their
+    # projection onto the expression subspace, X_spade_expr (the default X_spade is the backbone's features next to
+    # the read-out); projecting a projection again changes nothing
+    key = EMBEDDING_KEY if model.readout is None else result_keys(EMBEDDING_KEY)["expression"]
+    if key not in table.obsm:
         raise KeyError(
-            f"The reference AnnData has no .obsm[{EMBEDDING_KEY!r}] (it has {sorted(table.obsm)}): embed it with "
+            f"The reference AnnData has no .obsm[{key!r}] (it has {sorted(table.obsm)}): embed it with "
             "sd.tl.embed and this model first, or pass its SpatialData as reference."
         )
     found = table.uns.get("spade", {}).get("model", {}).get("identity")
     if found != model.identity():
         raise ValueError(
-            f"The reference's .obsm[{EMBEDDING_KEY!r}] was computed by model {found!r} (its .uns['spade']['model']"
+            f"The reference's .obsm[{key!r}] was computed by model {found!r} (its .uns['spade']['model']"
             f"['identity']), not by this one ({model.identity()!r}): embeddings of different models are not "
             "comparable. Embed the reference with this model (sd.tl.embed) first."
         )
-    embedding = np.asarray(table.obsm[EMBEDDING_KEY], dtype=np.float32)
+    embedding = np.asarray(table.obsm[key], dtype=np.float32)
     rows = np.flatnonzero(np.isfinite(embedding).all(axis=1))
     if len(rows) == 0:
-        raise ValueError(f"The reference's .obsm[{EMBEDDING_KEY!r}] has no finite row: nothing to retrieve.")
+        raise ValueError(f"The reference's .obsm[{key!r}] has no finite row: nothing to retrieve.")
     reference = _counts_table(model, table[rows], layer)
     return dataclasses.replace(reference, embedding=lambda: embedding[rows])
 

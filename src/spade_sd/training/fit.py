@@ -252,7 +252,7 @@ def expression_readout(model: SpadeModel, features: Sequence[np.ndarray]) -> Exp
         "Expression read-out of X_spade: %d coordinates (ridge penalty %.3g) after the %d backbone features",
         readout.n_comps,
         readout.alpha,
-        model.backbone.dim,
+        np.shape(features[0])[1],
     )
     return readout
 
