@@ -10,6 +10,7 @@ import pandas as pd
 from anndata import AnnData
 from spatialdata import SpatialData
 
+from spade_sd.model.readout import RIDGE_GRID
 from spade_sd.tl._common import check_free_table_name, given_or_attached_model, parent_table
 from spade_sd.tl._embed import embed_patches, model_patches
 from spade_sd.tl._reference import ExpressionReference, expression_reference
@@ -20,7 +21,6 @@ from spade_sd.utils.validation import check_bool, check_choice, check_int, check
 METHODS = ("knn", "ridge")
 TOOL = "tl.predict_expression"
 # Ridge penalties searched by leave-one-out, relative to the total variance of the reference embeddings
-_RIDGE_GRID = np.logspace(-6, 0, 13)
 
 
 def predict_expression(
@@ -233,7 +233,7 @@ def _predicted(
     X = np.asarray(ref_embedding, dtype=np.float64)
     Y = np.asarray(ref_expression, dtype=np.float64)
     total = float(np.square(X - X.mean(axis=0)).sum()) or 1.0
-    ridge = RidgeCV(alphas=total * _RIDGE_GRID).fit(X, Y)
+    ridge = RidgeCV(alphas=total * RIDGE_GRID).fit(X, Y)
     prediction = ridge.predict(np.asarray(query, dtype=np.float64))
     if len(mine):
         prediction[mine] -= _ridge_left_out_change(X, Y - ridge.predict(X), ridge.alpha_, query[mine], own[mine])
