@@ -8,27 +8,11 @@ from spade_sd.config import PatchConfig
 from spade_sd.spots.aggregate import aggregate_shapes, count_matrices
 from spade_sd.spots.bins import BINS, NOUNS
 from spade_sd.spots.geometry import check_element_key, resolve_geometry
-from spade_sd.tl._common import table_owner
+from spade_sd.tl._common import check_free_element_names
 from spade_sd.utils.logging import logger
 from spade_sd.utils.validation import SIZE_UM_RANGE, check_key, check_mpp, check_number
 
 TOOL = "pp.aggregate"
-_ELEMENT_KINDS = ("images", "labels", "points", "shapes", "tables")
-
-
-def _check_free(sdata: SpatialData, names: list[str]) -> None:
-    # spatialdata wants element names unique across element kinds and letter case
-    existing = {name.lower(): (kind[:-1], name) for kind in _ELEMENT_KINDS for name in getattr(sdata, kind)}
-    for name in names:
-        if name.lower() in existing:
-            kind, found = existing[name.lower()]
-            owner = table_owner(sdata.tables[found]) if kind == "table" else None
-            # not even earlier squares: tables of embeddings or predictions may annotate them
-            raise ValueError(
-                f"The SpatialData already has an element {found!r} ({kind}{', written by ' + owner if owner else ''}); "
-                f"aggregate does not overwrite it. Pass another key_added=, or delete it first with "
-                f"`del sdata[{found!r}]`."
-            )
 
 
 def aggregate(
@@ -110,7 +94,7 @@ def aggregate(
             f"shapes_key must name the bins or cells to aggregate; available shapes: {sorted(sdata.shapes)}."
         )
     table_name = f"{key_added}_table"
-    _check_free(sdata, [key_added, table_name])
+    check_free_element_names(sdata, [key_added, table_name], "aggregate", "squares")
 
     geometry = resolve_geometry(sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=mpp)
     shapes_um = geometry.size_px * geometry.mpp

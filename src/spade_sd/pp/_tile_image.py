@@ -7,28 +7,12 @@ from spatialdata import SpatialData
 from spade_sd.spots.geometry import check_element_key, choose_element, image_levels
 from spade_sd.spots.patches import check_image
 from spade_sd.spots.tiles import make_tiles
-from spade_sd.tl._common import table_owner
+from spade_sd.tl._common import check_free_element_names
 from spade_sd.utils.constants import UNS_KEY, WRITTEN_BY
 from spade_sd.utils.logging import logger
 from spade_sd.utils.validation import SIZE_UM_RANGE, check_bool, check_int, check_key, check_mpp, check_number
 
-ELEMENT_KINDS = ("images", "labels", "points", "shapes", "tables")
 TOOL = "pp.tile_image"
-
-
-def _check_free(sdata: SpatialData, names: list[str]) -> None:
-    # spatialdata requires element names to be unique across kinds and letter case.
-    existing = {name.lower(): (kind[:-1], name) for kind in ELEMENT_KINDS for name in getattr(sdata, kind)}
-    for name in names:
-        if name.lower() in existing:
-            kind, found = existing[name.lower()]
-            owner = table_owner(sdata.tables[found]) if kind == "table" else None
-            # not even earlier tiles: tables of embeddings or predictions may annotate them
-            raise ValueError(
-                f"The SpatialData already has an element {found!r} ({kind}"
-                f"{', written by ' + owner if owner else ''}); tile_image does not overwrite it. "
-                f"Pass another key_added=, or delete it first with `del sdata[{found!r}]`."
-            )
 
 
 def _with_elements(sdata: SpatialData, shapes: dict, tables: dict) -> SpatialData:
@@ -147,7 +131,7 @@ def tile_image(
         image_key = choose_element("images", list(sdata.images), "image_key", "the images of this SpatialData")
     check_image(image_levels(sdata.images[image_key])[0])
     table_key = f"{key_added}_table"
-    _check_free(sdata, [key_added, table_key])
+    check_free_element_names(sdata, [key_added, table_key], "tile_image", "tiles")
 
     tiles = make_tiles(
         sdata,

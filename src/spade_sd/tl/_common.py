@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 from anndata import AnnData
+from spatialdata import SpatialData
 
 from spade_sd.utils.constants import (
     DERIVED_FROM,
@@ -411,6 +412,25 @@ def table_owner(table: AnnData) -> str | None:
         return None
     # tables of predictions made before the record existed name their spots' table only
     return meta.get(WRITTEN_BY) or ("tl.predict_expression" if DERIVED_FROM in meta else None)
+
+
+def check_free_element_names(sdata: SpatialData, names: list[str], tool: str, made: str) -> None:
+    """Refuse ``names`` any element of ``sdata`` already has, before a tool adds elements of those names.
+
+    spatialdata wants element names unique across element kinds and letter case. Not even the tool's own earlier
+    ``made`` elements are replaced: tables of embeddings or predictions may annotate them.
+    """
+    kinds = ("images", "labels", "points", "shapes", "tables")
+    existing = {name.lower(): (kind[:-1], name) for kind in kinds for name in getattr(sdata, kind)}
+    for name in names:
+        if name.lower() in existing:
+            kind, found = existing[name.lower()]
+            owner = table_owner(sdata.tables[found]) if kind == "table" else None
+            raise ValueError(
+                f"The SpatialData already has an element {found!r} ({kind}"
+                f"{', written by ' + owner if owner else ''}); {tool} does not overwrite it (not even earlier "
+                f"{made}). Pass another key_added=, or delete it first with `del sdata[{found!r}]`."
+            )
 
 
 def check_free_table_name(sdata, name: str, tool: str, *, reads: dict[str, str] | None = None) -> bool:
