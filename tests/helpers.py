@@ -8,16 +8,19 @@ import numpy as np
 class CountingMeans:
     """A cheap backbone (channel means and standard deviations) that counts the batches it encodes.
 
-    A test that a call was refused before any work asserts that ``calls`` stayed at 0.
+    A test that a call was refused before any work asserts that ``calls`` stayed at 0; ``patches`` counts the
+    patches encoded.
     """
 
     dim = 6
 
     def __init__(self) -> None:
         self.calls = 0
+        self.patches = 0
 
     def __call__(self, patches: np.ndarray) -> np.ndarray:
         self.calls += 1
+        self.patches += len(patches)
         x = patches.astype(np.float32) / 255
         return np.c_[x.mean(axis=(1, 2)), x.std(axis=(1, 2))]
 

@@ -1,7 +1,7 @@
 """The default X_spade adds to the backbone: its features next to the expression read from the image.
 
 The heads keep every direction from the backbone's start; the expression tools compare within the expression
-subspace; X_spade is the backbone's features followed by the read-out of that subspace.
+subspace; X_spade is the backbone's features, lifted along what the read-out predicts, followed by the read-out.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import spade_sd as sd
 from spade_sd.encoders.morphology import MorphologyFeatures
 from spade_sd.metrics import knn_predict
-from spade_sd.model.spade_model import FORMAT_2, FORMAT_3, _saved_config
+from spade_sd.model.spade_model import FORMAT_2, FORMAT_3, FORMAT_4, _saved_config
 from spade_sd.tl._common import unit_rows
 
 PATCH = {"size_um": 64.0, "size_px": 64}
@@ -131,6 +131,10 @@ def test_a_model_saved_before_the_new_defaults_keeps_the_options_it_was_trained_
     # 0.2's format: the heads' output was X_spade
     recorded = {"format": FORMAT_3, "config": {"training": {"head_init": "backbone", "expression_comps": 16}}}
     assert _saved_config(recorded, config).training.representation == "heads"
+    # 0.3.0's format: the backbone's features unchanged next to the read-out (no lift)
+    recorded = {"format": FORMAT_4, "config": {"training": {"representation": "backbone+readout"}}}
+    training = _saved_config(recorded, config).training
+    assert (training.representation, training.readout_lift) == ("backbone+readout", 0.0)
 
 
 def test_the_expression_subspace_saves_and_reloads(default, morphology, tmp_path):
@@ -142,6 +146,7 @@ def test_the_expression_subspace_saves_and_reloads(default, morphology, tmp_path
     embedding = _heads(model, slides[0])
     np.testing.assert_array_equal(loaded.expression_space(embedding), model.expression_space(embedding))
     np.testing.assert_array_equal(loaded.readout.projection, model.readout.projection)
+    np.testing.assert_array_equal(loaded.readout.lift, model.readout.lift)
     target = _slides()[0]
     sd.tl.embed(target, loaded)
     np.testing.assert_array_equal(target.tables["table"].obsm["X_spade"], slides[0].tables["table"].obsm["X_spade"])
@@ -167,7 +172,7 @@ def test_the_default_outputs_are_the_measured_variants(default, morphology):
         np.testing.assert_allclose(ours, target.tables["table"].obsm["X_spade"], atol=1e-5)
 
 
-def test_x_spade_is_the_backbone_features_then_the_expression_readout(default):
+def test_x_spade_is_the_lifted_backbone_features_then_the_expression_readout(default):
     model, slides = default
     assert model.config.training.representation == "backbone+readout" and model.readout is not None
     sdata = slides[0]
@@ -178,15 +183,51 @@ def test_x_spade_is_the_backbone_features_then_the_expression_readout(default):
     )
     assert 1 <= model.readout.n_comps <= model.config.training.expression_comps
     sd.tl.features(sdata, backbone=model.backbone, **PATCH)
-    # the backbone's features themselves: nothing of them is projected away
-    np.testing.assert_array_equal(X[:, : model.backbone.dim], table.obsm["X_backbone"])
-    # the block's spread next to the backbone's, on the training slides, is what readout_weight sets
+    # the backbone's features, moved along what the block predicts: nothing of them is projected away
+    block = X[:, model.backbone.dim :]
+    np.testing.assert_allclose(
+        X[:, : model.backbone.dim], table.obsm["X_backbone"] + block @ model.readout.lift, rtol=1e-5, atol=1e-5
+    )
+    # the block's spread next to the (lifted) features', on the training slides, is what readout_weight sets
     ratios = []
     for sdata in slides:
         values = sdata.tables["table"].obsm["X_spade"]
         spread = [np.square(v - v.mean(axis=0)).sum(axis=1).mean() for v in np.split(values, [model.backbone.dim], 1)]
         ratios.append(np.sqrt(spread[1] / spread[0]))
     assert np.mean(ratios) == pytest.approx(model.config.training.readout_weight, rel=0.25)
+
+
+def test_the_lift_weighs_what_the_readout_predicts_more_and_keeps_the_rest(default):
+    """On the training spots, the lifted features' part predicted by the block is 1 + readout_lift times the
+    features' own, and their residual (what the block does not predict) is the features' residual, unchanged."""
+    model, slides = default
+    lift = model.config.training.readout_lift
+    assert lift > 0 and model.readout.lift.shape == (model.readout.n_comps, model.backbone.dim)
+    for sdata in slides:
+        sd.tl.features(sdata, backbone=model.backbone, **PATCH)
+    X = np.concatenate([s.tables["table"].obsm["X_spade"] for s in slides]).astype(np.float64)
+    features = np.concatenate([s.tables["table"].obsm["X_backbone"] for s in slides]).astype(np.float64)
+    block = X[:, model.backbone.dim :] - X[:, model.backbone.dim :].mean(axis=0)
+
+    def split(values):
+        centred = values - values.mean(axis=0)
+        predicted = block @ np.linalg.lstsq(block, centred, rcond=None)[0]
+        return predicted, centred - predicted
+
+    (ours, rest), (theirs, their_rest) = split(X[:, : model.backbone.dim]), split(features)
+    np.testing.assert_allclose(ours, (1 + lift) * theirs, atol=1e-3 * np.abs(theirs).max())
+    np.testing.assert_allclose(rest, their_rest, atol=1e-3 * np.abs(their_rest).max())
+    assert np.linalg.norm(theirs) > 0.05 * np.linalg.norm(features - features.mean(axis=0))
+
+
+def test_without_a_lift_x_spade_starts_with_the_backbone_features_themselves(morphology):
+    model = sd.tl.pretrain(_slides(), backbone=morphology, readout_lift=0.0, **TRAIN)
+    assert model.readout.lift is None
+    target = _slides()[0]
+    sd.tl.embed(target, model)
+    sd.tl.features(target, backbone=model.backbone, **PATCH)
+    table = target.tables["table"]
+    np.testing.assert_array_equal(table.obsm["X_spade"][:, : model.backbone.dim], table.obsm["X_backbone"])
 
 
 def test_the_readout_block_is_the_ridge_prediction_of_the_bank_genes(default):

@@ -46,6 +46,7 @@ TIERS = {
     "spade_sd.pp": 6,
     "spade_sd.tl": 6,
     "spade_sd.pl": 6,
+    "spade_sd.cli": 7,
 }
 SRC = Path(__file__).resolve().parents[1] / "src" / "spade_sd"
 

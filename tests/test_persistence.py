@@ -10,6 +10,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import safetensors.torch
 import spatialdata
@@ -21,7 +22,7 @@ from spatialdata_io.experimental import from_legacy_anndata
 
 import spade_sd as sd
 from spade_sd.spots.patches import resolve_patches
-from spade_sd.tl import _pretrain
+from spade_sd.tl import _pretrain, _transfer
 from spade_sd.utils.constants import SPOT_DIAMETER_UM, SPOT_DIAMETERS_UM
 
 # a fresh, empty feature cache for this module (tests/conftest.py); one thread on the shared runner
@@ -321,3 +322,130 @@ def test_a_model_pretrained_on_a_legacy_anndata_is_attached_to_it(legacy_mob, mo
     monkeypatch.setattr(_pretrain, "pretrain", refuse)
     sd.tl.embed(adata)
     assert adata.uns["spade"]["model"]["identity"] == model.identity()
+
+
+def _state(adata: ad.AnnData) -> dict:
+    """What a user sees of an AnnData: its keys, counts and columns, to tell whether a call changed anything."""
+    return {
+        "obs": adata.obs.copy(),
+        "obsm": sorted(adata.obsm),
+        "uns": sorted(adata.uns),
+        "X": adata.X.copy(),
+        "spade_sd": repr(adata.uns.get("spade_sd")),
+    }
+
+
+def _assert_unchanged(adata: ad.AnnData, state: dict) -> None:
+    after = _state(adata)
+    assert after["obsm"] == state["obsm"] and after["uns"] == state["uns"] and after["spade_sd"] == state["spade_sd"]
+    assert (after["X"] != state["X"]).nnz == 0
+    assert after["obs"].equals(state["obs"])
+
+
+@pytest.fixture
+def sides(legacy_mob) -> ad.AnnData:
+    """MOB1's legacy AnnData with a label column: the spots left and right of the middle of the section."""
+    labelled = legacy_mob.copy()
+    x = labelled.obsm["spatial"][:, 0]
+    labelled.obs["side"] = pd.Categorical(np.where(x < np.median(x), "left", "right"))
+    return labelled
+
+
+def test_query_transfer_labels_and_domains_write_their_outputs_to_a_legacy_anndata(model, legacy_mob, sides, caplog):
+    adata = legacy_mob.copy()
+    genes = list(model.panel.genes[:2])
+    with caplog.at_level(logging.INFO, logger="spade_sd"):
+        sd.tl.query(adata, model, genes=genes)
+        sd.tl.transfer_labels(adata, model, reference=sides, label_key="side", k=5)
+    for tool in ("tl.query", "tl.transfer_labels"):
+        assert f"{tool}: converted scanpy's legacy AnnData (library 'MOB1', image 'hires')" in caplog.text
+    # the reference, without X_spade, is converted and embedded for the call, and left as it was
+    assert "tl.transfer_labels (reference=): converted scanpy's legacy AnnData" in caplog.text
+    assert "X_spade" not in sides.obsm and "spade_sd" not in sides.uns
+    sd.tl.domains(adata)  # reads .obsm only: the AnnData itself, no conversion
+
+    assert np.isfinite(adata.obs["spade_query"]).all() and adata.uns["spade_query"]["params"]["genes"] == genes
+    assert set(adata.obs["spade_labels"].cat.categories) == {"left", "right"}
+    probabilities = adata.obsm["spade_labels_probabilities"]
+    assert list(probabilities.columns) == ["left", "right"] and np.allclose(probabilities.sum(axis=1), 1)
+    assert adata.obs["spade_domain"].notna().all() and adata.uns["spade_domain"]["n_spots"] == adata.n_obs
+    assert "X_spade" in adata.obsm  # transfer_labels embedded the slide, as it does a SpatialData
+    outputs = adata.uns["spade_sd"]["outputs"]
+    assert outputs["obs"] == {
+        "spade_expert": "tl.embed",
+        "spade_query": "tl.query",
+        "spade_labels": "tl.transfer_labels",
+        "spade_domain": "tl.domains",
+    }
+    assert "spatialdata_attrs" not in adata.uns and "region" not in adata.obs
+    assert (adata.X != legacy_mob.X).nnz == 0  # the counts are the user's, untouched
+    # labels read from the AnnData are not overwritten through its converted copy
+    with pytest.raises(ValueError, match=r"cannot write .obs\['spade_labels'\].*this call reads it"):
+        sd.tl.transfer_labels(adata, reference=adata, label_key="spade_labels", k=5)
+
+    # the same as running the tools on spatialdata-io's conversion oneself
+    converted = from_legacy_anndata(legacy_mob)
+    sd.tl.query(converted, model, genes=genes)
+    sd.tl.transfer_labels(converted, model, reference=from_legacy_anndata(sides), label_key="side", k=5)
+    sd.tl.domains(converted)
+    table = converted.tables["table"]
+    np.testing.assert_array_equal(adata.obs["spade_query"], table.obs["spade_query"])
+    np.testing.assert_array_equal(adata.obs["spade_labels"], table.obs["spade_labels"])
+    np.testing.assert_array_equal(adata.obs["spade_domain"], table.obs["spade_domain"])
+
+
+def test_predict_expression_returns_the_predicted_table_of_a_legacy_anndata(model, legacy_mob, caplog):
+    adata = legacy_mob.copy()
+    state = _state(adata)
+    genes = list(model.panel.genes[:3])
+    with caplog.at_level(logging.INFO, logger="spade_sd"):
+        predicted = sd.tl.predict_expression(adata, model, genes=genes)
+    assert "tl.predict_expression: converted scanpy's legacy AnnData" in caplog.text
+    assert "returned" in caplog.text
+    _assert_unchanged(adata, state)  # the prediction is returned, not written into the counts' AnnData
+    assert isinstance(predicted, ad.AnnData) and list(predicted.var_names) == genes
+    assert predicted.obs_names.equals(adata.obs_names) and np.isfinite(predicted.X).all()
+    # ready for scanpy: the spots' pixels and the H&E (sc.pl.spatial), none of spatialdata's bookkeeping
+    np.testing.assert_array_equal(predicted.obsm["spatial"], adata.obsm["spatial"])
+    assert list(predicted.uns["spatial"]) == ["MOB1"] and "hires" in predicted.uns["spatial"]["MOB1"]["images"]
+    assert "spatialdata_attrs" not in predicted.uns and predicted.obs.shape[1] == 0
+    assert predicted.uns["spade_predicted"]["model"]["identity"] == model.identity()
+
+    converted = from_legacy_anndata(legacy_mob)
+    assert sd.tl.predict_expression(converted, model, genes=genes) is None
+    np.testing.assert_array_equal(predicted.X, converted.tables["spade_predicted"].X)
+
+    # the AnnData as its own reference: each spot left out of its own prediction, as with the SpatialData's table
+    measured = list(adata.var_names[:3])
+    sd.tl.embed(adata, model)
+    own = sd.tl.predict_expression(adata, model, reference=adata, genes=measured, k=10)
+    sd.tl.embed(converted, model)
+    table = converted.tables["table"]
+    sd.tl.predict_expression(converted, model, reference=table, genes=measured, k=10, key_added="own")
+    np.testing.assert_allclose(own.X, converted.tables["own"].X, rtol=1e-6)
+
+
+def test_a_tool_failing_on_a_legacy_anndata_leaves_it_unchanged(model, legacy_mob, sides, monkeypatch):
+    adata = legacy_mob.copy()
+    adata.obs["mine"] = 1.0
+    state = _state(adata)
+    with pytest.raises(ValueError, match=r"tl.query cannot write .obs\['mine'\].*did not write"):
+        sd.tl.query(adata, model, genes=list(model.panel.genes[:2]), key_added="mine")
+    with pytest.raises(KeyError, match="not_a_gene"):
+        sd.tl.query(adata, model, genes=["not_a_gene"])
+    with pytest.raises(KeyError, match=r"no .obs\['no_labels'\]"):
+        sd.tl.transfer_labels(adata, model, reference=sides, label_key="no_labels")
+    with pytest.raises(KeyError, match=r"no .obsm\['X_none'\]"):
+        sd.tl.domains(adata, use_rep="X_none")
+    with pytest.raises(KeyError, match="not_a_gene"):
+        sd.tl.predict_expression(adata, model, genes=["not_a_gene"])
+    _assert_unchanged(adata, state)
+
+    # a failure after the slide was embedded: the embedding made for the call does not reach the AnnData either
+    def fail(*args, **kwargs):
+        raise RuntimeError("classifier failed")
+
+    monkeypatch.setattr(_transfer, "_classified", fail)
+    with pytest.raises(RuntimeError, match="classifier failed"):
+        sd.tl.transfer_labels(adata, model, reference=sides, label_key="side", k=5)
+    _assert_unchanged(adata, state)

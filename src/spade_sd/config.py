@@ -49,6 +49,12 @@ MINIBATCH_SPOTS = 32_768
 # spots (a seeded draw per expert above it; every contrastive pair costs compute), SCORE_CHUNK rows of logits at a time
 SELECTION_SPOTS = 16_384
 SCORE_CHUNK = 2_048
+# Embedding shapes much smaller than a patch (spade_sd.spots.grid): shapes whose size (a bin's side, a circle's
+# diameter, a cell's median diameter) is below this fraction of the patch side take the features of the nearest
+# patch of a grid by default (grid=None), as 8 and 16 µm Visium HD bins and ~10–20 µm Xenium cells do under 112 µm
+# patches; Visium's 55 µm spots, tiles and pseudo-spots keep one patch each. Their neighbours' patches would overlap
+# their own by more than 3/4 of a side, so one patch per shape costs time ∝ shapes for nearly the same features.
+GRID_SHAPE_FRACTION = 0.25
 
 
 def _set(config: Any, name: str, value: Any) -> None:
@@ -206,6 +212,11 @@ class TrainingConfig(_Config):
     readout_weight
         With ``representation="backbone+readout"``: the read-out block's total standard deviation relative to the
         backbone features' on the training slides (each around its own mean).
+    readout_lift
+        With ``representation="backbone+readout"``: how much more the part of the backbone's features that the
+        read-out predicts counts in ``X_spade`` (:meth:`ExpressionReadout.lifted
+        <spade_sd.model.readout.ExpressionReadout.lifted>`): it counts ``1 + readout_lift`` times, every other
+        direction once. 0 keeps the features unchanged (what 0.3.0 wrote).
     output
         ``"aligned"``: the embedding is the heads' (aligned) coordinates; ``"joint"``: the aligned coordinates
         followed by a block of the standardized backbone features (:class:`~spade_sd.model.backbone_block.BackboneBlock`),
@@ -270,6 +281,7 @@ class TrainingConfig(_Config):
     expression_comps: int | None = 16
     representation: RepresentationName = "backbone+readout"
     readout_weight: float = 0.7
+    readout_lift: float = 0.5
     output: OutputName = "aligned"
     backbone_comps: int | None = 64
     backbone_weight: float = 1.0
@@ -301,6 +313,7 @@ class TrainingConfig(_Config):
         check_n_comps(self.expression_comps, self.out_dim, name="expression_comps")
         check_choice("representation", self.representation, REPRESENTATIONS)
         _set(self, "readout_weight", check_number("readout_weight", self.readout_weight, **positive))
+        _set(self, "readout_lift", check_number("readout_lift", self.readout_lift, minimum=0))
         check_choice("output", self.output, OUTPUTS)
         if self.backbone_comps is not None:
             _set(self, "backbone_comps", check_int("backbone_comps", self.backbone_comps, minimum=1))
@@ -453,7 +466,7 @@ _FORMAT_1_TRAINING = (
 )
 # What a later model lacking one of these training options was trained with: each came with the option it records,
 # and the defaults changed later (the heads started at random and the tools compared whole embeddings).
-TRAINING_ABSENT = {"head_init": "random", "expression_comps": None, "representation": "heads"}
+TRAINING_ABSENT = {"head_init": "random", "expression_comps": None, "representation": "heads", "readout_lift": 0.0}
 
 
 def config_from_format_1(

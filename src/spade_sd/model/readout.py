@@ -1,10 +1,11 @@
 """The expression read-out: what ``X_spade`` adds to the backbone's features.
 
-``X_spade`` is the representation users cluster and transfer labels on. It is the backbone's features, unchanged,
-next to a short block of **expression read from the image**: the ridge regression from the embeddings as the
-expression tools compare them (:meth:`SpadeModel.expression_space <spade_sd.SpadeModel.expression_space>`, by
-default the 16-d expression subspace) to the reference bank's measured expression, fitted when the model is trained
-(as :func:`spade_sd.tl.predict_expression` with ``method="ridge"`` fits it), in the principal coordinates of its
+``X_spade`` is the representation users cluster and transfer labels on. It is the backbone's features, lifted along
+what the read-out predicts (:meth:`ExpressionReadout.lifted`, ``readout_lift``), next to a short block of
+**expression read from the image**: the ridge regression from the embeddings as the expression tools compare them
+(:meth:`SpadeModel.expression_space <spade_sd.SpadeModel.expression_space>`, by default the 16-d expression
+subspace) to the reference bank's measured expression, fitted when the model is trained (as
+:func:`spade_sd.tl.predict_expression` with ``method="ridge"`` fits it), in the principal coordinates of its
 predictions. Distances within the block are distances between predicted expression profiles (log1p-normalized, over
 the bank's genes), so a scanpy neighbour graph on ``X_spade`` joins spots whose H&E looks alike *and* whose
 predicted expression agrees.
@@ -14,9 +15,10 @@ and her2st C2–C5, 14 cases), Leiden on the heads' full-rank output follows the
 domains no better than on the backbone (ARI 1.04×, below it in 8 of 14 cases), while the backbone next to the
 read-out does (1.23×, below it in none; ``docs/quality.md``). And a block added to the backbone's features cannot
 take away what the backbone knew about slides unlike the training data (the default before 0.2 did: label transfer
-on an unseen patient fell from 0.71 to 0.57). What it does not do: a logistic regression on standardized features
-gives the block 16 of ~1,300 columns and scores as on the backbone, where the heads' output scored 5–10 % higher
-(``representation="heads"`` keeps it).
+on an unseen patient fell from 0.71 to 0.57). A logistic regression on standardized features gives the block 16 of
+~1,300 columns and scored as on the backbone with the features unchanged (0.3.0); the lift puts the expression into
+the features' own columns, where it lifts H&E-derived labels above the backbone within and across data sets
+(``benchmarks/representations.py``).
 
 The block's total variance is :attr:`ExpressionReadout.weight`² times the backbone features' on the training slides
 (each slide around its own mean), so the block's share of a neighbour graph does not depend on the backbone's
@@ -26,7 +28,7 @@ dimension or scale.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -47,17 +49,22 @@ class ExpressionReadout:
     projection
         ``(d, k)``: the read-out's principal directions times their singular values, scaled so that the block's
         distances are distances between predicted profiles times one factor (which sets the block's spread to
-        ``weight`` times the backbone's).
+        ``weight`` times that of the features before it).
     weight
-        The block's total standard deviation relative to the backbone features' on the training slides.
+        The block's total standard deviation relative to the features before it in ``X_spade`` (lifted, with a
+        :attr:`lift`) on the training slides.
     alpha
         Ridge penalty chosen by leave-one-out on the reference bank.
+    lift
+        ``(k, D)`` or ``None``: how the backbone's ``D`` features move with the block (:meth:`lifted`), so that the
+        part of the features the read-out predicts counts ``1 + readout_lift`` times in ``X_spade``.
     """
 
     mean: np.ndarray
     projection: np.ndarray
     weight: float
     alpha: float
+    lift: np.ndarray | None = None
 
     @property
     def n_comps(self) -> int:
@@ -115,9 +122,42 @@ class ExpressionReadout:
         """The expression block ``(n, k)`` of embeddings as the expression tools compare them ``(n, d)``."""
         return (np.asarray(space, dtype=np.float32) - self.mean) @ self.projection
 
+    def lifted(
+        self, features: Sequence[np.ndarray], spaces: Sequence[np.ndarray], strength: float
+    ) -> ExpressionReadout:
+        """The read-out with a :attr:`lift` fitted on training slides' backbone ``features`` and ``spaces`` (same rows).
+
+        The lift is the least-squares map from the block to the features (both around their means over all slides),
+        times ``strength``: on these spots, adding ``block @ lift`` to the features multiplies their part that the
+        block predicts linearly (the projection of the centred features onto the block's span) by ``1 + strength``
+        and leaves the rest as it is. The block is (nearly) a linear function of the features, so the map is (nearly)
+        the identity plus a positive semi-definite matrix, which cannot be singular: nothing the features hold is
+        lost, the aligned directions weigh more, and they do so in the features' own columns, where a per-column
+        standardization (a logistic regression on standardized features) keeps them. The block is then rescaled so
+        that its spread is :attr:`weight` times the lifted features' (each slide around its own mean), as it was
+        the features' before.
+        """
+        blocks = [self.block(space).astype(np.float64) for space in spaces]
+        block = np.concatenate(blocks)
+        centred = np.concatenate([np.asarray(f, dtype=np.float64) for f in features])
+        block_mean, feature_mean = block.mean(axis=0), centred.mean(axis=0)
+        coefficients = np.linalg.lstsq(block - block_mean, centred - feature_mean, rcond=None)[0] * strength
+        lifted = [np.asarray(f, dtype=np.float64) + b @ coefficients for f, b in zip(features, blocks, strict=True)]
+        before = slide_variance([np.asarray(f, dtype=np.float64) for f in features])
+        ratio = np.sqrt(slide_variance(lifted) / before) if before > 0 else 1.0
+        return replace(
+            self,
+            projection=np.ascontiguousarray(self.projection * ratio, dtype=np.float32),
+            lift=np.ascontiguousarray(coefficients / ratio, dtype=np.float32),
+        )
+
     def represent(self, features: np.ndarray, space: np.ndarray) -> np.ndarray:
-        """``X_spade`` rows: backbone ``features`` ``(n, d)`` followed by the expression block of ``space``."""
-        return np.concatenate([np.asarray(features, dtype=np.float32), self.block(space)], axis=1)
+        """``X_spade`` rows: the ``features`` ``(n, D)``, lifted with a :attr:`lift`, then the block of ``space``."""
+        block = self.block(space)
+        features = np.asarray(features, dtype=np.float32)
+        if self.lift is not None:
+            features = features + block @ self.lift
+        return np.concatenate([features, block], axis=1)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Arrays to save."""
@@ -126,7 +166,7 @@ class ExpressionReadout:
             "projection": self.projection,
             "weight": np.asarray([self.weight], dtype=np.float64),
             "alpha": np.asarray([self.alpha], dtype=np.float64),
-        }
+        } | ({} if self.lift is None else {"lift": self.lift})
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> ExpressionReadout:
@@ -136,6 +176,7 @@ class ExpressionReadout:
             projection=np.asarray(arrays["projection"], dtype=np.float32),
             weight=float(arrays["weight"][0]),
             alpha=float(arrays["alpha"][0]),
+            lift=np.asarray(arrays["lift"], dtype=np.float32) if "lift" in arrays else None,
         )
 
 

@@ -10,7 +10,8 @@ loading runs no code.
 the arrays (panel genes and order, standardization, subspace, routing temperature, ...): on load, an edited, added or
 deleted entry of ``config.json`` is refused by name (:mod:`spade_sd.utils.saved_metadata`).
 
-Formats: ``spade_sd.model/4`` adds the expression read-out of ``X_spade`` (:mod:`spade_sd.model.readout`);
+Formats: ``spade_sd.model/5`` adds the read-out's lift (``readout_lift``; models saved as ``/4`` embed as they did,
+with none); ``spade_sd.model/4`` adds the expression read-out of ``X_spade`` (:mod:`spade_sd.model.readout`);
 ``spade_sd.model/3`` writes the same copy, and its models embed as they did (``representation="heads"``). ``spade_sd.model/2`` (one configuration section per stage,
 ``SpadeConfig.to_dict``) and ``spade_sd.model/1`` (one flat configuration dict, migrated on load by
 :func:`~spade_sd.config.config_from_format_1`) have none: they load with an info message that ``config.json`` was not
@@ -58,7 +59,8 @@ from spade_sd.utils.hub import DEFAULT_LICENSE, MODEL_CARD, is_card, metrics_tab
 from spade_sd.utils.logging import logger
 from spade_sd.utils.saved_metadata import check_against_copy, require, write_weights
 
-MODEL_FORMAT = "spade_sd.model/4"
+MODEL_FORMAT = "spade_sd.model/5"
+FORMAT_4 = "spade_sd.model/4"
 FORMAT_3 = "spade_sd.model/3"
 # The earlier formats: without the copy of config.json in model.safetensors; format 1 with a flat configuration
 FORMAT_2 = "spade_sd.model/2"
@@ -368,8 +370,9 @@ class SpadeModel:
     def represent(self, features: np.ndarray, embedding: np.ndarray) -> np.ndarray:
         """``X_spade`` of patches from their backbone ``features`` and image-side ``embedding``.
 
-        With a read-out (``representation="backbone+readout"``, the default): the features, unchanged, followed by
-        the expression block (:class:`~spade_sd.model.readout.ExpressionReadout`); without one, the embedding.
+        With a read-out (``representation="backbone+readout"``, the default): the features (lifted along what the
+        read-out predicts, with ``readout_lift > 0``) followed by the expression block
+        (:class:`~spade_sd.model.readout.ExpressionReadout`); without one, the embedding.
         """
         if self.readout is None:
             return np.asarray(embedding, dtype=np.float32)
@@ -561,12 +564,12 @@ class SpadeModel:
         except json.JSONDecodeError as error:
             raise ValueError(f"{config_path} is damaged (not valid JSON: {error}).") from error
         found = metadata.get("format") if isinstance(metadata, dict) else None
-        if found not in (MODEL_FORMAT, FORMAT_3, FORMAT_2, FORMAT_1):
+        if found not in (MODEL_FORMAT, FORMAT_4, FORMAT_3, FORMAT_2, FORMAT_1):
             raise ValueError(
-                f"{path} holds model format {found!r}; this spade_sd ({_version()}) reads {MODEL_FORMAT!r} "
-                f"(and {FORMAT_3!r}, {FORMAT_2!r}, {FORMAT_1!r}). Load it with the spade_sd version that saved it."
+                f"{path} holds model format {found!r}; this spade_sd ({_version()}) reads {MODEL_FORMAT!r} (and "
+                f"{FORMAT_4!r}, {FORMAT_3!r}, {FORMAT_2!r}, {FORMAT_1!r}). Load it with the spade_sd version that saved it."
             )
-        if found in (MODEL_FORMAT, FORMAT_3):  # earlier formats could lack the digest
+        if found in (MODEL_FORMAT, FORMAT_4, FORMAT_3):  # earlier formats could lack the digest
             require(metadata, (WEIGHTS_DIGEST,), config_path, "SpadeModel.save")
         # the bytes that are hashed are the bytes that are parsed
         data = weights_path.read_bytes()
@@ -588,7 +591,7 @@ class SpadeModel:
             arrays = load(data)
         except (SafetensorError, OSError, ValueError) as error:
             raise ValueError(f"{weights_path} is damaged and cannot be read: {error}") from error
-        if found in (MODEL_FORMAT, FORMAT_3):
+        if found in (MODEL_FORMAT, FORMAT_4, FORMAT_3):
             recorded = {k: v for k, v in metadata.items() if k != WEIGHTS_DIGEST}
             check_against_copy(recorded, data, config_path, weights_path)
         else:
@@ -865,6 +868,12 @@ def _check_fits(
                 f"{config_path}: 'config.training.{name}' is {recorded!r}, but {WEIGHTS_FILE} holds a "
                 f"{prefix.replace('_', ' ')} of {basis.shape[1]} principal directions. {_EDITED}"
             )
+    lifted, lift = config.training.readout_lift > 0, part["readout"].get("lift")
+    if part["readout"] and lifted != (lift is not None):
+        raise ValueError(
+            f"{config_path}: 'config.training.readout_lift' is {config.training.readout_lift!r}, but {WEIGHTS_FILE} "
+            f"holds {'no' if lift is None else 'a'} lift of the read-out. {_EDITED}"
+        )
     tau = metadata["tau"]
     if isinstance(tau, bool) or not isinstance(tau, int | float) or not tau > 0:
         raise ValueError(f"{config_path}: 'tau' must be a positive number; found {tau!r}. {_EDITED}")

@@ -1,8 +1,12 @@
-"""What every ``sd.pl`` function does last, as scanpy's plots do: save, show, and return the axes or the figure."""
+"""What every ``sd.pl`` function shares: the slides it draws, its panels, and, as scanpy's plots do, save and show.
+
+Last, each plot saves the figure, shows it, and returns the axes or the figure.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib as mpl
@@ -10,6 +14,74 @@ import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.figure import Figure
+from spatialdata import SpatialData
+
+
+def as_slides(
+    sdata: SpatialData | Sequence[SpatialData], **keys: str | Sequence[str] | None
+) -> list[tuple[SpatialData, dict]]:
+    """One ``(SpatialData, element names)`` per slide to draw, each its own panel.
+
+    Several slides are a list of SpatialData, or lists of element names (``shapes_key=[...]``, ``image_key=[...]``)
+    naming slides held in one SpatialData; a single value applies to every slide.
+
+    Raises
+    ------
+    TypeError
+        If ``sdata`` holds anything but SpatialData.
+    ValueError
+        If the lists are empty or of different lengths.
+    """
+    several = isinstance(sdata, Sequence) and not isinstance(sdata, str)
+    datas = list(sdata) if several else [sdata]
+    wrong = [type(d).__name__ for d in datas if not isinstance(d, SpatialData)]
+    if wrong:
+        raise TypeError(f"Expected a spatialdata.SpatialData or a list of them; found {', '.join(wrong)}.")
+    lengths = {"sdata": len(datas)} if several else {}
+    for name, value in keys.items():
+        if isinstance(value, Sequence) and not isinstance(value, str):
+            lengths[name] = len(value)
+    n = max(lengths.values(), default=1)
+    if n == 0 or any(length != n for length in lengths.values()):
+        raise ValueError(
+            f"Several slides are drawn from lists of one length each (one entry per slide); found lengths "
+            f"{lengths}. Pass lists of equal, non-zero length, or single values that apply to every slide."
+        )
+
+    def entry(value, i: int):
+        return value[i] if isinstance(value, Sequence) and not isinstance(value, str) else value
+
+    return [(datas[i] if several else datas[0], {k: entry(v, i) for k, v in keys.items()}) for i in range(n)]
+
+
+def per_slide(value: str | Sequence[str] | None, n: int, argument: str) -> list:
+    """``value`` for each of ``n`` slides: a single value (or ``None``) for all, or a list with one per slide."""
+    if value is None or isinstance(value, str):
+        return [value] * n
+    if len(value) != n:
+        raise ValueError(f"{argument} needs one entry per slide ({n}); found {len(value)}: {list(value)!r}.")
+    return list(value)
+
+
+def panel_grid(
+    rows: int, columns: int, *, ax: Axes | None, figsize: tuple[float, float] | None, panel: tuple[float, float]
+) -> tuple[Figure, list[Axes], bool]:
+    """The figure's panels, row by row: new ones (``panel`` inches each unless ``figsize``), or the caller's ``ax``.
+
+    Returns the figure, its panels and whether the figure was made here.
+    """
+    if ax is not None:
+        if rows * columns != 1:
+            raise ValueError(f"ax holds one panel, but this plot draws {rows * columns}; pass ax=None.")
+        return ax.figure, [ax], False
+    fig, axes = plt.subplots(
+        rows,
+        columns,
+        figsize=figsize or (panel[0] * columns, panel[1] * rows),
+        squeeze=False,
+        layout="constrained",
+    )
+    return fig, list(axes.ravel()), True
 
 
 def check_save(save: str | os.PathLike | None) -> Path | None:

@@ -1,108 +1,106 @@
+"""sd.pl.experts: the experts of :func:`spade_sd.tl.embed` (or any categorical column) over the H&E, and a UMAP."""
+
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
-from matplotlib.collections import PatchCollection
 from matplotlib.figure import Figure
-from matplotlib.patches import Circle, Patch
 from spatialdata import SpatialData
 
-from spade_sd.pl._common import check_save, finish
-from spade_sd.spots.geometry import image_levels, resolve_geometry
-
-MAX_DISPLAY_SIDE = 2000
-
-
-def _display_level(levels, max_side: int) -> int:
-    """The finest pyramid level whose long side fits ``max_side`` pixels (else the coarsest)."""
-    fitting = [i for i, level in enumerate(levels) if max(level.sizes["y"], level.sizes["x"]) <= max_side]
-    return fitting[0] if fitting else len(levels) - 1
+from spade_sd.pl._common import as_slides, check_save, finish, panel_grid, per_slide
+from spade_sd.pl._shapes import draw_categories, legend, palette, slide_names
+from spade_sd.spots.geometry import resolve_geometry
+from spade_sd.utils.constants import EMBEDDING_KEY, NEIGHBORS_KEY, UMAP_KEY
+from spade_sd.utils.logging import logger
 
 
-def _palette(table, key: str, categories: list[str]) -> dict[str, str]:
-    stored = table.uns.get(f"{key}_colors")
-    if stored is not None and len(stored) >= len(categories):
-        return dict(zip(categories, stored, strict=False))
-    from scanpy.plotting.palettes import default_20, default_102
+def _stored_umap(table, use_rep: str) -> str | None:
+    """How to title the table's own ``X_umap`` if it can stand for a UMAP of ``use_rep``; ``None`` if it cannot.
 
-    colors = default_20 if len(categories) <= 20 else default_102
-    return {c: colors[i % len(colors)] for i, c in enumerate(categories)}
-
-
-def draw_spots(ax: Axes, sdata: SpatialData, geometry, facecolors: Sequence, known: np.ndarray, alpha: float) -> None:
-    """The H&E (at a level of at most ``MAX_DISPLAY_SIDE`` pixels) with the ``known`` spots drawn as circles over it.
-
-    ``facecolors`` holds one matplotlib colour per known spot, in the geometry's order; the view frames the spots.
+    scanpy's neighbours record the representation they were built on (``uns['neighbors']['params']['use_rep']``,
+    when given): a UMAP of another one is not reused. Without a record the stored UMAP is reused as the table's own.
     """
-    levels = image_levels(sdata.images[geometry.image_key])
-    level = _display_level(levels, MAX_DISPLAY_SIDE)
-    pixels = levels[level].transpose("y", "x", "c").values
-    if pixels.shape[-1] == 1:
-        pixels = np.repeat(pixels, 3, axis=-1)
-    height, width = geometry.level_shapes[0]
-    ax.imshow(pixels[..., :3], extent=(0, width, height, 0), interpolation="antialiased")
-    circles = [Circle(tuple(c), r) for c, r in zip(geometry.centers[known], geometry.radius[known], strict=True)]
-    ax.add_collection(PatchCollection(circles, facecolors=facecolors, edgecolors="none", alpha=alpha))
-    # frame the spots, not the whole slide (glass and margins take most of many scans)
-    low, high = geometry.centers.min(axis=0), geometry.centers.max(axis=0)
-    margin = 0.05 * (high - low).max() + 2 * geometry.radius.max()
-    ax.set_xlim(max(low[0] - margin, 0), min(high[0] + margin, width))
-    ax.set_ylim(min(high[1] + margin, height), max(low[1] - margin, 0))
-    ax.set_axis_off()
-    ax.set_aspect("equal")
+    if UMAP_KEY not in table.obsm:
+        return None
+    neighbors = table.uns.get(NEIGHBORS_KEY)
+    recorded = neighbors.get("params", {}).get("use_rep") if isinstance(neighbors, dict) else None
+    if recorded is None:
+        return f"the table's {UMAP_KEY}"
+    return f"UMAP of {use_rep}" if recorded == use_rep else None
 
 
-def _draw_umap(ax: Axes, table, use_rep: str, labels: pd.Series, colors: dict[str, str], seed: int):
+def _umap(table, use_rep: str, known: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """UMAP coordinates of the rows drawn, which rows those are, and the panel's title.
+
+    The table's own ``X_umap`` when it can stand for a UMAP of ``use_rep``; else one computed on the ``known`` rows.
+    """
+    stored = _stored_umap(table, use_rep)
+    if stored is not None:
+        logger.info(f"Drawing the table's stored {UMAP_KEY!r} ({stored}), not computing another.")
+        xy = np.asarray(table.obsm[UMAP_KEY], dtype=float)
+        drawn = known & np.isfinite(xy).all(axis=1)
+        return xy[drawn], drawn, stored
     import scanpy as sc
 
-    known = labels.notna().to_numpy() & np.isfinite(table.obsm[use_rep]).all(axis=1)
-    view = sc.AnnData(obsm={use_rep: np.asarray(table.obsm[use_rep])[known]})
+    drawn = known & np.isfinite(table.obsm[use_rep]).all(axis=1)
+    view = sc.AnnData(obsm={use_rep: np.asarray(table.obsm[use_rep])[drawn]})
     sc.pp.neighbors(view, use_rep=use_rep, random_state=seed)
     sc.tl.umap(view, random_state=seed)
-    xy = view.obsm["X_umap"]
-    ax.scatter(xy[:, 0], xy[:, 1], c=[colors[str(v)] for v in labels[known]], s=8, linewidths=0)
+    return view.obsm[UMAP_KEY], drawn, f"UMAP of {use_rep}"
+
+
+def _draw_umap(ax: Axes, table, use_rep: str, labels: pd.Series, colors: dict[str, str], seed: int) -> None:
+    xy, drawn, title = _umap(table, use_rep, labels.notna().to_numpy(), seed)
+    ax.scatter(xy[:, 0], xy[:, 1], c=[colors[str(v)] for v in labels[drawn]], s=8, linewidths=0)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_xlabel("UMAP1")
     ax.set_ylabel("UMAP2")
-    ax.set_title(f"UMAP of {use_rep}")
+    ax.set_title(title)
 
 
 def experts(
-    sdata: SpatialData,
+    sdata: SpatialData | Sequence[SpatialData],
     *,
     color: str = "spade_expert",
-    image_key: str | None = None,
-    shapes_key: str | None = None,
-    table_key: str | None = None,
+    image_key: str | Sequence[str] | None = None,
+    shapes_key: str | Sequence[str] | None = None,
+    table_key: str | Sequence[str] | None = None,
     umap: bool = False,
-    use_rep: str = "X_spade",
+    use_rep: str = EMBEDDING_KEY,
     alpha: float = 0.8,
     seed: int = 0,
-    title: str | None = None,
+    title: str | Sequence[str] | None = None,
     figsize: tuple[float, float] | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
     save: str | os.PathLike | None = None,
     return_fig: bool = False,
 ) -> Axes | list[Axes] | Figure | None:
-    """Expert assignment (or any categorical ``obs`` column) drawn as spots over the H&E.
+    """Expert assignment (or any categorical ``obs`` column) drawn over the H&E, one panel per slide.
+
+    Spots are drawn as circles, Visium HD bins as squares and cells as their polygons, semi-transparent over the
+    tissue; more than 50,000 of them in a panel become one image at the panel's resolution (a few seconds for
+    500,000 bins, ``benchmarks/results/plots.md``).
 
     Parameters
     ----------
     sdata
-        SpatialData embedded with :func:`spade_sd.tl.embed`.
+        SpatialData embedded with :func:`spade_sd.tl.embed`, or a list of them: one panel each, in a row, with one
+        legend of the categories of all.
     color
         Categorical ``obs`` column of the table to colour spots by.
     image_key, shapes_key, table_key
-        Element names; inferred when unambiguous.
+        Element names; inferred when unambiguous. A list draws several slides held in one SpatialData (e.g.
+        ``shapes_key=["slide1_spots", "slide2_spots"]``), one panel each.
     umap
-        Add a panel with a UMAP of ``use_rep`` coloured the same way.
+        Add a UMAP of ``use_rep`` coloured the same way (one per slide, below its H&E when there are several). The
+        table's own ``.obsm['X_umap']`` is drawn when scanpy's neighbours were built on ``use_rep`` (or record
+        nothing); otherwise one is computed.
     use_rep
         Embedding for the UMAP panel.
     alpha
@@ -110,11 +108,11 @@ def experts(
     seed
         Seed of the UMAP.
     title
-        Title of the H&E panel (default: the image name).
+        Title of the H&E panel, or one per slide (default: the image name and ``color``).
     figsize
         Figure size when a new figure is made.
     ax
-        Axes to draw the H&E panel into (only without ``umap``).
+        Axes to draw the H&E panel into (one slide, without ``umap``).
     show
         Show the figure; by default when matplotlib is interactive.
     save
@@ -125,40 +123,43 @@ def experts(
     Returns
     -------
     As scanpy's plots: the :class:`~matplotlib.figure.Figure` if ``return_fig``; else, when not shown
-    (``show=False``), the H&E panel's :class:`~matplotlib.axes.Axes`, or ``[H&E, UMAP]`` with ``umap``; ``None``
-    when shown.
+    (``show=False``), the H&E panel's :class:`~matplotlib.axes.Axes`, or a list: ``[H&E, UMAP]`` with ``umap``, one
+    H&E panel per slide (then their UMAPs) with several slides; ``None`` when shown.
     """
     save = check_save(save)
-    geometry = resolve_geometry(
-        sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key, require_scale=False
-    )
-    table = sdata.tables[geometry.table_key]
-    if color not in table.obs:
-        raise KeyError(
-            f"{color!r} is not a column of table {geometry.table_key!r} (columns: {list(table.obs)}); "
-            "run spade_sd.tl.embed first or pass color=."
-        )
-    if umap and use_rep not in table.obsm:
-        raise KeyError(f"{use_rep!r} is not in table {geometry.table_key!r}.obsm ({list(table.obsm)}).")
-    if ax is not None and umap:
-        raise ValueError("ax holds one panel, but umap=True draws two; pass ax=None.")
-    labels = table.obs[color].iloc[geometry.table_rows].astype("category")
-    categories = [str(c) for c in labels.cat.categories]
-    colors = _palette(table, color, categories)
+    slides = as_slides(sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key)
+    titles = per_slide(title, len(slides), "title")
+    # one slide: [H&E, UMAP] side by side; several: their H&E panels in a row, their UMAPs below
+    rows, columns = (2 if umap and len(slides) > 1 else 1), (2 if umap and len(slides) == 1 else len(slides))
+    if ax is not None and rows * columns > 1:
+        raise ValueError(f"ax holds one panel, but this call draws {rows * columns} (slides and UMAPs); pass ax=None.")
+    drawn = []
+    for data, keys in slides:
+        geometry = resolve_geometry(data, **keys, require_scale=False)
+        table = data.tables[geometry.table_key]
+        if color not in table.obs:
+            raise KeyError(
+                f"{color!r} is not a column of table {geometry.table_key!r} (columns: {list(table.obs)}); "
+                "run spade_sd.tl.embed first or pass color=."
+            )
+        if umap and use_rep not in table.obsm and _stored_umap(table, use_rep) is None:
+            raise KeyError(
+                f"{use_rep!r} is not in table {geometry.table_key!r}.obsm ({list(table.obsm)}), and no "
+                f"{UMAP_KEY!r} of it is stored; run spade_sd.tl.embed first or pass use_rep=."
+            )
+        drawn.append((data, geometry, table, table.obs[color].iloc[geometry.table_rows].astype("category")))
+    categories = list(dict.fromkeys(str(c) for *_, labels in drawn for c in labels.cat.categories))
+    colors = palette(drawn[0][2], color, categories)
 
-    umap_ax, created = None, ax is None
-    if ax is None:
-        fig, axes = plt.subplots(
-            1, 2 if umap else 1, figsize=figsize or ((11, 5) if umap else (6, 6)), squeeze=False, layout="constrained"
-        )
-        ax, umap_ax = axes[0, 0], (axes[0, 1] if umap else None)
-    fig = ax.figure
-    known = labels.notna().to_numpy()
-    draw_spots(ax, sdata, geometry, [colors[str(v)] for v in labels[known]], known, alpha)
-    ax.set_title(title or f"{geometry.image_key}: {color}")
-    handles = [Patch(color=colors[c], label=c) for c in categories]
-    ax.legend(handles=handles, title=color, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-    if umap_ax is not None:
-        _draw_umap(umap_ax, table[geometry.table_rows], use_rep, labels, colors, seed)
-    axes = ax if umap_ax is None else [ax, umap_ax]
-    return finish(fig, axes, show=show, save=save, return_fig=return_fig, created=created)
+    panel = (11 / columns, 5) if umap and rows == 1 else (6, 6)
+    fig, axes, created = panel_grid(rows, columns, ax=ax, figsize=figsize, panel=panel)
+    names = slide_names([geometry for _, geometry, _, _ in drawn])
+    for i, (data, geometry, table, labels) in enumerate(drawn):
+        draw_categories(axes[i], data, geometry, labels, colors, alpha)
+        axes[i].set_title(titles[i] or f"{names[i]}: {color}")
+        if umap:
+            _draw_umap(axes[len(drawn) + i], table[geometry.table_rows], use_rep, labels, colors, seed)
+    legend(axes[len(drawn) - 1], colors, color)
+    return finish(
+        fig, axes[0] if len(axes) == 1 else axes, show=show, save=save, return_fig=return_fig, created=created
+    )

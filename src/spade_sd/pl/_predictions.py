@@ -13,8 +13,8 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from spatialdata import SpatialData
 
-from spade_sd.pl._common import check_save, finish
-from spade_sd.pl._experts import draw_spots
+from spade_sd.pl._common import as_slides, check_save, finish, panel_grid, per_slide
+from spade_sd.pl._shapes import draw_shapes, slide_names
 from spade_sd.spots.geometry import choose_element, resolve_geometry
 from spade_sd.utils.constants import PREDICTED_KEY, QUERY_KEY
 
@@ -22,56 +22,66 @@ from spade_sd.utils.constants import PREDICTED_KEY, QUERY_KEY
 _LIMITS = (1, 99)
 
 
-def _draw_values(ax: Axes, sdata: SpatialData, geometry, values: np.ndarray, cmap, alpha: float, limits) -> None:
-    """Spots coloured by ``values`` (NaN left out) over the H&E, with a colour bar."""
-    known = np.isfinite(values)
+def _norm(values: list[np.ndarray], limits) -> Normalize:
+    """Colour limits shared by the maps of ``values``: the given ones, else percentiles of their finite values."""
     low, high = limits
-    if known.any():
-        percentiles = np.percentile(values[known], _LIMITS)
+    finite = np.concatenate([v[np.isfinite(v)] for v in values])
+    if finite.size:
+        percentiles = np.percentile(finite, _LIMITS)
         low = percentiles[0] if low is None else low
         high = percentiles[1] if high is None else high
-    norm = Normalize(vmin=low, vmax=high if high is None or low is None or high > low else low + 1e-9)
-    colormap = plt.get_cmap(cmap)
-    draw_spots(ax, sdata, geometry, colormap(norm(values[known])), known, alpha)
-    ax.figure.colorbar(ScalarMappable(norm=norm, cmap=colormap), ax=ax, shrink=0.7)
+    return Normalize(vmin=low, vmax=high if high is None or low is None or high > low else low + 1e-9)
+
+
+def _draw_values(ax: Axes, sdata: SpatialData, geometry, values: np.ndarray, cmap, alpha: float, norm) -> None:
+    """Spots coloured by ``values`` (NaN left out) over the H&E."""
+    known = np.isfinite(values)
+    draw_shapes(ax, sdata, geometry, plt.get_cmap(cmap)(norm(values[known])), known, alpha)
+
+
+def _colorbar(axes: Axes | list[Axes], cmap, norm) -> None:
+    panels = axes if isinstance(axes, list) else [axes]
+    panels[0].figure.colorbar(ScalarMappable(norm=norm, cmap=plt.get_cmap(cmap)), ax=axes, shrink=0.7)
 
 
 def query(
-    sdata: SpatialData,
+    sdata: SpatialData | Sequence[SpatialData],
     key: str = QUERY_KEY,
     *,
-    image_key: str | None = None,
-    shapes_key: str | None = None,
-    table_key: str | None = None,
+    image_key: str | Sequence[str] | None = None,
+    shapes_key: str | Sequence[str] | None = None,
+    table_key: str | Sequence[str] | None = None,
     cmap: str = "magma",
     vmin: float | None = None,
     vmax: float | None = None,
     alpha: float = 0.8,
     ax: Axes | None = None,
     figsize: tuple[float, float] | None = None,
-    title: str | None = None,
+    title: str | Sequence[str] | None = None,
     show: bool | None = None,
     save: str | os.PathLike | None = None,
     return_fig: bool = False,
-) -> Axes | Figure | None:
-    """The score of :func:`spade_sd.tl.query` as a heat map of spots (or tiles) over the H&E.
+) -> Axes | list[Axes] | Figure | None:
+    """The score of :func:`spade_sd.tl.query` as a heat map of spots, bins, cells or tiles over the H&E.
 
     Parameters
     ----------
     sdata
-        SpatialData queried with :func:`spade_sd.tl.query`.
+        SpatialData queried with :func:`spade_sd.tl.query`, or a list of them: one panel each, in a row, on one
+        colour scale.
     key
         The ``.obs`` column of the score (``key_added`` of the query).
     image_key, shapes_key, table_key
-        Elements; by default the table holding ``.obs[key]`` and the shapes the query scored.
+        Elements; by default the table holding ``.obs[key]`` and the shapes the query scored. A list draws several
+        slides held in one SpatialData, one panel each.
     cmap, alpha
         Colour map and opacity of the spots.
     vmin, vmax
-        Colour limits; default the 1st and 99th percentiles of the scores.
+        Colour limits; default the 1st and 99th percentiles of the scores (of all slides drawn).
     title
-        Panel title; default the query's genes.
+        Panel title, or one per slide; default the query's genes.
     figsize, ax
-        Size of a new figure, or axes to draw into.
+        Size of a new figure, or axes to draw into (one slide).
     show, return_fig
         Show the figure (default: when matplotlib is interactive); return it.
     save
@@ -80,43 +90,55 @@ def query(
     Returns
     -------
     As scanpy's plots: the :class:`~matplotlib.figure.Figure` if ``return_fig``; else the
-    :class:`~matplotlib.axes.Axes` when not shown (``show=False``), ``None`` when shown.
+    :class:`~matplotlib.axes.Axes` when not shown (``show=False``), a list of them with several slides; ``None``
+    when shown.
     """
     save = check_save(save)
-    holding = [n for n, t in sdata.tables.items() if key in t.obs] if table_key is None else [table_key]
-    if table_key is None and not holding:
-        raise KeyError(
-            f"No table of this SpatialData has .obs[{key!r}] (tables: {list(sdata.tables)}); run sd.tl.query first "
-            "or pass key=."
+    slides = as_slides(sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key)
+    titles = per_slide(title, len(slides), "title")
+    drawn = []
+    for data, keys in slides:
+        given = keys["table_key"]
+        holding = [n for n, t in data.tables.items() if key in t.obs] if given is None else [given]
+        if not holding:
+            raise KeyError(
+                f"No table of this SpatialData has .obs[{key!r}] (tables: {list(data.tables)}); run sd.tl.query "
+                "first or pass key=."
+            )
+        table_name = choose_element("tables", holding, "table_key", f"tables with .obs[{key!r}]")
+        table = data.tables[table_name]
+        if key not in table.obs:
+            raise KeyError(
+                f"Table {table_name!r} has no .obs[{key!r}] (columns: {list(table.obs)}); run sd.tl.query first."
+            )
+        params = table.uns.get(key, {}).get("params", {})
+        geometry = resolve_geometry(
+            data,
+            image_key=keys["image_key"],
+            shapes_key=keys["shapes_key"] or params.get("shapes_key"),
+            table_key=table_name,
+            require_scale=False,
         )
-    table_key = choose_element("tables", holding, "table_key", f"tables with .obs[{key!r}]")
-    table = sdata.tables[table_key]
-    if key not in table.obs:
-        raise KeyError(f"Table {table_key!r} has no .obs[{key!r}] (columns: {list(table.obs)}); run sd.tl.query first.")
-    params = table.uns.get(key, {}).get("params", {})
-    geometry = resolve_geometry(
-        sdata,
-        image_key=image_key,
-        shapes_key=shapes_key or params.get("shapes_key"),
-        table_key=table_key,
-        require_scale=False,
-    )
-    values = table.obs[key].to_numpy(dtype=float)[geometry.table_rows]
-    created = ax is None
-    if ax is None:
-        _, ax = plt.subplots(figsize=figsize or (6.5, 6), layout="constrained")
-    _draw_values(ax, sdata, geometry, values, cmap, alpha, (vmin, vmax))
-    genes = params.get("genes")
-    ax.set_title(title or f"query: {', '.join(map(str, genes)) if genes is not None else params.get('query', key)}")
-    return finish(ax.figure, ax, show=show, save=save, return_fig=return_fig, created=created)
+        drawn.append((data, geometry, params, table.obs[key].to_numpy(dtype=float)[geometry.table_rows]))
+    norm = _norm([values for *_, values in drawn], (vmin, vmax))
+    fig, axes, created = panel_grid(1, len(drawn), ax=ax, figsize=figsize, panel=(6.5, 6))
+    names = slide_names([geometry for _, geometry, _, _ in drawn])
+    for panel, (data, geometry, params, values), name, given in zip(axes, drawn, names, titles, strict=True):
+        _draw_values(panel, data, geometry, values, cmap, alpha, norm)
+        genes = params.get("genes")
+        default = f"query: {', '.join(map(str, genes)) if genes is not None else params.get('query', key)}"
+        panel.set_title(given or (default if len(drawn) == 1 else f"{name}: {default}"))
+    returned = axes[0] if len(axes) == 1 else axes
+    _colorbar(returned, cmap, norm)
+    return finish(fig, returned, show=show, save=save, return_fig=return_fig, created=created)
 
 
 def expression(
-    sdata: SpatialData,
+    sdata: SpatialData | Sequence[SpatialData],
     genes: str | Sequence[str],
     *,
     predicted_key: str = PREDICTED_KEY,
-    image_key: str | None = None,
+    image_key: str | Sequence[str] | None = None,
     layer: str | None = None,
     cmap: str = "viridis",
     alpha: float = 0.9,
@@ -135,13 +157,13 @@ def expression(
     Parameters
     ----------
     sdata
-        SpatialData holding the table of predictions.
+        SpatialData holding the table of predictions, or a list of them: their maps side by side, slide by slide.
     genes
         Genes to draw, among the predicted ones.
     predicted_key
         Name of the table of predictions (``key_added`` of :func:`spade_sd.tl.predict_expression`).
     image_key
-        The image; inferred when unambiguous.
+        The image, or one per slide; inferred when unambiguous.
     layer
         Layer of the spots' own table holding raw counts; ``None`` uses ``X``. A table without raw counts is drawn
         as it stores them.
@@ -158,43 +180,52 @@ def expression(
     -------
     As scanpy's plots: the :class:`~matplotlib.figure.Figure` if ``return_fig``; else, when not shown
     (``show=False``), the :class:`~matplotlib.axes.Axes` of the one map, or a list of them, row by row (each gene's
-    prediction, then its measurement); ``None`` when shown.
+    prediction, then its measurement, slide after slide); ``None`` when shown.
     """
     save = check_save(save)
-    if predicted_key not in sdata.tables:
-        raise KeyError(
-            f"No table {predicted_key!r} (tables: {list(sdata.tables)}); run sd.tl.predict_expression first or pass "
-            "predicted_key=."
-        )
-    predicted = sdata.tables[predicted_key]
     genes = [genes] if isinstance(genes, str) else list(genes)
-    unknown = [g for g in genes if g not in predicted.var_names]
-    if unknown or not genes:
-        raise KeyError(
-            f"Genes {unknown or genes} are not among the {predicted.n_vars} predicted genes of table {predicted_key!r} "
-            f"(e.g. {predicted.var_names[:5].tolist()})."
-        )
-    params = predicted.uns.get(predicted_key, {}).get("params", {})
-    elements = {"image_key": image_key, "shapes_key": params.get("shapes_key"), "require_scale": False}
-    geometry = resolve_geometry(sdata, **elements, table_key=predicted_key)
-    values = np.asarray(predicted[geometry.table_rows, genes].X, dtype=float)
-    measured = _measured(sdata, predicted.obs_names[geometry.table_rows], genes, params, layer)
-    columns = 1 if measured is None else 2
-    fig, axes = plt.subplots(
-        len(genes), columns, figsize=figsize or (5 * columns, 4.5 * len(genes)), squeeze=False, layout="constrained"
-    )
+    drawn = []
+    for data, keys in as_slides(sdata, image_key=image_key):
+        if predicted_key not in data.tables:
+            raise KeyError(
+                f"No table {predicted_key!r} (tables: {list(data.tables)}); run sd.tl.predict_expression first or "
+                "pass predicted_key=."
+            )
+        predicted = data.tables[predicted_key]
+        unknown = [g for g in genes if g not in predicted.var_names]
+        if unknown or not genes:
+            raise KeyError(
+                f"Genes {unknown or genes} are not among the {predicted.n_vars} predicted genes of table "
+                f"{predicted_key!r} (e.g. {predicted.var_names[:5].tolist()})."
+            )
+        params = predicted.uns.get(predicted_key, {}).get("params", {})
+        elements = {"image_key": keys["image_key"], "shapes_key": params.get("shapes_key"), "require_scale": False}
+        geometry = resolve_geometry(data, **elements, table_key=predicted_key)
+        values = np.asarray(predicted[geometry.table_rows, genes].X, dtype=float)
+        measured = _measured(data, predicted.obs_names[geometry.table_rows], genes, params, layer)
+        drawn.append((data, geometry, values, measured))
+    columns = sum(1 if measured is None else 2 for *_, measured in drawn)
+    fig, panels, _ = panel_grid(len(genes), columns, ax=None, figsize=figsize, panel=(5, 4.5))
+    axes = np.asarray(panels, dtype=object).reshape(len(genes), columns)
+    names = slide_names([geometry for _, geometry, _, _ in drawn])
     for i, gene in enumerate(genes):
-        _draw_values(axes[i, 0], sdata, geometry, values[:, i], cmap, alpha, (None, None))
-        axes[i, 0].set_title(f"{gene} predicted")
-        if measured is None:
-            continue
-        if gene in measured:
-            _draw_values(axes[i, 1], sdata, geometry, measured[gene], cmap, alpha, (None, None))
-            axes[i, 1].set_title(f"{gene} measured")
-        else:
-            axes[i, 1].set_axis_off()
-            axes[i, 1].text(0.5, 0.5, f"{gene}: not measured", ha="center", va="center")
-    panels = list(axes.ravel())
+        column = 0
+        for (data, geometry, values, measured), name in zip(drawn, names, strict=True):
+            prefix = f"{name}: " if len(drawn) > 1 else ""
+            maps = [(values[:, i], "predicted")]
+            if measured is not None:
+                maps.append((measured.get(gene), "measured"))
+            for shown, what in maps:
+                ax = axes[i, column]
+                column += 1
+                if shown is None:
+                    ax.set_axis_off()
+                    ax.text(0.5, 0.5, f"{prefix}{gene}: not measured", ha="center", va="center")
+                    continue
+                norm = _norm([shown], (None, None))
+                _draw_values(ax, data, geometry, shown, cmap, alpha, norm)
+                _colorbar(ax, cmap, norm)
+                ax.set_title(f"{prefix}{gene} {what}")
     return finish(
         fig, panels[0] if len(panels) == 1 else panels, show=show, save=save, return_fig=return_fig, created=True
     )

@@ -5,11 +5,13 @@ id it was saved to), else the one :func:`spade_sd.tl.pretrain` attached to the d
 :func:`spade_sd.tl.embed` recorded in ``.uns`` (its identity and where it was saved), loaded from there.
 
 Legacy input (:func:`accepts_legacy_anndata`): scanpy's spatial AnnData (``uns['spatial']``) is converted to a
-SpatialData with spatialdata-io, the tool runs on it, and the outputs it records are written back to the AnnData.
+SpatialData with spatialdata-io, the tool runs on it, and the outputs it records are written back to the AnnData (or,
+for a tool that makes a new table, that table is returned).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -302,20 +304,25 @@ def is_legacy_anndata(data) -> bool:
     return isinstance(data, AnnData) and LEGACY_SPATIAL in data.uns
 
 
-def accepts_legacy_anndata(tool: str) -> Callable:
+def accepts_legacy_anndata(tool: str, *, returns_table: bool = False) -> Callable:
     """Let a tool whose first argument is a SpatialData take scanpy's legacy spatial AnnData as well.
 
     The AnnData is converted (:func:`legacy_to_spatialdata`), the tool runs on the SpatialData, and the outputs the
     tool recorded (``.uns['spade_sd']['outputs']``) are written back to the AnnData. A failure leaves it unchanged.
+    ``returns_table``: the tool adds a new table instead (:func:`spade_sd.tl.predict_expression`), which no slot of
+    the AnnData can hold; it is returned as a plain AnnData (:func:`_returned_table`) and the AnnData is not changed.
     """
+    outputs = "the new table is returned" if returns_table else "the outputs are written back to the AnnData"
 
     def decorate(function: Callable) -> Callable:
         @functools.wraps(function)
         def run(sdata, *args, **kwargs):
             if not isinstance(sdata, AnnData):
                 return function(sdata, *args, **kwargs)
-            converted = legacy_to_spatialdata(sdata, tool)
+            converted = legacy_to_spatialdata(sdata, tool, outputs=outputs)
             result = function(converted, *args, **kwargs)
+            if returns_table:
+                return _returned_table(converted, sdata, tool)
             _write_back(converted.tables[_LEGACY_TABLE], sdata)
             return result
 
@@ -328,11 +335,13 @@ def accepts_legacy_anndata(tool: str) -> Callable:
 _LEGACY_TABLE = "table"
 
 
-def legacy_to_spatialdata(adata: AnnData, tool: str):
+def legacy_to_spatialdata(
+    adata: AnnData, tool: str, *, outputs: str = "the outputs are written back to the AnnData"
+) -> SpatialData:
     """A SpatialData from scanpy's legacy spatial AnnData, by :func:`spatialdata_io.experimental.from_legacy_anndata`.
 
     It keeps the image of the most pixels (scanpy's ``hires`` over ``lowres``), so that the spots are read at the
-    finest scale there is. The AnnData is not changed.
+    finest scale there is. The AnnData is not changed. ``outputs`` says in the log where the tool's outputs go.
 
     Raises
     ------
@@ -376,11 +385,12 @@ def legacy_to_spatialdata(adata: AnnData, tool: str):
     _CONVERTED[sdata] = weakref.ref(adata)
     logger.info(
         "%s: converted scanpy's legacy AnnData (library %r, image %r) to a SpatialData with "
-        "spatialdata_io.experimental.from_legacy_anndata; the outputs are written back to the AnnData. For several "
-        "calls, convert once: sdata = from_legacy_anndata(adata) (the outputs then go to sdata's table).",
+        "spatialdata_io.experimental.from_legacy_anndata; %s. For several calls, convert once: "
+        "sdata = from_legacy_anndata(adata) (the outputs then go to sdata's tables).",
         tool,
         libraries[0],
         kept.removeprefix(f"{libraries[0]}_"),
+        outputs,
     )
     return sdata
 
@@ -403,6 +413,33 @@ def _write_back(table: AnnData, adata: AnnData) -> None:
                 del getattr(adata, field)[key]
     if UNS_KEY in table.uns:
         adata.uns[UNS_KEY] = table.uns[UNS_KEY]
+
+
+def converted_from(table: AnnData) -> AnnData | None:
+    """The legacy AnnData whose conversion (:func:`legacy_to_spatialdata`) holds ``table``, else ``None``."""
+    for sdata, source in list(_CONVERTED.items()):
+        if sdata.tables.get(_LEGACY_TABLE) is table:
+            return source()
+    return None
+
+
+def _returned_table(converted: SpatialData, adata: AnnData, tool: str) -> AnnData:
+    """The table ``tool`` added to ``converted`` (made from ``adata``), as scanpy lays out a spatial AnnData.
+
+    spatialdata's bookkeeping (the link to the converted shapes) goes; ``adata``'s ``uns['spatial']`` (its H&E and
+    scale factors) is copied in, so that :func:`scanpy.pl.spatial` draws the table over the H&E.
+    """
+    (name,) = [name for name in converted.tables if name != _LEGACY_TABLE]  # the converted SpatialData had one
+    table = converted.tables[name]
+    attrs = table.uns.pop("spatialdata_attrs", {})
+    table.obs = table.obs.drop(columns=[attrs.get("region_key"), attrs.get("instance_key")], errors="ignore")
+    # the converted table it was derived from is gone with the conversion
+    table.uns.get(UNS_KEY, {}).pop(DERIVED_FROM, None)
+    table.uns[LEGACY_SPATIAL] = copy.deepcopy(adata.uns[LEGACY_SPATIAL])
+    logger.info(
+        "%s: returned the new table (%d × %d) as an AnnData; the legacy AnnData is unchanged", tool, *table.shape
+    )
+    return table
 
 
 def table_owner(table: AnnData) -> str | None:

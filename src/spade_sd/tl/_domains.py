@@ -46,7 +46,9 @@ def domains(
     Parameters
     ----------
     sdata
-        SpatialData (or a table) whose rows are spots or tiles with a representation and centers.
+        SpatialData (or a table) whose rows are spots or tiles with a representation and centers. Scanpy's legacy
+        spatial AnnData (``uns['spatial']``) is such a table: only its ``.obsm`` is read, so it is clustered and
+        written as it is, with no conversion (its image is not needed).
     use_rep
         ``.obsm`` key of the representation: ``"X_spade"`` (:func:`spade_sd.tl.embed`), ``"X_backbone"``
         (:func:`spade_sd.tl.features`), or any other. Rows without values (NaN: rows annotating other elements)

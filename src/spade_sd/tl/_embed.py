@@ -6,8 +6,10 @@ import numpy as np
 import pandas as pd
 from spatialdata import SpatialData
 
+from spade_sd.config import PatchConfig
 from spade_sd.model.subspace import UNLIKE_TRAINING, KeptShare
-from spade_sd.spots.geometry import resolve_elements
+from spade_sd.spots.geometry import SpotGeometry, resolve_elements, resolve_geometry
+from spade_sd.spots.patches import SpotPatches
 from spade_sd.tl._common import (
     accepts_legacy_anndata,
     claim_outputs,
@@ -66,6 +68,7 @@ def embed_patches(
     num_workers: int = 0,
     share: KeptShare | None = None,
     represent: bool = False,
+    spread: bool = True,
 ) -> tuple[np.ndarray, ...]:
     """Embedding and expert weights of every patch, as :func:`embed` computes them, streaming the backbone features.
 
@@ -74,8 +77,14 @@ def embed_patches(
     (:meth:`SpadeModel.embed_chunks <spade_sd.SpadeModel.embed_chunks>`). ``share``, if given, accumulates how
     much of the heads' output variance the model's principal subspace keeps. ``represent``: ``X_spade`` as well
     (:meth:`SpadeModel.represent <spade_sd.SpadeModel.represent>`), from the same pass.
+
+    For the patches of a grid over shapes (:class:`~spade_sd.spots.grid.GridPatches`) the model embeds each patch
+    once; ``spread`` then gives every shape its patch's rows (``False``: one row per patch, for callers that work
+    per patch before spreading, :func:`~spade_sd.spots.grid.per_shape`). Per-slide statistics and ``share`` are
+    those of the patches, each region of the tissue counted once.
     """
     from spade_sd.encoders.features import iter_features, rereadable_features
+    from spade_sd.spots.grid import per_shape
 
     options = {"batch_size": batch_size, "cache": cache, "num_workers": num_workers}
     if model.standardization == "slide":
@@ -83,7 +92,8 @@ def embed_patches(
     else:  # one pass: no temporary file even without the cache
         source = nullcontext(lambda: iter_features(patches, model.backbone, **options))
     with source as passes:
-        return model.embed_chunks(passes, len(patches), hard=hard, share=share, represent=represent)
+        outputs = model.embed_chunks(passes, len(patches), hard=hard, share=share, represent=represent)
+    return tuple(per_shape(patches, values) for values in outputs) if spread else outputs
 
 
 @accepts_legacy_anndata(TOOL)
@@ -102,6 +112,8 @@ def embed(
     batch_size: int = 64,
     cache: bool = True,
     num_workers: int = 0,
+    grid: bool | None = None,
+    stride_um: float | None = None,
 ) -> None:
     """Embed every spot (or tile) of a slide with a trained SPADE model.
 
@@ -141,6 +153,16 @@ def embed(
     num_workers
         Processes reading patches while the backbone encodes (a :class:`torch.utils.data.DataLoader`); 0 reads
         in a thread, which keeps a CPU backbone busy. Use several on machines with many cores feeding a GPU.
+    grid
+        Embed shapes through a grid of patches: each takes the embedding of the grid patch whose centre is nearest
+        its own, so encoding and embedding scale with the patches, not the shapes (logged, one line).
+        ``None``: for shapes smaller than a quarter of the patch side (Visium HD's 8 and 16 µm bins, Xenium cells
+        under 112 µm patches; :data:`~spade_sd.config.GRID_SHAPE_FRACTION`); ``True``: always; ``False``: one
+        patch per shape. Recorded in ``.uns['spade']['params']['grid']``.
+    stride_um
+        µm between the grid's patch centres: ``None`` is the patch side (patches side by side); smaller strides
+        give shapes patches centred closer to them, at the cost of more patches. At most the patch side; giving it
+        asks for the grid.
 
     Returns
     -------
@@ -148,12 +170,13 @@ def embed(
 
     ``.obsm['X_spade']``
         The representation to cluster and transfer labels on, ``(n_obs, model.representation_dim)``. By default
-        (``representation="backbone+readout"``) the backbone's features of every spot, unchanged, followed by the
-        expression the model reads from its H&E (:meth:`SpadeModel.represent <spade_sd.SpadeModel.represent>`:
-        distances within that block are distances between the expression profiles the model predicts, scaled to
-        ``readout_weight`` of the backbone's spread). For a model trained with ``representation="heads"`` (and every
-        model saved before spade_sd 0.3): the heads' image-side embedding ``(n_obs, model.dim)``, ``out_dim``
-        aligned coordinates followed, for ``output="joint"``, by a block of standardized backbone features.
+        (``representation="backbone+readout"``) the backbone's features of every spot, their part that the read-out
+        predicts weighing ``1 + readout_lift`` times, followed by the expression the model reads from its H&E
+        (:meth:`SpadeModel.represent <spade_sd.SpadeModel.represent>`: distances within that block are distances
+        between the expression profiles the model predicts, scaled to ``readout_weight`` of the features' spread).
+        For a model trained with ``representation="heads"`` (and every model saved before spade_sd 0.3): the heads'
+        image-side embedding ``(n_obs, model.dim)``, ``out_dim`` aligned coordinates followed, for
+        ``output="joint"``, by a block of standardized backbone features.
     ``.obs['spade_expert']``
         Categorical expert with the largest routing weight.
     ``.obsm['X_spade_weights']``
@@ -184,20 +207,20 @@ def embed(
     with ``standardize="slide"`` standardizes the features by the statistics of all patches embedded here
     (a first pass over the features; at least 30 patches), so embed a slide's spots or tiles in one call.
     """
+    from spade_sd.spots.grid import check_grid_options, per_shape
+
     keys = result_keys(key_added)
     num_workers = _checked_options(genes=genes, hard=hard, cache=cache, batch_size=batch_size, num_workers=num_workers)
+    check_grid_options(grid, stride_um)
     if layer is not None:
         check_key("layer", layer)
     # checked before a model is trained on the slide (model=None) or any patch encoded
     table_name = resolve_elements(sdata, image_key=image_key, shapes_key=shapes_key, table_key=table_key)[2]
     claimed = claim_outputs(sdata.tables[table_name], table_name, TOOL, result_slots(keys))
     records = embedding_records(sdata, table_name, keys["uns"])
-    model = resolve_model(
-        sdata, model, records, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=mpp, layer=layer
-    )
-    geometry, spot_patches = model_patches(
-        sdata, model, image_key=image_key, shapes_key=shapes_key, table_key=table_key, mpp=mpp
-    )
+    elements = {"image_key": image_key, "shapes_key": shapes_key, "table_key": table_key, "mpp": mpp}
+    model = resolve_model(sdata, model, records, **elements, layer=layer, stride_um=stride_um)
+    geometry, spot_patches = model_patches(sdata, model, **elements, grid=grid, stride_um=stride_um)
     table = sdata.tables[geometry.table_key]
     rows = geometry.table_rows
     expression = _expression(model, table[rows], genes, layer, geometry.table_key)
@@ -211,12 +234,16 @@ def embed(
         num_workers=num_workers,
         share=share,
         represent=True,
+        spread=False,
     )
     outputs = {keys["embedding"]: representation, keys["weights"]: weights}
     if model.expression_subspace is not None:
         outputs[keys["expression"]] = model.expression_space(embedding)
         if share is None:
             share = model.expression_subspace.kept_share(embedding[:, : model.mixture.config["out_dim"]])
+    # computed per patch above; from here on per shape (the gene side reads each shape's own expression)
+    outputs = {key: per_shape(spot_patches, value) for key, value in outputs.items()}
+    weights = outputs[keys["weights"]]
     if expression is not None:
         outputs[keys["gene"]] = model.embed_expression(expression, weights)
     _check_finite(outputs, len(rows), geometry.table_key)
@@ -230,6 +257,7 @@ def embed(
             "mpp": geometry.mpp,
             "expression": "none" if expression is None else ("X" if layer is None else f"layers[{layer!r}]"),
             **model.config.patches.to_dict(),
+            **grid_record(spot_patches),
         },
         "model": model_record(model),
         "versions": dict(model.config.versions),
@@ -246,6 +274,15 @@ def embed(
         geometry.table_key,
         len(rows),
     )
+
+
+def grid_record(patches: SpotPatches) -> dict:
+    """What ``.uns[...]['params']`` records of how the shapes were encoded: the grid's stride and patches, if any."""
+    from spade_sd.spots.grid import GridPatches
+
+    if not isinstance(patches, GridPatches):
+        return {"grid": False}
+    return {"grid": True, "stride_um": patches.stride_um, "n_patches": len(patches)}
 
 
 def _subspace_report(model, share: KeptShare, keys: dict[str, str]) -> dict:
@@ -309,9 +346,17 @@ def _checked_options(*, genes, hard, cache, batch_size, num_workers) -> int:
     return check_num_workers(num_workers)
 
 
-def resolve_model(sdata: SpatialData, model, records: dict, *, layer: str | None = None, **elements):
-    """The model given or found (:func:`~spade_sd.tl._common.find_model`), else one trained on ``sdata`` now (logged)."""
+def resolve_model(
+    sdata: SpatialData, model, records: dict, *, layer: str | None = None, stride_um: float | None = None, **elements
+):
+    """The model given or found (:func:`~spade_sd.tl._common.find_model`), else one trained on ``sdata`` now (logged).
+
+    ``stride_um`` is checked against the patch side of the model found, or of the one about to be trained, first.
+    """
+    from spade_sd.spots.grid import check_stride
+
     model, problem = find_model(sdata, model, TOOL, records=records)
+    check_stride(stride_um, PatchConfig.size_um if model is None else model.config.patches.size_um)
     if model is None:
         from spade_sd.tl._pretrain import pretrain
 
@@ -336,18 +381,44 @@ def resolve_model(sdata: SpatialData, model, records: dict, *, layer: str | None
     return model
 
 
-def model_patches(sdata: SpatialData, model, **elements):
-    """The elements' geometry and lazy patches at the model's patch geometry, enough of them for its standardization."""
+def model_patches(
+    sdata: SpatialData, model, *, grid: bool | None = None, stride_um: float | None = None, **elements
+) -> tuple[SpotGeometry, SpotPatches]:
+    """The shapes' geometry and lazy patches to encode at the model's patch geometry, enough for its standardization.
+
+    Shapes much smaller than a patch (``grid``, ``stride_um``: :func:`~spade_sd.spots.grid.shape_patches`) get the
+    patches of a grid over them; when that grid holds too few patches for a model that standardizes per slide, the
+    automatic choice (``grid=None``, no ``stride_um``) falls back to one patch per shape (logged) and an explicit one
+    is an error.
+    """
     from spade_sd.model.standardization import MIN_SLIDE_PATCHES
-    from spade_sd.spots.patches import resolve_patches
+    from spade_sd.spots.grid import GridPatches, check_grid_options, check_stride, shape_patches
 
     patches = model.config.patches
-    geometry, spot_patches = resolve_patches(sdata, **elements, size_um=patches.size_um, size_px=patches.size_px)
-    if model.standardization == "slide" and len(spot_patches) < MIN_SLIDE_PATCHES:
+    check_grid_options(grid, stride_um)
+    check_stride(stride_um, patches.size_um)
+    geometry = resolve_geometry(sdata, **elements)
+    needed = MIN_SLIDE_PATCHES if model.standardization == "slide" else 0
+    spot_patches = shape_patches(
+        sdata.images[geometry.image_key],
+        geometry,
+        size_um=patches.size_um,
+        size_px=patches.size_px,
+        grid=grid,
+        stride_um=stride_um,
+        min_patches=needed,
+    )
+    if len(spot_patches) < needed:
+        where = (
+            f"{len(spot_patches)} grid patches over the {geometry.n_spots} shapes of {geometry.shapes_key!r}. Pass "
+            "a smaller stride_um, or grid=False to encode one patch per shape"
+            if isinstance(spot_patches, GridPatches)
+            else f"{len(spot_patches)} in {geometry.shapes_key!r}. Embed all of the slide's spots or tiles (see "
+            "sd.pp.tile_image)"
+        )
         raise ValueError(
             f"The model standardizes features per slide, which needs at least {MIN_SLIDE_PATCHES} patches of the "
-            f"slide; found {len(spot_patches)} in {geometry.shapes_key!r}. Embed all of the slide's spots or tiles "
-            "(see sd.pp.tile_image), or use a model trained with standardize='global'."
+            f"slide; found {where}, or use a model trained with standardize='global'."
         )
     return geometry, spot_patches
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 from spatialdata import SpatialData
 
 from spade_sd.config import PatchConfig
-from spade_sd.spots.patches import resolve_patches
+from spade_sd.spots.grid import check_grid_options, per_shape, resolve_shape_patches
 from spade_sd.tl._common import accepts_legacy_anndata, as_backbone, claim_outputs, rows_filled
+from spade_sd.tl._embed import grid_record
 from spade_sd.utils.constants import BACKBONE_KEY, SEAL_ATTACHMENT, SEAL_KEY
 from spade_sd.utils.logging import logger
 from spade_sd.utils.validation import check_bool, check_int, check_key
@@ -28,6 +29,8 @@ def features(
     batch_size: int = 64,
     cache: bool = True,
     num_workers: int = 0,
+    grid: bool | None = None,
+    stride_um: float | None = None,
 ) -> None:
     """Frozen backbone features of every spot's patch.
 
@@ -58,6 +61,9 @@ def features(
         Use the on-disk feature cache.
     num_workers
         Processes reading patches while the backbone encodes; 0 reads in a thread (see :func:`spade_sd.tl.embed`).
+    grid, stride_um
+        Shapes much smaller than a patch (bins, cells) take the features of the nearest patch of a grid, encoded
+        once each, as in :func:`spade_sd.tl.embed`; ``grid=False`` encodes one patch per shape.
 
     Returns
     -------
@@ -66,7 +72,8 @@ def features(
     ``.obsm[key_added]``
         ``(n_obs, backbone.dim)`` float32 features (NaN for rows annotating other elements).
     ``.uns[key_added]``
-        ``params`` (elements, patch geometry, µm per pixel) and ``backbone`` (its configuration and identity).
+        ``params`` (elements, patch geometry, µm per pixel, ``grid``: whether a grid was used, with its
+        ``stride_um`` and ``n_patches``) and ``backbone`` (its configuration and identity).
     ``.obsm[seal_key]``
         For a backbone fine-tuned by :func:`spade_sd.tl.finetune`: SEAL's image embedding of every patch, the
         features projected into the space SEAL aligned with expression
@@ -83,12 +90,15 @@ def features(
     check_int("batch_size", batch_size, minimum=1)
     check_bool("cache", cache)
     num_workers = check_num_workers(num_workers)
+    check_grid_options(grid, stride_um)
     backbone = as_backbone(backbone)
-    geometry, patches = resolve_patches(
+    geometry, patches = resolve_shape_patches(
         sdata,
         size_um=size_um,
         size_px=size_px,
         mpp=mpp,
+        grid=grid,
+        stride_um=stride_um,
         image_key=image_key,
         shapes_key=shapes_key,
         table_key=table_key,
@@ -102,7 +112,8 @@ def features(
         from spade_sd.model.seal_heads import SealAlignment
 
         aligned = SealAlignment.from_backbone(backbone, SEAL_ATTACHMENT).embed_images(values)
-        table.obsm[seal_key] = rows_filled(table, geometry.table_rows, aligned, seal_key)
+        table.obsm[seal_key] = rows_filled(table, geometry.table_rows, per_shape(patches, aligned), seal_key)
+    values = per_shape(patches, values)
     table.obsm[key_added] = rows_filled(table, geometry.table_rows, values, key_added)
     table.uns[key_added] = {
         "params": {
@@ -111,6 +122,7 @@ def features(
             "size_um": size_um,
             "size_px": size_px,
             "mpp": geometry.mpp,
+            **grid_record(patches),
         },
         "backbone": backbone.to_config(),
     }

@@ -11,8 +11,15 @@ from anndata import AnnData
 from spatialdata import SpatialData
 
 from spade_sd.model.readout import RIDGE_GRID
-from spade_sd.tl._common import check_free_table_name, given_or_attached_model, parent_table
-from spade_sd.tl._embed import embed_patches, model_patches
+from spade_sd.spots.grid import check_grid_options, per_shape
+from spade_sd.tl._common import (
+    accepts_legacy_anndata,
+    check_free_table_name,
+    converted_from,
+    given_or_attached_model,
+    parent_table,
+)
+from spade_sd.tl._embed import embed_patches, grid_record, model_patches
 from spade_sd.tl._reference import ExpressionReference, expression_reference
 from spade_sd.utils.constants import DERIVED_FROM, OUTPUTS, PREDICTED_KEY, UNS_KEY, WRITTEN_BY
 from spade_sd.utils.logging import logger
@@ -23,8 +30,9 @@ TOOL = "tl.predict_expression"
 # Ridge penalties searched by leave-one-out, relative to the total variance of the reference embeddings
 
 
+@accepts_legacy_anndata(TOOL, returns_table=True)
 def predict_expression(
-    sdata: SpatialData,
+    sdata: SpatialData | AnnData,
     model=None,
     *,
     reference: SpatialData | AnnData | None = None,
@@ -38,7 +46,9 @@ def predict_expression(
     layer: str | None = None,
     batch_size: int = 64,
     cache: bool = True,
-) -> None:
+    grid: bool | None = None,
+    stride_um: float | None = None,
+) -> AnnData | None:
     """Predict the expression of every spot or tile from its H&E patch alone.
 
     Each patch is embedded on the image side exactly as :func:`spade_sd.tl.embed` embeds it, then compared with
@@ -48,7 +58,10 @@ def predict_expression(
     Parameters
     ----------
     sdata
-        SpatialData with an H&E image, spots or tiles, and a table annotating them.
+        SpatialData with an H&E image, spots or tiles, and a table annotating them; or scanpy's legacy spatial
+        AnnData (``uns['spatial']``, :func:`scanpy.read_visium`), converted with
+        :func:`spatialdata_io.experimental.from_legacy_anndata` (logged). Its prediction, a new table that no slot
+        of that AnnData can hold, is then returned (see Returns) and the AnnData is left as it was.
     model
         A :class:`~spade_sd.SpadeModel`; ``None`` uses the one :func:`spade_sd.tl.pretrain` attached to ``sdata``.
     reference
@@ -60,9 +73,10 @@ def predict_expression(
         ``.uns['spade']['model']['identity']``) holding raw counts.
 
         A reference may hold the very spots predicted: ``sdata`` itself, or its spots' table (or a view of it, e.g.
-        ``table[table.obs["labelled"]]``). Each such spot is then left out of its own prediction (leave-one-out:
-        ``"knn"`` averages its ``k`` nearest *other* reference spots, ``"ridge"`` predicts it from the fit without
-        it), so that no spot reads its own measured expression. A copy of the table is not recognised as the same
+        ``table[table.obs["labelled"]]``; for scanpy's legacy AnnData, that AnnData or a view of it). Each such spot
+        is then left out of its own prediction (leave-one-out: ``"knn"`` averages its ``k`` nearest *other*
+        reference spots, ``"ridge"`` predicts it from the fit without it), so that no spot reads its own measured
+        expression. A copy of the table is not recognised as the same
         spots; pass the table or ``sdata`` itself. The bank is not checked for the spots predicted: on a slide the
         model was trained on, it holds them, and each finds its own expression among its neighbours.
     genes
@@ -86,6 +100,10 @@ def predict_expression(
         Layer of the reference's table holding raw counts (SpatialData or AnnData reference); ``None`` uses ``X``.
     batch_size, cache
         Feature extraction batch size and on-disk feature cache.
+    grid, stride_um
+        Shapes much smaller than a patch (bins, cells) take the prediction of the nearest patch of a grid, each
+        patch encoded and predicted once, as in :func:`spade_sd.tl.embed`; ``grid=False`` encodes one patch per
+        shape. Shapes that are themselves reference spots are predicted one by one, each left out of its own.
 
     Returns
     -------
@@ -99,13 +117,19 @@ def predict_expression(
         ``.uns['spade_sd']`` the spots' table's metadata with ``derived_from`` naming that table (element inference
         then prefers the spots' own table) and ``written_by`` naming this tool.
     ``.tables[key_added].uns[key_added]``
-        ``params`` (method, k, ridge penalty, reference, elements, genes) and the ``model``'s identity.
+        ``params`` (method, k, ridge penalty, reference, elements, genes, ``grid``) and the ``model``'s identity.
+
+    For scanpy's legacy AnnData, that table is returned instead, laid out as scanpy's: the same rows and
+    ``obs_names`` as the AnnData, ``X`` the predictions, ``.obsm['spatial']``, ``.uns[key_added]`` and a copy of the
+    AnnData's ``.uns['spatial']`` (so :func:`scanpy.pl.spatial` draws it over the H&E), without spatialdata's
+    region and instance columns.
     """
     check_choice("method", method, METHODS)
     check_int("k", k, minimum=1)
     check_key("key_added", key_added)
     check_int("batch_size", batch_size, minimum=1)
     check_bool("cache", cache)
+    check_grid_options(grid, stride_um)
     if layer is not None:
         check_key("layer", layer)
     model = given_or_attached_model(sdata, model, "predict_expression")
@@ -114,7 +138,7 @@ def predict_expression(
     if method == "knn" and k > source.n_spots:
         raise ValueError(f"k={k} exceeds the {source.n_spots} reference spots ({source.kind}); pass a smaller k.")
     elements = {"image_key": image_key, "shapes_key": shapes_key, "table_key": table_key}
-    geometry, patches = model_patches(sdata, model, **elements)
+    geometry, patches = model_patches(sdata, model, **elements, grid=grid, stride_um=stride_um)
     own = _own_positions(source, sdata.tables[geometry.table_key], geometry)
     if method == "knn" and own is not None and (own >= 0).any() and k > source.n_spots - 1:
         raise ValueError(
@@ -123,11 +147,15 @@ def predict_expression(
         )
     replaced = check_free_table_name(sdata, key_added, TOOL, reads=_tables_read(sdata, geometry, source))
 
-    query, _ = embed_patches(model, patches, batch_size=batch_size, cache=cache)
+    query, _ = embed_patches(model, patches, batch_size=batch_size, cache=cache, spread=False)
     ref_embedding, ref_expression = source.load(genes)
     # compared within the model's expression subspace, where the aligned space holds what predicts expression
     query, ref_embedding = model.expression_space(query), model.expression_space(ref_embedding)
-    prediction, alpha = _predicted(method, query, ref_embedding, ref_expression, k, own)
+    if own is not None and (own >= 0).any():  # each such spot left out of its own prediction: one by one
+        prediction, alpha = _predicted(method, per_shape(patches, query), ref_embedding, ref_expression, k, own)
+    else:  # once per patch encoded, then each shape its patch's
+        prediction, alpha = _predicted(method, query, ref_embedding, ref_expression, k)
+        prediction = per_shape(patches, prediction)
     table = _prediction_table(sdata, geometry, prediction.astype(np.float32), genes)
     table.uns[key_added] = {
         "params": {
@@ -140,6 +168,7 @@ def predict_expression(
             "image_key": geometry.image_key,
             "shapes_key": geometry.shapes_key,
             "table_key": geometry.table_key,
+            **grid_record(patches),
         },
         "model": {"identity": model.identity()},
     }
@@ -193,9 +222,11 @@ def _tables_read(sdata: SpatialData, geometry, source: ExpressionReference) -> d
 def _own_positions(source: ExpressionReference, table: AnnData, geometry) -> np.ndarray | None:
     """Each predicted spot's position in the reference, -1 where it is not there; ``None`` if none can be.
 
-    The reference holds predicted spots when its rows are rows of the very table the spots are predicted for.
+    The reference holds predicted spots when its rows are rows of the very table the spots are predicted for, or of
+    the legacy AnnData that table was converted from (the same spots, by ``obs_names``).
     """
-    if source.spots is None or parent_table(source.spots) is not table:
+    spots = None if source.spots is None else parent_table(source.spots)
+    if spots is None or (spots is not table and spots is not converted_from(table)):
         return None
     if not table.obs_names.is_unique:
         raise ValueError(

@@ -187,6 +187,7 @@ def pretrain(
     expression_comps: int | None = TrainingConfig.expression_comps,
     representation: Literal["backbone+readout", "heads"] = TrainingConfig.representation,
     readout_weight: float = TrainingConfig.readout_weight,
+    readout_lift: float = TrainingConfig.readout_lift,
     output: Literal["aligned", "joint"] = TrainingConfig.output,
     backbone_comps: int | None = TrainingConfig.backbone_comps,
     backbone_weight: float = TrainingConfig.backbone_weight,
@@ -294,15 +295,17 @@ def pretrain(
         :func:`~spade_sd.tl.embed` writes that projection as ``.obsm['X_spade_expr']``: the trailing directions
         add little to expression retrieval, and a linear probe of expression fitted with little regularization or
         on few spots overfits them. ``None``: the tools compare whole embeddings.
-    representation, readout_weight
+    representation, readout_weight, readout_lift
         What :func:`~spade_sd.tl.embed` writes as ``X_spade``, the representation to cluster and transfer labels
-        on. ``"backbone+readout"`` (the default): the backbone's features, unchanged, followed by the expression the
-        model reads from the image (the ridge read-out of the expression subspace, fitted on the reference bank as
-        ``predict_expression(method="ridge")`` fits it, in the principal coordinates of its predictions; :class:`~spade_sd.model.readout.ExpressionReadout`), whose
-        total spread is ``readout_weight`` times the backbone features' on the training slides. Nothing the
-        backbone knew is lost, and Leiden on it follows a held-out section's expression domains better than on the
-        backbone or on the heads' output (``docs/quality.md``). ``"heads"``: the heads' output, what spade_sd 0.2
-        wrote. Needs a reference bank (``reference_size > 0``).
+        on. ``"backbone+readout"`` (the default): the backbone's features followed by the expression the model reads
+        from the image (the ridge read-out of the expression subspace, fitted on the reference bank as
+        ``predict_expression(method="ridge")`` fits it, in the principal coordinates of its predictions;
+        :class:`~spade_sd.model.readout.ExpressionReadout`), whose total spread is ``readout_weight`` times the
+        features'. The part of the features the read-out predicts counts ``1 + readout_lift`` times, the rest once
+        (``readout_lift=0``: the features unchanged, as 0.3.0 wrote them). Nothing the backbone knew is lost; Leiden
+        on it follows a held-out section's expression domains better than on the backbone, and few-shot
+        classifiers of H&E labels score above the backbone within and across data sets (``docs/quality.md``).
+        ``"heads"``: the heads' output, what spade_sd 0.2 wrote. Needs a reference bank (``reference_size > 0``).
     output, backbone_comps, backbone_weight
         ``"aligned"``: the embedding is the aligned coordinates only. ``"joint"``: they are followed by a block of
         the standardized backbone features (the heads' input), or of their ``backbone_comps`` leading principal

@@ -11,8 +11,9 @@ import pandas as pd
 from anndata import AnnData
 from spatialdata import SpatialData
 
-from spade_sd.tl._common import claim_outputs, given_or_attached_model, obs_filled, unit_rows
-from spade_sd.tl._embed import embed_patches, model_patches
+from spade_sd.spots.grid import check_grid_options, per_shape
+from spade_sd.tl._common import accepts_legacy_anndata, claim_outputs, given_or_attached_model, obs_filled, unit_rows
+from spade_sd.tl._embed import embed_patches, grid_record, model_patches
 from spade_sd.tl._reference import ExpressionReference, expression_reference
 from spade_sd.utils.constants import QUERY_KEY
 from spade_sd.utils.logging import logger
@@ -22,8 +23,9 @@ MARKERS = ("spots", "raised")
 TOOL = "tl.query"
 
 
+@accepts_legacy_anndata(TOOL)
 def query(
-    sdata: SpatialData,
+    sdata: SpatialData | AnnData,
     model=None,
     *,
     genes: Sequence[str] | Mapping[str, float] | None = None,
@@ -38,6 +40,8 @@ def query(
     shapes_key: str | None = None,
     table_key: str | None = None,
     layer: str | None = None,
+    grid: bool | None = None,
+    stride_um: float | None = None,
 ) -> None:
     """Score every spot or tile by how well its H&E matches an expression query (gene → image retrieval).
 
@@ -50,7 +54,9 @@ def query(
     Parameters
     ----------
     sdata
-        SpatialData whose spots or tiles (with their H&E image and table) are scored.
+        SpatialData whose spots or tiles (with their H&E image and table) are scored; or scanpy's legacy spatial
+        AnnData (``uns['spatial']``, :func:`scanpy.read_visium`), converted with
+        :func:`spatialdata_io.experimental.from_legacy_anndata` (logged), the outputs below written back to it.
     model
         The :class:`~spade_sd.SpadeModel` whose joint space answers the query; ``None``: the model
         :func:`spade_sd.tl.pretrain` attached to ``sdata``.
@@ -94,6 +100,9 @@ def query(
         Layer of the ``reference``'s table holding raw counts; ``None`` uses ``X``. Only with ``reference``.
     batch_size, cache
         Feature extraction batch size and on-disk feature cache.
+    grid, stride_um
+        Shapes much smaller than a patch (bins, cells) take the score of the nearest patch of a grid, each patch
+        encoded and scored once, as in :func:`spade_sd.tl.embed`; ``grid=False`` encodes one patch per shape.
 
     Returns
     -------
@@ -104,7 +113,7 @@ def query(
         elements); higher matches better. See :func:`spade_sd.pl.query`.
     ``.uns[key_added]``
         ``params`` (kind of query, genes, quantile, the ``reference`` marker spots were selected from: ``"bank"``,
-        ``"AnnData"`` or ``"SpatialData"``, and its ``n_reference`` spots, elements), the ``profile`` over
+        ``"AnnData"`` or ``"SpatialData"``, and its ``n_reference`` spots, elements, ``grid``), the ``profile`` over
         ``profile_genes`` (the panel) that was embedded, and the ``model``'s identity.
     ``.uns['spade_sd']['outputs']``
         This tool recorded as the writer of both keys.
@@ -114,6 +123,7 @@ def query(
     check_choice("markers", markers, MARKERS)
     check_int("batch_size", batch_size, minimum=1)
     check_bool("cache", cache)
+    check_grid_options(grid, stride_um)
     if layer is not None:
         check_key("layer", layer)
     model = given_or_attached_model(sdata, model, "query")
@@ -122,14 +132,15 @@ def query(
         model, genes=genes, profile=profile, quantile=quantile, markers=markers, reference=source
     )
     elements = {"image_key": image_key, "shapes_key": shapes_key, "table_key": table_key}
-    geometry, patches = model_patches(sdata, model, **elements)
+    geometry, patches = model_patches(sdata, model, **elements, grid=grid, stride_um=stride_um)
     table = sdata.tables[geometry.table_key]
     claimed = claim_outputs(table, geometry.table_key, TOOL, [("obs", key_added), ("uns", key_added)])
 
-    image, weights = embed_patches(model, patches, batch_size=batch_size, cache=cache)
+    # scored once per patch encoded (the query is the same for every shape), then each shape its patch's
+    image, weights = embed_patches(model, patches, batch_size=batch_size, cache=cache, spread=False)
     gene = model.embed_expression(np.repeat(values[None], len(image), axis=0), weights)
     image, gene = model.expression_space(image), model.expression_space(gene)
-    score = (unit_rows(image) * unit_rows(gene)).sum(axis=1)
+    score = per_shape(patches, (unit_rows(image) * unit_rows(gene)).sum(axis=1))
     table.obs[key_added] = obs_filled(table, geometry.table_rows, score, key_added).astype(float)
     asked = list(genes) if isinstance(genes, Sequence | Mapping) and not isinstance(genes, str) else genes
     table.uns[key_added] = {
@@ -140,6 +151,7 @@ def query(
             **(_selected_from(model, source) if kind == "markers" and markers == "spots" else {}),
             "image_key": geometry.image_key,
             "shapes_key": geometry.shapes_key,
+            **grid_record(patches),
         },
         "profile_genes": list(model.panel.genes),
         "profile": values.astype(float).tolist(),

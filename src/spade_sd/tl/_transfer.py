@@ -11,7 +11,17 @@ from anndata import AnnData
 from spatialdata import SpatialData
 
 from spade_sd.spots.geometry import resolve_geometry
-from spade_sd.tl._common import claim_outputs, given_or_attached_model, obs_filled, parent_table
+from spade_sd.spots.grid import check_grid_options
+from spade_sd.tl._common import (
+    accepts_legacy_anndata,
+    claim_outputs,
+    converted_from,
+    given_or_attached_model,
+    is_legacy_anndata,
+    legacy_to_spatialdata,
+    obs_filled,
+    parent_table,
+)
 from spade_sd.tl._embed import TOOL as EMBED_TOOL
 from spade_sd.tl._embed import embed, embed_patches, model_patches, result_keys, result_slots
 from spade_sd.utils.constants import EMBEDDING_KEY, LABELS_KEY
@@ -31,8 +41,9 @@ class _Side:
     patches: object = None  # the reference's patches, when it must be embedded now
 
 
+@accepts_legacy_anndata(TOOL)
 def transfer_labels(
-    sdata: SpatialData,
+    sdata: SpatialData | AnnData,
     model=None,
     *,
     reference: SpatialData | AnnData,
@@ -46,6 +57,8 @@ def transfer_labels(
     table_key: str | None = None,
     batch_size: int = 64,
     cache: bool = True,
+    grid: bool | None = None,
+    stride_um: float | None = None,
 ) -> None:
     """Transfer labels from a few labelled spots to every spot or tile of a slide, through the aligned embedding.
 
@@ -57,7 +70,9 @@ def transfer_labels(
     sdata
         SpatialData with an H&E image, spots or tiles, and a table annotating them. Its table needs
         ``.obsm[use_rep]`` on those rows; with ``use_rep="X_spade"`` a missing one is computed with
-        :func:`spade_sd.tl.embed` (and written, as that function writes it).
+        :func:`spade_sd.tl.embed` (and written, as that function writes it). Or scanpy's legacy spatial AnnData
+        (``uns['spatial']``, :func:`scanpy.read_visium`), converted with
+        :func:`spatialdata_io.experimental.from_legacy_anndata` (logged), the outputs written back to it.
     model
         A :class:`~spade_sd.SpadeModel`, needed only to embed a side that lacks ``use_rep``; ``None`` uses the one
         :func:`spade_sd.tl.pretrain` attached to ``sdata``.
@@ -65,6 +80,9 @@ def transfer_labels(
         The labelled spots: an AnnData, or a SpatialData (its spots' table is used), whose table has
         ``.obs[label_key]`` on every row and ``.obsm[use_rep]``; a SpatialData without ``.obsm['X_spade']`` is
         embedded with the model (nothing is written to it). Both sides must be embedded by the same model.
+        Scanpy's legacy spatial AnnData is read as any AnnData when it holds ``.obsm[use_rep]`` on every row;
+        without it (``use_rep="X_spade"``), it is converted as ``sdata`` is (logged) and embedded as a SpatialData
+        is, nothing written to it.
     label_key
         Column of the reference's ``.obs`` holding the labels (no missing values; at least two classes).
     method
@@ -90,6 +108,10 @@ def transfer_labels(
         Elements of ``sdata``; inferred when unambiguous.
     batch_size, cache
         Feature extraction batch size and on-disk feature cache, when a side is embedded.
+    grid, stride_um
+        When ``sdata``'s side is embedded: shapes much smaller than a patch (bins, cells) take the embedding of the
+        nearest patch of a grid, as in :func:`spade_sd.tl.embed` (``grid=False``: one patch per shape). A
+        SpatialData reference is embedded as :func:`spade_sd.tl.embed` chooses by default.
 
     Returns
     -------
@@ -111,9 +133,12 @@ def transfer_labels(
         check_key(name, key)
     check_int("batch_size", batch_size, minimum=1)
     check_bool("cache", cache)
+    check_grid_options(grid, stride_um)
+    reference = _legacy_reference(reference, use_rep)
     labels = _reference_labels(reference, label_key, method, k)
     elements = {"image_key": image_key, "shapes_key": shapes_key, "table_key": table_key}
-    ref, target, geometry, model = _checked_sides(sdata, model, reference, use_rep, elements)
+    options = {"grid": grid, "stride_um": stride_um}
+    ref, target, geometry, model = _checked_sides(sdata, model, reference, use_rep, elements, options)
     table = sdata.tables[geometry.table_key]
     claimed = _claimed(table, geometry.table_key, reference, label_key, use_rep, key_added)
     if target.rep is None:  # embed's outputs too, before the reference is embedded
@@ -123,7 +148,7 @@ def transfer_labels(
         # X_spade as embed writes it (the model's representation), so both sides are compared alike
         ref.rep = embed_patches(model, ref.patches, batch_size=batch_size, cache=cache, represent=True)[2]
     if target.rep is None:
-        embed(sdata, model, **elements, key_added=use_rep, batch_size=batch_size, cache=cache)
+        embed(sdata, model, **elements, **options, key_added=use_rep, batch_size=batch_size, cache=cache)
         target.rep = np.asarray(table.obsm[use_rep])[geometry.table_rows]
     classes, probabilities = _classified(method, ref.rep, labels, target.rep, k)
     _write(table, geometry.table_rows, classes, probabilities, key_added)
@@ -157,10 +182,21 @@ def _claimed(table: AnnData, table_key: str, reference, label_key: str, use_rep:
     reads = {("obsm", use_rep): "use_rep"}
     if use_rep != "X_":  # where the embedding's model is recorded
         reads["uns", result_keys(use_rep)["uns"]] = f"the record of use_rep={use_rep!r}"
-    if parent_table(_reference_table(reference)) is table:
+    # a legacy AnnData's labels are read from it, while its converted copy is written
+    labelled = parent_table(_reference_table(reference))
+    if labelled is table or labelled is converted_from(table):
         reads["obs", label_key] = "label_key: the reference's labels are this table's"
     slots = [("obs", key_added), ("obsm", f"{key_added}_probabilities"), ("uns", key_added)]
     return claim_outputs(table, table_key, TOOL, slots, reads=reads)
+
+
+def _legacy_reference(reference, use_rep: str):
+    """``reference``, or scanpy's legacy AnnData converted to a SpatialData when it must be embedded (not written)."""
+    if not is_legacy_anndata(reference) or use_rep != EMBEDDING_KEY:
+        return reference
+    if use_rep in reference.obsm and np.isfinite(np.asarray(reference.obsm[use_rep], dtype=np.float64)).all():
+        return reference
+    return legacy_to_spatialdata(reference, f"{TOOL} (reference=)", outputs="nothing is written to it")
 
 
 def _reference_table(reference) -> AnnData:
@@ -196,14 +232,17 @@ def _reference_labels(reference, label_key: str, method: str, k: int) -> np.ndar
     return labels
 
 
-def _checked_sides(sdata: SpatialData, model, reference, use_rep: str, elements: dict):
-    """Both sides' representations (or how to compute them), the target's geometry, and the model if one is needed."""
+def _checked_sides(sdata: SpatialData, model, reference, use_rep: str, elements: dict, options: dict):
+    """Both sides' representations (or how to compute them), the target's geometry, and the model if one is needed.
+
+    ``options``: the target's ``grid`` and ``stride_um``, checked against the model's patch side here.
+    """
     ref = _reference_side(reference, use_rep)
     target_geometry = resolve_geometry(sdata, **elements, require_scale=False)
     target = _table_side(sdata.tables[target_geometry.table_key], target_geometry.table_rows, use_rep, "sdata's")
     if target.rep is None or ref.rep is None:
         model = given_or_attached_model(sdata, model, "transfer_labels, to embed a side that lacks .obsm[use_rep],")
-        target_geometry, _ = model_patches(sdata, model, **elements)  # the scale and patches are checked now
+        target_geometry, _ = model_patches(sdata, model, **elements, **options)  # scale and patches checked now
         if ref.rep is None:
             ref.patches = model_patches(reference, model)[1]
         for side in (ref, target):

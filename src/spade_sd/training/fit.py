@@ -137,7 +137,7 @@ def fit_model(
     if config.training.reference_size > 0:
         model = replace(model, reference=reference_bank(model, features, tables, slides, scalable=scalable))
     if config.training.representation == "backbone+readout":
-        model = replace(model, readout=expression_readout(model, features))
+        model = replace(model, readout=expression_readout(model, features, scalable=scalable))
     logger.debug("Fitted the SpadeModel in %.1f s", time.perf_counter() - start)
     return model
 
@@ -234,20 +234,40 @@ def _experts(model: SpadeModel, features: np.ndarray, slide_scaler: FeatureScale
     )
 
 
-def expression_readout(model: SpadeModel, features: Sequence[np.ndarray]) -> ExpressionReadout:
+def expression_readout(
+    model: SpadeModel, features: Sequence[np.ndarray], *, scalable: bool = False
+) -> ExpressionReadout:
     """The read-out of ``X_spade``'s expression block, fitted on the model's reference bank.
 
     The block's scale is set against the backbone ``features`` of the training slides (raw, each slide around its
-    own mean), with ``config.training.readout_weight``.
+    own mean), with ``config.training.readout_weight``; its lift (``config.training.readout_lift``) is fitted on
+    every training spot embedded as :func:`spade_sd.tl.embed` embeds it (``scalable``: a seeded draw of
+    :data:`~spade_sd.config.FIT_SPOTS` spots, each slide standardized by its own statistics).
     """
     bank = model.reference
+    training = model.config.training
     readout = ExpressionReadout.fit(
         model.expression_space(bank.embedding),
         bank.expression,
         bank.slide,
         backbone_variance=slide_variance(features),
-        weight=model.config.training.readout_weight,
+        weight=training.readout_weight,
     )
+    if training.readout_lift > 0:
+        from spade_sd.encoders.features import CHUNK_SIZE
+
+        n_spots = sum(map(len, features))
+        rows = (
+            _per_slide(sample_rows(n_spots, FIT_SPOTS, training.seed), features)
+            if scalable
+            else [np.arange(len(f)) for f in features]
+        )
+        spaces, drawn = [], []
+        for f, r in zip(features, rows, strict=True):
+            scaler = model.slide_scaler(block for _, block in _chunks(f, CHUNK_SIZE)) if scalable else None
+            spaces.append(model.expression_space(model.embed_features(f[r], slide_scaler=scaler)[0]))
+            drawn.append(np.asarray(f[r], dtype=np.float32))
+        readout = readout.lifted(drawn, spaces, training.readout_lift)
     logger.debug(
         "Expression read-out of X_spade: %d coordinates (ridge penalty %.3g) after the %d backbone features",
         readout.n_comps,

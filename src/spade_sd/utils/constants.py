@@ -66,3 +66,7 @@ LEGACY_SPATIAL = "spatial"
 XENIUM_CIRCLES = "cell_circles"
 XENIUM_HE_IMAGE = "he_image"
 XENIUM_CELL_ID = "cell_id"
+# scanpy's UMAP coordinates (sc.tl.umap) and its neighbours' record, whose params["use_rep"] says what they embed;
+# sd.pl.experts reuses them rather than computing another UMAP
+UMAP_KEY = "X_umap"
+NEIGHBORS_KEY = "neighbors"
