@@ -224,6 +224,8 @@ def test_slides_unlike_the_training_data_are_flagged(data_dir, caplog):
         sd.tl.embed(other, model)
     # the default embedding keeps every direction: the warning is about the expression tools
     assert "unlike the training slides" in caplog.text and "expression tools" in caplog.text
+    # and it says what the default X_spade holds
+    assert "every direction of the backbone's features" in caplog.text and "weigh 1.5 times" in caplog.text
     unlike = other.tables["table"].uns["spade"]["subspace"]
     assert unlike["projects"] == "expression tools" == same["projects"]
     assert unlike["kept_variance"] < 0.85 * unlike["training_kept_variance"] < same["kept_variance"]

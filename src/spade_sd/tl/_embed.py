@@ -309,9 +309,15 @@ def _subspace_report(model, share: KeptShare, keys: dict[str, str]) -> dict:
                 "sd.tl.embed(sdata, model.full_rank(), key_added='X_spade_full')"
             )
         elif model.readout is not None:
+            held = (
+                "the backbone's features unchanged"
+                if model.readout.lift is None
+                else "every direction of the backbone's features (those the expression read-out predicts weigh "
+                f"{1 + model.config.training.readout_lift:g} times)"
+            )
             consequence = (
-                f".obsm[{keys['embedding']!r}] holds the backbone's features unchanged (for clustering and label "
-                "transfer it stays at least level with them on such slides), but its expression block and the "
+                f".obsm[{keys['embedding']!r}] holds {held}: for clustering and label transfer it stays at least "
+                "level with them on such slides (measured across data sets). But its expression block and the "
                 f"expression tools (tl.predict_expression, tl.query, .obsm[{keys['expression']!r}]) read directions "
                 "fitted to the training tissue: treat the expression they read from these images with caution"
             )
