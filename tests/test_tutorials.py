@@ -69,7 +69,8 @@ def test_quickstart_runs_in_fast_mode(tmp_path, data_dir):
         ["import matplotlib\nmatplotlib.use('Agg')", f"_REPORT_PATH = {str(report_path)!r}", *cells, REPORT]
     )
     (tmp_path / "quickstart.py").write_text(script)
-    env = {**os.environ, "SPADE_SD_FAST": "1", "SPADE_SD_DATA_DIR": str(data_dir), "MPLBACKEND": "Agg"}
+    # the script runs in tmp_path: a data folder given relative to the repository (as CI gives it) is made absolute
+    env = {**os.environ, "SPADE_SD_FAST": "1", "SPADE_SD_DATA_DIR": str(data_dir.resolve()), "MPLBACKEND": "Agg"}
     done = subprocess.run(
         [sys.executable, "quickstart.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )

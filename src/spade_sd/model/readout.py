@@ -20,9 +20,9 @@ on an unseen patient fell from 0.71 to 0.57). A logistic regression on standardi
 the features' own columns, where it lifts H&E-derived labels above the backbone within and across data sets
 (``benchmarks/representations.py``).
 
-The block's total variance is :attr:`ExpressionReadout.weight`² times the backbone features' on the training slides
-(each slide around its own mean), so the block's share of a neighbour graph does not depend on the backbone's
-dimension or scale.
+The block's total variance is :attr:`ExpressionReadout.weight`² times that of the (lifted) features before it on
+the training slides (each slide around its own mean), so the block's share of a neighbour graph does not depend on
+the backbone's dimension or scale.
 """
 
 from __future__ import annotations
@@ -138,13 +138,23 @@ class ExpressionReadout:
         the features' before.
         """
         blocks = [self.block(space).astype(np.float64) for space in spaces]
-        block = np.concatenate(blocks)
-        centred = np.concatenate([np.asarray(f, dtype=np.float64) for f in features])
-        block_mean, feature_mean = block.mean(axis=0), centred.mean(axis=0)
-        coefficients = np.linalg.lstsq(block - block_mean, centred - feature_mean, rcond=None)[0] * strength
-        lifted = [np.asarray(f, dtype=np.float64) + b @ coefficients for f, b in zip(features, blocks, strict=True)]
-        before = slide_variance([np.asarray(f, dtype=np.float64) for f in features])
-        ratio = np.sqrt(slide_variance(lifted) / before) if before > 0 else 1.0
+        block_mean = np.concatenate(blocks).mean(axis=0)
+        centred = [b - block_mean for b in blocks]
+        # least squares by the normal equations, one slide at a time: the centred block's columns sum to zero, so
+        # the features need no centring and no copy of all slides' features is made
+        gram = sum(b.T @ b for b in centred)
+        cross = sum(b.T @ np.asarray(f, dtype=np.float64) for b, f in zip(centred, features, strict=True))
+        coefficients = np.linalg.lstsq(gram, cross, rcond=None)[0] * strength
+        before = slide_variance(features)
+        # each slide's lifted features are made, measured and dropped in turn (every slide counts once, as above)
+        after = np.mean(
+            [
+                slide_variance([np.asarray(f, dtype=np.float32) + (b @ coefficients).astype(np.float32)])
+                for f, b in zip(features, blocks, strict=True)
+                if len(f)
+            ]
+        )
+        ratio = np.sqrt(after / before) if before > 0 else 1.0
         return replace(
             self,
             projection=np.ascontiguousarray(self.projection * ratio, dtype=np.float32),

@@ -256,17 +256,16 @@ def expression_readout(
     if training.readout_lift > 0:
         from spade_sd.encoders.features import CHUNK_SIZE
 
-        n_spots = sum(map(len, features))
-        rows = (
-            _per_slide(sample_rows(n_spots, FIT_SPOTS, training.seed), features)
-            if scalable
-            else [np.arange(len(f)) for f in features]
-        )
-        spaces, drawn = [], []
-        for f, r in zip(features, rows, strict=True):
-            scaler = model.slide_scaler(block for _, block in _chunks(f, CHUNK_SIZE)) if scalable else None
-            spaces.append(model.expression_space(model.embed_features(f[r], slide_scaler=scaler)[0]))
-            drawn.append(np.asarray(f[r], dtype=np.float32))
+        if scalable:  # a seeded draw, each slide standardized by all of its spots' statistics
+            rows = _per_slide(sample_rows(sum(map(len, features)), FIT_SPOTS, training.seed), features)
+            drawn = [np.asarray(f[r]) for f, r in zip(features, rows, strict=True)]
+            scalers = [model.slide_scaler(block for _, block in _chunks(f, CHUNK_SIZE)) for f in features]
+        else:  # every spot, as tl.embed embeds the slide
+            drawn, scalers = list(features), [None] * len(features)
+        spaces = [
+            model.expression_space(model.embed_features(f, slide_scaler=scaler)[0])
+            for f, scaler in zip(drawn, scalers, strict=True)
+        ]
         readout = readout.lifted(drawn, spaces, training.readout_lift)
     logger.debug(
         "Expression read-out of X_spade: %d coordinates (ridge penalty %.3g) after the %d backbone features",
