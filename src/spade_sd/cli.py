@@ -78,6 +78,9 @@ Backbone = Annotated[
         show_default=False,
     ),
 ]
+MaxEpochs = Annotated[int | None, typer.Option("--max-epochs", "--epochs", help="Training epochs.")]
+Seed = Annotated[int | None, typer.Option(help="Random seed.", show_default=False)]
+Accelerator = Annotated[str | None, typer.Option(help="Lightning accelerator (cpu, gpu, auto).")]
 BatchSize = Annotated[int | None, typer.Option(help="Feature extraction batch size.", show_default=False)]
 
 
@@ -382,14 +385,14 @@ def _update(store: Path, tool: Callable[[SpatialData], None]) -> None:
 def pretrain(
     stores: Stores,
     out: OutOption,
-    max_epochs: Annotated[int | None, typer.Option("--max-epochs", "--epochs", help="Training epochs.")] = None,
+    max_epochs: MaxEpochs = None,
     n_experts: Annotated[int | None, typer.Option(help="Data experts.", show_default=False)] = None,
     backbone: Backbone = None,
     image_key: ImageKey = None,
     shapes_key: ShapesKey = None,
     table_key: TableKey = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.", show_default=False)] = None,
-    accelerator: Annotated[str | None, typer.Option(help="Lightning accelerator (cpu, gpu, auto).")] = None,
+    seed: Seed = None,
+    accelerator: Accelerator = None,
     overwrite: Overwrite = False,
     param: Params = None,
 ) -> None:
@@ -420,14 +423,14 @@ def pretrain(
 def finetune(
     stores: Stores,
     out: OutOption,
-    max_epochs: Annotated[int | None, typer.Option("--max-epochs", "--epochs", help="Training epochs.")] = None,
+    max_epochs: MaxEpochs = None,
     n_blocks: Annotated[int | None, typer.Option(help="Last backbone blocks adapted.", show_default=False)] = None,
     backbone: Backbone = None,
     image_key: ImageKey = None,
     shapes_key: ShapesKey = None,
     table_key: TableKey = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.", show_default=False)] = None,
-    accelerator: Annotated[str | None, typer.Option(help="Lightning accelerator (cpu, gpu, auto).")] = None,
+    seed: Seed = None,
+    accelerator: Accelerator = None,
     overwrite: Overwrite = False,
     param: Params = None,
 ) -> None:
@@ -555,7 +558,7 @@ def evaluate(
     ] = None,
     tasks: Annotated[list[str] | None, typer.Option("--tasks", help="Tasks (repeat) [all].")] = None,
     table_key: TableKey = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.", show_default=False)] = None,
+    seed: Seed = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
     param: Params = None,
 ) -> None:
