@@ -8,7 +8,8 @@ then built from these arrays, so that every candidate is scored on the same mode
 - ``lift{g}``: ``[B + g·P(B), c·Z]``, where ``P(B) = (Z − z̄)·A`` is the part of the features the block predicts
   (``A`` the least-squares map from the block to the features on the training spots) and ``c`` keeps the block's
   spread 0.7 of the lifted features' (here on the scored section; the package sets it on the training slides):
-  what ``readout_lift=g`` writes. ``lift{g}_only``: the lifted features alone.
+  what ``readout_lift=g`` writes. ``lift{g}w{w}``: the same with the block's spread ``w`` (not 0.7) times the
+  lifted features' (``readout_weight=w``). ``lift{g}_only``: the lifted features alone.
 - ``spade_0.3``: ``[B, Z]``; ``heads``: the heads' output (0.2's ``X_spade``); ``backbone``: ``B``.
 
 Scores (mean over the folds): H&E-derived labels (``morphology.image_labels``: hematoxylin, tissue, hematoxylin
@@ -35,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 WORK = Path(".cache/representations")
 METRICS = ("morph", "transfer", "ari")
+READOUT_WEIGHT = 0.7  # the block's spread relative to the features' in the saved ``Z`` (0.3.0's readout_weight)
 
 
 def collect(out: Path) -> None:
@@ -93,7 +95,7 @@ def collect(out: Path) -> None:
             save(f"x_{source}_{s.name}", model, train, s, {f"lab_{k}": v for k, v in labels[s.name].items()})
 
 
-def lifted(d, g: float, block: bool) -> np.ndarray:
+def lifted(d, g: float, block: bool, weight: float = READOUT_WEIGHT) -> np.ndarray:
     B, Z = d["B"], d["Z"]
     Ztr, Btr = d["Ztr"], d["Btr"]
     A = np.linalg.lstsq(Ztr - Ztr.mean(0), Btr - Btr.mean(0), rcond=None)[0]
@@ -101,7 +103,7 @@ def lifted(d, g: float, block: bool) -> np.ndarray:
     if not block:
         return S
     c = np.sqrt(np.square(S - S.mean(0)).sum() / np.square(B - B.mean(0)).sum())
-    return np.hstack([S, c * Z])
+    return np.hstack([S, c * weight / READOUT_WEIGHT * Z])
 
 
 def variant(d, name: str) -> np.ndarray:
@@ -113,7 +115,8 @@ def variant(d, name: str) -> np.ndarray:
         return d["E"]
     if name.startswith("lift"):
         g, _, only = name[4:].partition("_")
-        return lifted(d, float(g), block=only != "only")
+        g, _, weight = g.partition("w")
+        return lifted(d, float(g), block=only != "only", weight=float(weight or READOUT_WEIGHT))
     raise ValueError(f"unknown variant {name!r}")
 
 

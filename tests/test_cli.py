@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import spatialdata
 from typer.testing import CliRunner
@@ -129,6 +130,48 @@ def test_a_failure_midway_leaves_the_store_readable_and_unchanged(mob_folder):
     assert tiled.returncode == 0, tiled.stderr
     sdata = spatialdata.read_zarr(store)
     assert sdata.tables["tiles_table"].n_obs == len(sdata.shapes["tiles"]) > 0
+
+
+@pytest.mark.slow
+def test_evaluate_and_finetune_only_read_their_stores(mob_folder):
+    first = _fresh_store(mob_folder, "eval_MOB1.zarr")
+    sd.datasets.mouse_olfactory_bulb("MOB2").write(mob_folder / "eval_MOB2.zarr")
+    stores = ["eval_MOB1.zarr", "eval_MOB2.zarr"]
+    before = {store: _files(mob_folder / store) for store in stores}
+    trained = _run(
+        *("pretrain", *stores, "--out", "eval_model", "--max-epochs", "1", "--n-experts", "1"),
+        *("--param", "val_fraction=0"),
+        cwd=mob_folder,
+    )
+    assert trained.returncode == 0, trained.stderr
+
+    evaluated = _run(
+        *("evaluate", *stores, "--model", "eval_model", "--tasks", "knn", "--out", "results/knn.json"),
+        *("--param", "n_top_genes=20"),
+        cwd=mob_folder,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr
+    results = pd.read_json(mob_folder / "results" / "knn.json", orient="records")
+    # leave one slide out: each section is predicted from the other, for the backbone and the embedding
+    assert set(results["encoder"]) == {"X_backbone", "X_spade"} and set(results["task"]) == {"knn"}
+    assert results.groupby("encoder")["gene"].nunique().eq(20).all() and results["fold"].nunique() == 2
+    assert results["value"].between(-1, 1).all() and results["value"].notna().any()
+    again = _run("evaluate", *stores, "--model", "eval_model", "--out", "results/knn.json", cwd=mob_folder)
+    assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr
+
+    tuned = _run(
+        *("finetune", "eval_MOB1.zarr", "--out", "eval_seal", "--max-epochs", "1", "--n-blocks", "1"),
+        *("--param", "size_px=64", "--param", "batch_size=64"),
+        cwd=mob_folder,
+    )
+    assert tuned.returncode == 0, tuned.stderr
+    backbone = sd.FineTunedBackbone.from_pretrained(mob_folder / "eval_seal")
+    assert (mob_folder / "eval_seal" / "README.md").exists()  # the model card
+    patches = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    features = backbone(patches)
+    assert features.shape == (2, backbone.dim) and np.isfinite(features).all()
+    assert {store: _files(mob_folder / store) for store in stores} == before  # both commands only read
+    assert first.exists() and not _staging_left(mob_folder)
 
 
 def test_bad_input_exits_2_with_the_message_before_any_work(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -11,7 +13,7 @@ from threadpoolctl import threadpool_limits
 
 import spade_sd as sd
 from spade_sd.encoders.morphology import MorphologyFeatures
-from spade_sd.metrics import gene_to_image_recall, ridge_probe, summarize
+from spade_sd.metrics import gene_to_image_recall, knn_expression_cv, ridge_probe, summarize
 
 PATCH = {"size_um": 64.0, "size_px": 64}
 FAST = {"n_repeats": 2, "k_shots": (1, 3)}
@@ -92,6 +94,15 @@ def test_rows_without_values_are_left_out(slides):
     assert np.isfinite(df["value"].dropna()).all()
 
 
+def test_a_gene_side_missing_on_one_slide_is_said(slides, caplog):
+    tables = [s.tables["table"].copy() for s in slides]
+    del tables[1].obsm["X_spade_gene"]
+    with caplog.at_level(logging.WARNING, logger="spade_sd"):
+        df = sd.tl.evaluate(tables, use_rep="X_spade", tasks=("gene_to_image",))
+    assert df.empty
+    assert "tables [1] of 3 lack .obsm['X_spade_gene']" in caplog.text
+
+
 def test_errors_say_what_to_do(slides):
     with pytest.raises(ValueError, match="Unknown tasks"):
         sd.tl.evaluate(slides, tasks=("probe", "nonsense"))
@@ -140,4 +151,20 @@ def test_benchmark_plot(latent, single_blas_thread):
         sd.pl.benchmark(results, metric="auroc", show=False)
     with pytest.raises(ValueError, match="one panel"):
         sd.pl.benchmark(results, ax=ax, show=False)
+    plt.close("all")
+
+
+def test_tasks_sharing_a_metric_stay_apart(latent, single_blas_thread):
+    # the ridge probe and kNN both report "pearson": one summary row and one panel each, never their mean
+    x_good, _, y, slide = latent
+    probe = ridge_probe(x_good, y, slide, label="good").assign(task="probe")
+    knn = knn_expression_cv(x_good, y, slide, k=5, label="good").assign(task="knn")
+    summary = summarize(pd.concat([probe, knn]))
+    assert list(summary["task"]) == ["probe", "knn"] and set(summary["metric"]) == {"pearson"}
+    by_task = summary.set_index("task")["mean"]
+    assert by_task["probe"] == pytest.approx(summarize(probe)["mean"].iloc[0])
+    assert by_task["knn"] == pytest.approx(summarize(knn)["mean"].iloc[0])
+    assert by_task["probe"] != pytest.approx(by_task["knn"])
+    axes = sd.pl.benchmark(pd.concat([probe, knn]), show=False)
+    assert [ax.get_title() for ax in axes] == ["pearson (probe)", "pearson (knn)"]
     plt.close("all")

@@ -21,13 +21,24 @@ _SUMMARY_COLUMNS = {"encoder", "metric", "mean", "std"}
 
 def _as_summary(df: pd.DataFrame) -> pd.DataFrame:
     if "value" in df.columns:
-        return summarize(df)
-    if _SUMMARY_COLUMNS <= set(df.columns):
-        return df
-    raise ValueError(
-        "`df` must be an evaluation frame (columns encoder, metric, value) or its `summarize` output "
-        f"(columns encoder, metric, mean, std); found columns {list(df.columns)}."
-    )
+        summary = summarize(df)
+    elif _SUMMARY_COLUMNS <= set(df.columns):
+        summary = df
+    else:
+        raise ValueError(
+            "`df` must be an evaluation frame (columns encoder, metric, value) or its `summarize` output "
+            f"(columns encoder, metric, mean, std); found columns {list(df.columns)}."
+        )
+    return _metric_per_task(summary)
+
+
+def _metric_per_task(summary: pd.DataFrame) -> pd.DataFrame:
+    """A metric that several tasks share (the probe's and kNN's ``pearson``) becomes one panel per task."""
+    if "task" not in summary.columns:
+        return summary
+    shared = summary.groupby("metric", sort=False)["task"].nunique() > 1
+    renamed = summary["metric"].map(shared).fillna(False).astype(bool)
+    return summary.assign(metric=summary["metric"].where(~renamed, summary["metric"] + " (" + summary["task"] + ")"))
 
 
 def _chosen_metrics(summary: pd.DataFrame, metric: str | Sequence[str] | None) -> list[str]:
@@ -87,7 +98,8 @@ def benchmark(
         Output of the evaluations (several encoders concatenated), or its :func:`~spade_sd.metrics.summarize`
         output. Per-gene scores are averaged over genes first, then over folds / repeats.
     metric
-        Metric(s) to show; default all of them. ``chance@k`` rows (from gene → image recall) become a dashed
+        Metric(s) to show; default all of them. A metric of several tasks is named with its task, e.g.
+        ``"pearson (knn)"``. ``chance@k`` rows (from gene → image recall) become a dashed
         reference line on the ``recall@k`` panel.
     kind
         ``"bar"``: bars with error bars; ``"point"``: points with error bars.

@@ -108,7 +108,17 @@ def _gene_side(
     is in ``X_spade_expr``, projected onto the expression subspace).
     """
     gene_rep, expr_rep = f"{rep}_gene", f"{rep}_expr"
-    if not all(gene_rep in t.obsm for t in tables):
+    lacking = [i for i, t in enumerate(tables) if gene_rep not in t.obsm]
+    if lacking and len(lacking) < len(tables):
+        logger.warning(
+            "gene → image retrieval of %r skipped: tables %s of %d lack .obsm[%r] (tl.embed writes it for spots "
+            "with expression, unless genes=False); embed them with their expression to score it",
+            rep,
+            lacking,
+            len(tables),
+            gene_rep,
+        )
+    if lacking:
         return None
     G = _stack(tables, gene_rep)[keep]
     if G.shape[1] == X.shape[1]:
