@@ -1,9 +1,13 @@
 """Turning a registry's JPEG into a lazily read multiscale image.
 
 A JPEG cannot be read by tiles, so it is decoded once into uncompressed array files in the cache (keyed by the
-file's SHA-256), one per pyramid level (2 × 2 means of the level above); afterwards every read is a memory-mapped
-tile of the level asked for. A pyramid computed lazily from level 0 instead would read the whole slide to show
-its coarsest level.
+file's SHA-256), one per pyramid level (2 × 2 means of the level above), written in row strips; afterwards every
+read maps the file, copies the chunk asked for and unmaps it. A pyramid computed lazily from level 0 instead would
+read the whole slide to show its coarsest level.
+
+The levels enter dask as :class:`NpyLevel` objects, not as memory maps: ``dask.array.from_array`` copies any
+array it is given (dask 2026.8 does) and hashes a memory map's every byte to name it, which put a copy of every level
+in memory on each load (a process loading her2st C2, whose level 0 is 276 MB, peaked at 1.78 GB instead of 0.84 GB).
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ from xarray import DataTree
 from spade_sd.utils.logging import logger
 from spade_sd.utils.settings import settings
 
-CHUNK = 1024
+# Side of a chunk in pixels. A patch reads whole chunks: 512 px chunks read 224 px windows as fast as 1024 px ones
+# (reading alone ~450 patches/s on her2st C2, far above encoding) with half the transient memory; 256 px chunks
+# read at half the speed (benchmarks/results/scale_log.md)
+CHUNK = 512
 MIN_COARSEST_SIDE = 256
 
 
@@ -33,46 +40,92 @@ def pyramid_scale_factors(shape: tuple[int, int]) -> list[int]:
     return factors
 
 
-def _save_atomically(target: Path, pixels: np.ndarray) -> None:
+class NpyLevel:
+    """One cached pyramid level, ``(y, x, c)`` uint8 in a ``.npy`` file, read a slice at a time.
+
+    Each slice maps the file, copies the pixels asked for and unmaps it, so that reading a whole slide leaves no
+    file pages mapped in this process (they would count in its resident memory) and pickling it (for reader
+    processes) sends the file name, not the pixels.
+    """
+
+    def __init__(self, path: Path) -> None:
+        pixels = np.load(path, mmap_mode="r")
+        self.path, self.shape, self.dtype = path, pixels.shape, pixels.dtype
+        self.ndim = len(self.shape)
+        del pixels
+
+    def __getitem__(self, key) -> np.ndarray:
+        return np.array(np.load(self.path, mmap_mode="r")[key])
+
+
+def _write_strips(target: Path, shape: tuple[int, int, int], strips) -> None:
+    """Write a ``(y, x, c)`` uint8 ``.npy`` file from its row strips, atomically.
+
+    A crash never leaves a half-written cache entry behind: the file is written under another name and renamed.
+    """
     partial = target.with_suffix(f".{os.getpid()}.partial.npy")
-    np.save(partial, pixels)
-    partial.replace(target)  # atomic: a crash never leaves a half-written cache entry behind
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
+    rows = 0
+    try:
+        with partial.open("wb") as handle:
+            np.lib.format.write_array_header_1_0(handle, header)
+            for strip in strips:
+                handle.write(np.ascontiguousarray(strip, dtype=np.uint8).tobytes())
+                rows += len(strip)
+        if rows != shape[0]:
+            raise RuntimeError(f"Wrote {rows} rows of {target.name}, expected {shape[0]}.")
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(target)
 
 
-def _halved(pixels: np.ndarray) -> np.ndarray:
-    """2 × 2 block means of a (y, x, c) uint8 array, in row strips to bound memory."""
-    height, width = pixels.shape[0] // 2, pixels.shape[1] // 2
-    out = np.empty((height, width, pixels.shape[2]), dtype=np.uint8)
-    for start in range(0, height, CHUNK):
-        stop = min(start + CHUNK, height)
-        block = np.asarray(pixels[2 * start : 2 * stop, : 2 * width], dtype=np.float32)
-        out[start:stop] = np.rint(block.reshape(stop - start, 2, width, 2, -1).mean(axis=(1, 3)))
-    return out
+def _decode(path: Path, target: Path) -> None:
+    """Level 0 of an image file, decoded once and written in row strips (no second full-size copy)."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None  # the H&E images are larger than PIL's decompression-bomb guard
+    with Image.open(path) as image:
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        width, height = rgb.size
+        strips = (np.asarray(rgb.crop((0, top, width, min(top + CHUNK, height)))) for top in range(0, height, CHUNK))
+        _write_strips(target, (height, width, 3), strips)
 
 
-def _decoded_levels(path: Path, sha256: str) -> list[np.ndarray]:
-    """Memory maps of every pyramid level's RGB pixels (y, x, c), decoding into the cache on first use."""
+def _halve(source: NpyLevel, target: Path) -> None:
+    """2 × 2 block means of a level, rounded, read and written in row strips to bound memory."""
+    height, width = source.shape[0] // 2, source.shape[1] // 2
+
+    def strips():
+        for start in range(0, height, CHUNK):
+            stop = min(start + CHUNK, height)
+            block = source[2 * start : 2 * stop, : 2 * width].astype(np.float32)
+            yield np.rint(block.reshape(stop - start, 2, width, 2, -1).mean(axis=(1, 3)))
+
+    _write_strips(target, (height, width, source.shape[2]), strips())
+
+
+def _decoded_levels(path: Path, sha256: str) -> list[NpyLevel]:
+    """Every pyramid level's RGB pixels (y, x, c), decoding into the cache on first use."""
     folder = settings.cache_dir / "decoded" / sha256
     level0 = folder / "scale0.npy"
     if not level0.is_file():
-        from PIL import Image
-
-        Image.MAX_IMAGE_PIXELS = None  # the H&E images are larger than PIL's decompression-bomb guard
         logger.info("Decoding %s once into %s", path.name, folder)
         folder.mkdir(parents=True, exist_ok=True)
-        with Image.open(path) as image:
-            _save_atomically(level0, np.asarray(image.convert("RGB")))
-    levels = [np.load(level0, mmap_mode="r")]
+        _decode(path, level0)
+    levels = [NpyLevel(level0)]
     for i, _ in enumerate(pyramid_scale_factors(levels[0].shape[:2]), start=1):
         target = folder / f"scale{i}.npy"
         if not target.is_file():
-            _save_atomically(target, _halved(levels[-1]))
-        levels.append(np.load(target, mmap_mode="r"))
+            _halve(levels[-1], target)
+        levels.append(NpyLevel(target))
     return levels
 
 
-def _as_cyx(pixels: np.ndarray) -> da.Array:
-    return da.from_array(pixels, chunks=(CHUNK, CHUNK, 3)).transpose(2, 0, 1)
+def _as_cyx(pixels: NpyLevel, name: str) -> da.Array:
+    # named, so that dask neither hashes the level's pixels to name it nor keeps a copy of them in its graph
+    lazy = da.from_array(pixels, chunks=(CHUNK, CHUNK, 3), name=name, meta=np.empty((0, 0, 0), np.uint8))
+    return lazy.transpose(2, 0, 1)
 
 
 def multiscale_from_file(path: Path, sha256: str, transformations: dict | None = None) -> DataTree:
@@ -89,15 +142,17 @@ def multiscale_from_file(path: Path, sha256: str, transformations: dict | None =
 
     Returns
     -------
-    The image as a :class:`spatialdata.models.Image2DModel` multiscale element whose levels are memory-mapped.
+    The image as a :class:`spatialdata.models.Image2DModel` multiscale element whose levels are read from
+    the decoded copy in the cache, chunk by chunk, when computed.
     """
     from spatialdata.models import Image2DModel
 
     levels = _decoded_levels(path, sha256)
+    names = [f"decoded-{sha256}-scale{i}-{CHUNK}" for i in range(len(levels))]
     # spatialdata computes each level's shape and transformation; its lazily averaged pixels are then swapped for
     # the cached levels of the same shapes
     model = Image2DModel.parse(
-        _as_cyx(levels[0]),
+        _as_cyx(levels[0], names[0]),
         dims=("c", "y", "x"),
         c_coords=["r", "g", "b"],
         scale_factors=pyramid_scale_factors(levels[0].shape[:2]),
@@ -105,9 +160,10 @@ def multiscale_from_file(path: Path, sha256: str, transformations: dict | None =
         transformations=transformations,
     )
     nodes = {}
-    for name, pixels in zip(model, levels, strict=True):
-        lazy = next(iter(model[name].values()))
-        nodes[name] = xr.Dataset({lazy.name: lazy.copy(data=_as_cyx(pixels).rechunk(lazy.data.chunksize))})
+    for scale, pixels, name in zip(model, levels, names, strict=True):
+        lazy = next(iter(model[scale].values()))
+        cyx = _as_cyx(pixels, name).rechunk(lazy.data.chunksize)
+        nodes[scale] = xr.Dataset({lazy.name: lazy.copy(data=cyx)})
     image = DataTree.from_dict(nodes)
     Image2DModel().validate(image)
     return image
