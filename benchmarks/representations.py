@@ -9,7 +9,9 @@ then built from these arrays, so that every candidate is scored on the same mode
   (``A`` the least-squares map from the block to the features on the training spots) and ``c`` keeps the block's
   spread 0.7 of the lifted features' (here on the scored section; the package sets it on the training slides):
   what ``readout_lift=g`` writes. ``lift{g}w{w}``: the same with the block's spread ``w`` (not 0.7) times the
-  lifted features' (``readout_weight=w``). ``lift{g}_only``: the lifted features alone.
+  lifted features' (``readout_weight=w``); ``lift{g}e{e}``: each block column first multiplied by its spread on the
+  training spots to the power ``e`` (the block's total spread kept), so that the read-out's leading components weigh
+  more. ``lift{g}_only``: the lifted features alone.
 - ``spade_0.3``: ``[B, Z]``; ``heads``: the heads' output (0.2's ``X_spade``); ``backbone``: ``B``.
 
 Scores (mean over the folds): H&E-derived labels (``morphology.image_labels``: hematoxylin, tissue, hematoxylin
@@ -95,13 +97,16 @@ def collect(out: Path) -> None:
             save(f"x_{source}_{s.name}", model, train, s, {f"lab_{k}": v for k, v in labels[s.name].items()})
 
 
-def lifted(d, g: float, block: bool, weight: float = READOUT_WEIGHT) -> np.ndarray:
+def lifted(d, g: float, block: bool, weight: float = READOUT_WEIGHT, emphasis: float = 0.0) -> np.ndarray:
     B, Z = d["B"], d["Z"]
     Ztr, Btr = d["Ztr"], d["Btr"]
     A = np.linalg.lstsq(Ztr - Ztr.mean(0), Btr - Btr.mean(0), rcond=None)[0]
     S = B + g * (Z - Ztr.mean(0)) @ A
     if not block:
         return S
+    if emphasis:  # each column times its training spread ** emphasis, the block's total spread kept
+        Ze = Z * Ztr.std(0) ** emphasis
+        Z = Ze * np.sqrt(np.square(Z - Z.mean(0)).sum() / np.square(Ze - Ze.mean(0)).sum())
     c = np.sqrt(np.square(S - S.mean(0)).sum() / np.square(B - B.mean(0)).sum())
     return np.hstack([S, c * weight / READOUT_WEIGHT * Z])
 
@@ -115,8 +120,11 @@ def variant(d, name: str) -> np.ndarray:
         return d["E"]
     if name.startswith("lift"):
         g, _, only = name[4:].partition("_")
+        g, _, emphasis = g.partition("e")
         g, _, weight = g.partition("w")
-        return lifted(d, float(g), block=only != "only", weight=float(weight or READOUT_WEIGHT))
+        return lifted(
+            d, float(g), block=only != "only", weight=float(weight or READOUT_WEIGHT), emphasis=float(emphasis or 0)
+        )
     raise ValueError(f"unknown variant {name!r}")
 
 

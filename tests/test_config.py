@@ -190,7 +190,7 @@ def test_the_model_records_its_configuration_and_embed_writes_it(tmp_path):
     assert ad.read_h5ad(tmp_path / "table.h5ad").uns["spade"]["model"]["config"]["training"]["seed"] == 3
     model.save(tmp_path / "model")
     saved = json.loads((tmp_path / "model" / "config.json").read_text())
-    assert saved["format"] == "spade_sd.model/5" and saved["config"] == model.config.to_dict()
+    assert saved["format"] == "spade_sd.model/6" and saved["config"] == model.config.to_dict()
     assert sd.SpadeModel.load(tmp_path / "model", backbone=model.backbone).config == model.config
 
 
@@ -223,6 +223,6 @@ def test_a_format_1_model_loads_migrated_and_saves_in_the_current_format(tmp_pat
     model = sd.SpadeModel.load(DATA / "model_ca61673")
     assert model.standardization == "slide" and model.config.training.loss == "clip"
     model.save(tmp_path / "again")
-    assert json.loads((tmp_path / "again" / "config.json").read_text())["format"] == "spade_sd.model/5"
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["format"] == "spade_sd.model/6"
     again = sd.SpadeModel.load(tmp_path / "again")
     assert again.config == model.config and again.identity() == model.identity()

@@ -12,7 +12,8 @@ import pytest
 import spade_sd as sd
 from spade_sd.encoders.morphology import MorphologyFeatures
 from spade_sd.metrics import knn_predict
-from spade_sd.model.spade_model import FORMAT_2, FORMAT_3, FORMAT_4, _saved_config
+from spade_sd.model.readout import ExpressionReadout, slide_variance
+from spade_sd.model.spade_model import FORMAT_2, FORMAT_3, FORMAT_4, FORMAT_5, _saved_config
 from spade_sd.tl._common import unit_rows
 
 PATCH = {"size_um": 64.0, "size_px": 64}
@@ -135,6 +136,10 @@ def test_a_model_saved_before_the_new_defaults_keeps_the_options_it_was_trained_
     recorded = {"format": FORMAT_4, "config": {"training": {"representation": "backbone+readout"}}}
     training = _saved_config(recorded, config).training
     assert (training.representation, training.readout_lift) == ("backbone+readout", 0.0)
+    # 0.4.0's format: lifted, the block as read (no emphasis)
+    recorded = {"format": FORMAT_5, "config": {"training": {"readout_lift": 0.5}}}
+    training = _saved_config(recorded, config).training
+    assert (training.readout_lift, training.readout_emphasis) == (0.5, 0.0)
 
 
 def test_the_expression_subspace_saves_and_reloads(default, morphology, tmp_path):
@@ -231,20 +236,49 @@ def test_without_a_lift_x_spade_starts_with_the_backbone_features_themselves(mor
 
 
 def test_the_readout_block_is_the_ridge_prediction_of_the_bank_genes(default):
-    """Distances within the block are distances between predicted expression profiles (one scale factor)."""
-    from scipy.spatial.distance import pdist
-
+    """The block is a linear function of the expression the ridge read-out predicts (its principal coordinates)."""
     model, _ = default
     target = sd.datasets.synthetic(n_slides=1, grid=(10, 10), mpp=1.0, n_genes=120, seed=7)
     sd.tl.embed(target, model)
     sd.tl.predict_expression(target, model, method="ridge", genes=model.reference.genes)
     predicted = np.asarray(target.tables["spade_predicted"].X, dtype=np.float64)
+    predicted -= predicted.mean(axis=0)
     block = target.tables["table"].obsm["X_spade"][:, model.backbone.dim :].astype(np.float64)
-    ratio = pdist(block) / pdist(predicted)
-    assert ratio.std() / ratio.mean() < 1e-3
+    block -= block.mean(axis=0)
+    residual = block - predicted @ np.linalg.lstsq(predicted, block, rcond=None)[0]
+    assert np.linalg.norm(residual) < 1e-3 * np.linalg.norm(block)
     assert target.tables["spade_predicted"].uns["spade_predicted"]["params"]["alpha"] == pytest.approx(
         model.readout.alpha, rel=1e-6
     )
+
+
+def test_readout_emphasis_weighs_each_column_by_its_spread():
+    """Without emphasis, distances within the block are distances between predicted profiles (one scale factor);
+    with it, each column is the same coordinate times its spread to the power, the block's total spread kept."""
+    from scipy.spatial.distance import pdist
+
+    rng = np.random.default_rng(0)
+    space = rng.normal(size=(300, 12)) * np.linspace(3, 0.2, 12)
+    expression = space @ rng.normal(size=(12, 40)) + 0.1 * rng.normal(size=(300, 40))
+    slide = np.repeat(["a", "b"], 150)
+    fit = {"backbone_variance": 50.0, "weight": 0.7}
+    plain = ExpressionReadout.fit(space, expression, slide, **fit)
+    emphasised = ExpressionReadout.fit(space, expression, slide, emphasis=0.5, **fit)
+    predicted = space @ np.linalg.lstsq(np.c_[space, np.ones(300)], expression, rcond=None)[0][:12]
+    ratio = pdist(plain.block(space)) / pdist(predicted)
+    assert ratio.std() / ratio.mean() < 0.02  # the ridge's penalty is small next to these spreads
+    block = plain.block(space)
+    spread = np.sqrt([slide_variance([block[slide == name, j : j + 1] for name in "ab"]) for j in range(12)])
+    factor = emphasised.block(space)[0] / block[0]
+    np.testing.assert_allclose(factor / factor[0], (spread / spread[0]) ** 0.5, rtol=1e-4)
+    np.testing.assert_allclose(emphasised.block(space) / factor, plain.block(space), rtol=1e-4, atol=1e-5)
+
+    # the block's total spread is what weight sets, with or without emphasis
+    def total(values):
+        return slide_variance([values[slide == name] for name in "ab"])
+
+    assert total(emphasised.block(space)) == pytest.approx(total(plain.block(space)), rel=1e-5)
+    assert spread[0] > 2 * spread[-1]  # the columns' spreads differ, so the emphasis changes the block
 
 
 def test_heads_representation_writes_the_heads_output(morphology):

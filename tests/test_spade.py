@@ -124,7 +124,7 @@ def test_damaged_or_foreign_model_files(trained, morphology, tmp_path):
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     config["format"] = "spade_sd.model/99"
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"model/99.*reads 'spade_sd.model/5'"):
+    with pytest.raises(ValueError, match=r"model/99.*reads 'spade_sd.model/6'"):
         sd.SpadeModel.load(tmp_path / "m", backbone=morphology)
     model.save(tmp_path / "d")
     weights = tmp_path / "d" / "model.safetensors"

@@ -217,6 +217,11 @@ class TrainingConfig(_Config):
         read-out predicts counts in ``X_spade`` (:meth:`ExpressionReadout.lifted
         <spade_sd.model.readout.ExpressionReadout.lifted>`): it counts ``1 + readout_lift`` times, every other
         direction once. 0 keeps the features unchanged (what 0.3.0 wrote).
+    readout_emphasis
+        With ``representation="backbone+readout"``: each column of the read-out block is multiplied by its spread
+        on the reference bank to this power before the block's total spread is set (:meth:`ExpressionReadout.fit
+        <spade_sd.model.readout.ExpressionReadout.fit>`), so that the leading components of the predicted expression
+        weigh more in a neighbour graph. 0 keeps the block as read (what 0.4.0 wrote).
     output
         ``"aligned"``: the embedding is the heads' (aligned) coordinates; ``"joint"``: the aligned coordinates
         followed by a block of the standardized backbone features (:class:`~spade_sd.model.backbone_block.BackboneBlock`),
@@ -282,6 +287,7 @@ class TrainingConfig(_Config):
     representation: RepresentationName = "backbone+readout"
     readout_weight: float = 0.7
     readout_lift: float = 0.5
+    readout_emphasis: float = 0.5
     output: OutputName = "aligned"
     backbone_comps: int | None = 64
     backbone_weight: float = 1.0
@@ -314,6 +320,7 @@ class TrainingConfig(_Config):
         check_choice("representation", self.representation, REPRESENTATIONS)
         _set(self, "readout_weight", check_number("readout_weight", self.readout_weight, **positive))
         _set(self, "readout_lift", check_number("readout_lift", self.readout_lift, minimum=0))
+        _set(self, "readout_emphasis", check_number("readout_emphasis", self.readout_emphasis, minimum=0))
         check_choice("output", self.output, OUTPUTS)
         if self.backbone_comps is not None:
             _set(self, "backbone_comps", check_int("backbone_comps", self.backbone_comps, minimum=1))
@@ -466,7 +473,13 @@ _FORMAT_1_TRAINING = (
 )
 # What a later model lacking one of these training options was trained with: each came with the option it records,
 # and the defaults changed later (the heads started at random and the tools compared whole embeddings).
-TRAINING_ABSENT = {"head_init": "random", "expression_comps": None, "representation": "heads", "readout_lift": 0.0}
+TRAINING_ABSENT = {
+    "head_init": "random",
+    "expression_comps": None,
+    "representation": "heads",
+    "readout_lift": 0.0,
+    "readout_emphasis": 0.0,
+}
 
 
 def config_from_format_1(
@@ -624,7 +637,7 @@ class DomainsConfig(_Config):
         Seed of the graph and of Leiden.
     """
 
-    spatial_weight: float = 0.8
+    spatial_weight: float = 0.5
     spatial_neighbors: int = 6
     n_neighbors: int = 15
     resolution: float = 0.5

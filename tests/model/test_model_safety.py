@@ -196,7 +196,7 @@ def test_model_saved_without_digest_loads_unverified(model, morphology, features
     model.save(tmp_path / "m")
     config_path = tmp_path / "m" / "config.json"
     config = json.loads(config_path.read_text())
-    assert config["format"] == "spade_sd.model/5"
+    assert config["format"] == "spade_sd.model/6"
     config.pop("weights_sha256", None)  # as an older spade_sd wrote it
     config["format"] = "spade_sd.model/2"
     config_path.write_text(json.dumps(config))

@@ -126,7 +126,7 @@ def test_a_model_saved_before_the_configuration_was_checked_loads_saying_so(mode
     assert loaded.identity() == model.identity()
     np.testing.assert_array_equal(loaded.embed_features(features)[0], model.embed_features(features)[0])
     loaded.save(tmp_path / "again")  # saving again records the copy: the current format
-    assert json.loads((tmp_path / "again" / "config.json").read_text())["format"] == "spade_sd.model/5"
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["format"] == "spade_sd.model/6"
 
 
 OLDER_MODEL_EDITS = {

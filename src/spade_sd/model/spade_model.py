@@ -10,7 +10,8 @@ loading runs no code.
 the arrays (panel genes and order, standardization, subspace, routing temperature, ...): on load, an edited, added or
 deleted entry of ``config.json`` is refused by name (:mod:`spade_sd.utils.saved_metadata`).
 
-Formats: ``spade_sd.model/5`` adds the read-out's lift (``readout_lift``; models saved as ``/4`` embed as they did,
+Formats: ``spade_sd.model/6`` records the weighting within the read-out block (``readout_emphasis``; models saved
+as ``/5`` embed as they did, with none); ``spade_sd.model/5`` adds the read-out's lift (``readout_lift``; models saved as ``/4`` embed as they did,
 with none); ``spade_sd.model/4`` adds the expression read-out of ``X_spade`` (:mod:`spade_sd.model.readout`);
 ``spade_sd.model/3`` writes the same copy, and its models embed as they did (``representation="heads"``). ``spade_sd.model/2`` (one configuration section per stage,
 ``SpadeConfig.to_dict``) and ``spade_sd.model/1`` (one flat configuration dict, migrated on load by
@@ -59,7 +60,8 @@ from spade_sd.utils.hub import DEFAULT_LICENSE, MODEL_CARD, is_card, metrics_tab
 from spade_sd.utils.logging import logger
 from spade_sd.utils.saved_metadata import check_against_copy, require, write_weights
 
-MODEL_FORMAT = "spade_sd.model/5"
+MODEL_FORMAT = "spade_sd.model/6"
+FORMAT_5 = "spade_sd.model/5"
 FORMAT_4 = "spade_sd.model/4"
 FORMAT_3 = "spade_sd.model/3"
 # The earlier formats: without the copy of config.json in model.safetensors; format 1 with a flat configuration
@@ -564,12 +566,13 @@ class SpadeModel:
         except json.JSONDecodeError as error:
             raise ValueError(f"{config_path} is damaged (not valid JSON: {error}).") from error
         found = metadata.get("format") if isinstance(metadata, dict) else None
-        if found not in (MODEL_FORMAT, FORMAT_4, FORMAT_3, FORMAT_2, FORMAT_1):
+        if found not in (MODEL_FORMAT, FORMAT_5, FORMAT_4, FORMAT_3, FORMAT_2, FORMAT_1):
             raise ValueError(
                 f"{path} holds model format {found!r}; this spade_sd ({_version()}) reads {MODEL_FORMAT!r} (and "
-                f"{FORMAT_4!r}, {FORMAT_3!r}, {FORMAT_2!r}, {FORMAT_1!r}). Load it with the spade_sd version that saved it."
+                f"{FORMAT_5!r}, {FORMAT_4!r}, {FORMAT_3!r}, {FORMAT_2!r}, {FORMAT_1!r}). Load it with the spade_sd "
+                "version that saved it."
             )
-        if found in (MODEL_FORMAT, FORMAT_4, FORMAT_3):  # earlier formats could lack the digest
+        if found in (MODEL_FORMAT, FORMAT_5, FORMAT_4, FORMAT_3):  # earlier formats could lack the digest
             require(metadata, (WEIGHTS_DIGEST,), config_path, "SpadeModel.save")
         # the bytes that are hashed are the bytes that are parsed
         data = weights_path.read_bytes()
@@ -591,7 +594,7 @@ class SpadeModel:
             arrays = load(data)
         except (SafetensorError, OSError, ValueError) as error:
             raise ValueError(f"{weights_path} is damaged and cannot be read: {error}") from error
-        if found in (MODEL_FORMAT, FORMAT_4, FORMAT_3):
+        if found in (MODEL_FORMAT, FORMAT_5, FORMAT_4, FORMAT_3):
             recorded = {k: v for k, v in metadata.items() if k != WEIGHTS_DIGEST}
             check_against_copy(recorded, data, config_path, weights_path)
         else:
