@@ -20,9 +20,21 @@ jobs share the cores (the load average is recorded before and after). Sections:
     thread (reading overlaps encoding) and without it (read, then encode), per engine.
 ``sopa``
     :func:`sopa.patches.compute_embeddings` with the same backbone on the same slide and tiles.
+``peers`` (not in the default run)
+    LazySlide's and sopa's feature extraction next to spade_sd's on her2st C2 (features/s, peak RSS, feature
+    equality, tissue tiles found), each tool in its own process: ``benchmarks/peers.py``, whose results
+    (``peers.{md,json}``) this section runs and copies in. It needs the peers in their own virtual environment
+    (``--peers-python``, see ``peers.py``).
+``precision`` (not in the default run)
+    The int8 and bf16 engines (:mod:`spade_sd.encoders.precision`) against float32 onnxruntime and PyTorch on real
+    MOB patches (``SPADE_SD_DATA_DIR``): patches/s as fractions of the fp32 matmul ceiling and of fp32 onnxruntime,
+    the bf16/fp32 matmul ratio, median per-patch cosine to fp32, peak RSS per engine (one subprocess each), kNN
+    retrieval and the tuned-α ridge probe leaving one MOB section out, what ``engine="auto"`` chose, and the issue's
+    targets. ``python benchmarks/throughput.py --sections precision --out throughput_precision`` (~20 min on 2 busy
+    cores), in a fresh cache folder so that first-use costs (export, quantization, gate) are measured.
 
-Run ``python benchmarks/throughput.py`` (all sections, ~15 min on 2 busy cores) or pick sections with
-``--sections``; results go to ``benchmarks/results/throughput.json`` and ``.md``.
+Run ``python benchmarks/throughput.py`` (all sections but ``precision``, ~15 min on 2 busy cores) or pick sections
+with ``--sections``; results go to ``benchmarks/results/throughput.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -515,9 +528,325 @@ def memory_section(runs: list[tuple[str, int]], side_px: int) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# precision: int8 and bf16 engines against float32, speed and fidelity on real MOB patches (issue 25)
+
+MOB_SECTIONS = ("MOB1", "MOB2", "MOB3")
+PRECISION_ENGINES = ("onnxruntime", "int8", "bf16", "torch")
+
+
+def bf16_matmul(n: int = 2048, repeats: int = 5) -> dict:
+    """bfloat16 against float32 torch matmul GFLOP/s (2048², all cores): a ratio near 1 or below means emulation."""
+    import torch
+
+    rates = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        rates[str(dtype).removeprefix("torch.")] = (
+            best_rate(lambda a=a, b=b: torch.mm(a, b), 2 * n**3, repeats=repeats) / 1e9
+        )
+    from spade_sd.encoders.precision import bf16_native
+
+    return {
+        "n": n,
+        "float32_gflops": round(rates["float32"], 1),
+        "bfloat16_gflops": round(rates["bfloat16"], 1),
+        "ratio": round(rates["bfloat16"] / rates["float32"], 2),
+        "bf16_native": bf16_native(),
+    }
+
+
+def mob_sections() -> dict:
+    """The MOB sections (SpatialData) from ``SPADE_SD_DATA_DIR``."""
+    import spade_sd as sd
+
+    return {name: sd.datasets.mouse_olfactory_bulb(name) for name in MOB_SECTIONS}
+
+
+def calibration_patches(sections: dict, n: int = 64) -> np.ndarray:
+    """A seeded draw of ``n`` real patches from MOB1: the calibration set (MOB2 and MOB3 stay held out)."""
+    import spade_sd as sd
+
+    patches = sd.pp.spot_patches(sections["MOB1"])
+    return patches.read(np.sort(np.random.default_rng(0).choice(len(patches), n, replace=False)))
+
+
+def _mean_r(frame) -> float:
+    """Mean Pearson r over genes, then over held-out sections (HEST's averaging)."""
+    return float(frame.groupby("fold")["value"].mean().mean())
+
+
+def downstream(features: dict[str, np.ndarray], Y: np.ndarray, section: np.ndarray, genes: list[str]) -> dict:
+    """kNN retrieval (k=50) and the tuned-α ridge probe, leaving one MOB section out, per engine's features."""
+    from spade_sd import metrics
+
+    rows = {}
+    for engine, X in features.items():
+        knn = metrics.knn_expression_cv(X, Y, section, genes=genes, label=engine)
+        probe = metrics.ridge_probe(X, Y, section, alpha="cv", genes=genes, label=engine, seed=0)
+        rows[engine] = {"knn_retrieval_r": round(_mean_r(knn), 4), "probe_cv_alpha_r": round(_mean_r(probe), 4)}
+        print(f"  downstream {engine}: {rows[engine]}", flush=True)
+    return rows
+
+
+def precision_child(name: str, engine: str, patches_file: str, calibration_file: str) -> dict:
+    """Peak RSS of a process that builds one engine (its exports already cached) and encodes the patches twice.
+
+    Read as ``VmHWM``, which belongs to this process's address space: ``ru_maxrss`` survives ``execve`` on Linux, so
+    a child started from a large parent would report the parent's peak.
+    """
+    patches, calibration = np.load(patches_file), np.load(calibration_file)
+    backbone = backbones()[name](engine=engine, calibration=calibration)
+    for _ in range(2):
+        backbone(patches)
+    status = Path("/proc/self/status").read_text()
+    peak_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+    return {"peak_rss_mb": round(peak_kb / 1024)}
+
+
+def _child_rss(name: str, engine: str, patches: np.ndarray, calibration: np.ndarray) -> int | str:
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        files = [str(Path(folder) / "patches.npy"), str(Path(folder) / "calibration.npy")]
+        np.save(files[0], patches)
+        np.save(files[1], calibration)
+        command = [sys.executable, __file__, "--precision-child", name, engine, *files]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode:
+        return f"failed: {done.stderr[-300:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def other_int8_scheme(backbone, patches: np.ndarray, expected: np.ndarray) -> dict:
+    """The int8 scheme the engine does not use for this backbone (dynamic ↔ static), session only, for the record."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from spade_sd.encoders import precision as low
+
+    used = low.int8_scheme(backbone.module)
+    other = "static" if used == "dynamic" else "dynamic"
+    engine = backbone._int8_engine()
+    with tempfile.TemporaryDirectory() as folder:
+        fixed, quantized = Path(folder) / "fixed.onnx", Path(folder) / "int8.onnx"
+        batch = 1 if other == "dynamic" else engine.max_batch  # as the engine would run it
+        engine._export(fixed, batch=batch)
+        x = backbone._preprocess(low.split_calibration(backbone.calibration)[0]).contiguous().numpy()
+        low.quantize_int8(fixed, quantized, scheme=other, calibration=x[: len(x) // 8 * 8])
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(str(quantized), options, providers=["CPUExecutionProvider"])
+    inputs = backbone._preprocess(patches).contiguous().numpy()
+
+    def run():
+        return np.concatenate(
+            [session.run(None, {"images": inputs[s : s + batch]})[0] for s in range(0, len(inputs), batch)]
+        )
+
+    return {
+        "scheme": other,
+        "patches_per_s": round(best_rate(run, len(inputs), repeats=2), 2),
+        "median_cosine": round(low.median_cosine(run(), expected), 5),
+    }
+
+
+def precision_section(name: str, make, flops: float, sections: dict, *, n: int, spots, Y, section, genes) -> dict:
+    """Each engine of one backbone: speed against the fp32 ceiling and onnxruntime, fidelity, memory, downstream."""
+    import spade_sd as sd
+    from spade_sd.encoders import precision as low
+
+    calibration = calibration_patches(sections)
+    timed = sd.pp.spot_patches(sections["MOB2"]).read(np.arange(n))
+    engines, first_use = {}, {}
+    for engine in PRECISION_ENGINES:
+        start = time.perf_counter()
+        engines[engine] = make(engine=engine, calibration=calibration)
+        engines[engine](timed[:2])  # export, quantize, check: the one-off cost on first use
+        first_use[engine] = round(time.perf_counter() - start, 1)
+    start = time.perf_counter()
+    auto = make(engine="auto", calibration=calibration)
+    auto(timed[:2])
+    chosen, auto_s = auto._engine_in_use, round(time.perf_counter() - start, 1)
+    print(f"  {name}: first use (s) {first_use}, auto chose {chosen} in {auto_s} s", flush=True)
+
+    rows = {engine: {"first_use_s": first_use[engine]} for engine in PRECISION_ENGINES}
+    ceiling = sustained_matmul()
+    for engine, backbone in engines.items():
+        rate = best_rate(lambda b=backbone: b(timed), n, repeats=2)
+        after = sustained_matmul()
+        rows[engine] |= {
+            "patches_per_s": round(rate, 2),
+            "ceiling_gflops": max(ceiling, after),
+            "fraction_of_fp32_ceiling": round(rate * flops / max(ceiling, after), 3),
+        }
+        ceiling = after
+        print(f"  {name} {engine}: {rows[engine]}", flush=True)
+    for engine in PRECISION_ENGINES:
+        rows[engine]["ratio_to_fp32_onnxruntime"] = round(
+            rows[engine]["patches_per_s"] / rows["onnxruntime"]["patches_per_s"], 2
+        )
+        rows[engine]["peak_rss_mb"] = _child_rss(name, engine, timed, calibration)
+
+    # fidelity and downstream on the drawn MOB spots; eager PyTorch float32 is timed only (its features equal
+    # onnxruntime's to 1e-3 of their scale, checked on export)
+    features = {}
+    for engine, backbone in engines.items():
+        if engine == "torch":
+            continue
+        features[engine] = np.concatenate([backbone(patches.read(index)) for patches, index in spots])
+    rows_ok = np.isfinite(features["onnxruntime"]).all(axis=1)
+    held_out = rows_ok & (section != "MOB1")
+    for engine in features:
+        X, E = features[engine], features["onnxruntime"]
+        rows[engine]["median_cosine_mob_all"] = round(low.median_cosine(X[rows_ok], E[rows_ok]), 5)
+        rows[engine]["median_cosine_mob2_3"] = round(low.median_cosine(X[held_out], E[held_out]), 5)
+        rows[engine]["min_cosine_mob_all"] = round(
+            float(
+                np.min(
+                    np.sum(X[rows_ok] * E[rows_ok], 1)
+                    / np.linalg.norm(X[rows_ok], axis=1)
+                    / np.linalg.norm(E[rows_ok], axis=1)
+                )
+            ),
+            5,
+        )
+    scores = downstream({e: f[rows_ok] for e, f in features.items()}, Y[rows_ok], section[rows_ok], genes)
+    for engine in features:
+        rows[engine] |= scores[engine]
+        for metric in ("knn_retrieval_r", "probe_cv_alpha_r"):
+            rows[engine][f"{metric}_minus_fp32"] = round(scores[engine][metric] - scores["onnxruntime"][metric], 4)
+    other = other_int8_scheme(engines["int8"], timed[:32], engines["onnxruntime"](timed[:32]))
+    other["ratio_to_fp32_onnxruntime_same_32_patches"] = round(
+        other["patches_per_s"] / best_rate(lambda: engines["onnxruntime"](timed[:32]), 32, repeats=2), 2
+    )
+    return {
+        "backbone": name,
+        "gflop_per_patch": round(flops, 3),
+        "n_timed": n,
+        "n_spots": int(rows_ok.sum()),
+        "int8_scheme": low.int8_scheme(engines["int8"].module),
+        "auto_chose": chosen,
+        "auto_first_use_s": auto_s,
+        "engines": rows,
+        "other_int8_scheme": other,
+    }
+
+
+def mob_spots(sections: dict, per_section: int | None) -> tuple[list, np.ndarray, np.ndarray, list[str]]:
+    """A seeded draw of up to ``per_section`` spots of each MOB section (all when ``None``): their patch readers
+    and patch indices, the 50-gene global panel's log-normalised expression of those spots, and their section."""
+    import spade_sd as sd
+    from spade_sd.spots.genes import GenePanel
+    from spade_sd.spots.geometry import resolve_geometry
+
+    tables = [sdata.tables["table"] for sdata in sections.values()]
+    panel = GenePanel.fit(tables, n_top_genes=50, flavor="global")
+    spots, Y, section = [], [], []
+    for (name, sdata), table in zip(sections.items(), tables, strict=True):
+        patches, rows = sd.pp.spot_patches(sdata), np.asarray(resolve_geometry(sdata).table_rows)
+        index = np.arange(len(patches))
+        if per_section is not None and per_section < len(index):
+            index = np.sort(np.random.default_rng(0).choice(len(index), per_section, replace=False))
+        spots.append((patches, index))
+        Y.append(np.asarray(panel.transform(table))[rows[index]])
+        section.append(np.full(len(index), name))
+    return spots, np.concatenate(Y), np.concatenate(section), list(panel.genes)
+
+
+def precision_markdown(results: dict) -> list[str]:
+    """The precision section as markdown."""
+    p = results["precision"]
+    mm = p["bf16_matmul"]
+    lines = [
+        "## Precision: int8 and bf16 engines against float32 (real MOB patches)",
+        "",
+        f"bf16 vs fp32 torch matmul ({mm['n']}², all cores): {mm['bfloat16_gflops']} vs {mm['float32_gflops']} "
+        f"GFLOP/s, ratio **{mm['ratio']}** (native bf16: {mm['bf16_native']}).",
+        "",
+        "Speed on the first patches of MOB2 in memory (best of 2), each timing between two sustained fp32 matmul "
+        f"ceilings (the larger used). Cosine: median per-patch cosine to fp32 onnxruntime over {p['n_spots']} MOB "
+        "spots (a seeded draw of at most "
+        f"{p.get('spots_per_section') or 'all'} per section), and over "
+        "MOB2–3 (the 64 calibration patches come from MOB1: 32 calibrate int8, 32 judge the engines for "
+        "`engine='auto'`). Downstream: mean Pearson r over 50 genes, leaving "
+        "one MOB section out (kNN retrieval k=50; ridge probe with α tuned by inner CV), and its difference to fp32.",
+        "",
+        "| backbone | engine | patches/s | × fp32 ceiling | × fp32 onnxruntime | median cos (all / MOB2–3) | min cos "
+        "| kNN r (Δ) | probe r (Δ) | peak RSS MB | first use s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in p["backbones"]:
+        for engine, r in run["engines"].items():
+            if "median_cosine_mob_all" not in r:  # timed only
+                r = {**r, **dict.fromkeys(("median_cosine_mob_all", "median_cosine_mob2_3", "min_cosine_mob_all"), "–")}
+                r |= {"knn_retrieval_r": "–", "probe_cv_alpha_r": "–"}
+                r |= {"knn_retrieval_r_minus_fp32": "", "probe_cv_alpha_r_minus_fp32": ""}
+            lines.append(
+                f"| {run['backbone']} | {engine}{' (auto)' if engine == run['auto_chose'] else ''} | "
+                f"{r['patches_per_s']} | {r['fraction_of_fp32_ceiling']} | {r['ratio_to_fp32_onnxruntime']} | "
+                f"{r['median_cosine_mob_all']} / {r['median_cosine_mob2_3']} | {r['min_cosine_mob_all']} | "
+                f"{r['knn_retrieval_r']} ({_signed(r['knn_retrieval_r_minus_fp32'])}) | "
+                f"{r['probe_cv_alpha_r']} ({_signed(r['probe_cv_alpha_r_minus_fp32'])}) | {r['peak_rss_mb']} | "
+                f"{r['first_use_s']} |"
+            )
+    lines.append("")
+    for run in p["backbones"]:
+        o = run["other_int8_scheme"]
+        lines.append(
+            f"- {run['backbone']}: int8 scheme used **{run['int8_scheme']}**; the other ({o['scheme']}, session only, "
+            f"32 patches): {o['patches_per_s']} patches/s ({o['ratio_to_fp32_onnxruntime_same_32_patches']}× fp32 "
+            f"onnxruntime), median cosine {o['median_cosine']}. `engine='auto'` with the calibration patches chose "
+            f"**{run['auto_chose']}** (gate measured in {run['auto_first_use_s']} s on first use)."
+        )
+    if "followup" in p:
+        lines += ["", f"Follow-up: {p['followup']}."]
+    lines += ["", "Targets (issue 25):", ""]
+    lines += [
+        f"- {t['target']}: measured {t['measured']} → **{'met' if t['met'] else 'not met'}**" for t in p["targets"]
+    ]
+    return [*lines, ""]
+
+
+def _signed(value) -> str:
+    return f"{value:+}" if isinstance(value, float | int) else str(value)
+
+
+def targets(runs: list[dict]) -> list[dict]:
+    """The issue's targets, from what the default engine (auto, given calibration patches) ran."""
+    found = []
+    for run in runs:
+        chosen = run["engines"][run["auto_chose"]]
+        if run["backbone"] == "vit_small_patch16_224":
+            value = chosen["fraction_of_fp32_ceiling"]
+            found.append(
+                {
+                    "target": "ViT-S/16 default engine (engine='auto' given calibration patches) ≥ 1.6× the rate the "
+                    "fp32 matmul ceiling allows",
+                    "measured": f"{value}× ({run['auto_chose']})",
+                    "met": value >= 1.6,
+                }
+            )
+        if run["backbone"] == "efficientnet_lite0":
+            value = chosen["ratio_to_fp32_onnxruntime"]
+            found.append(
+                {
+                    "target": "EfficientNet-Lite0 default engine (engine='auto' given calibration patches) ≥ 1.5× "
+                    "today's rate (fp32 onnxruntime)",
+                    "measured": f"{value}× ({run['auto_chose']})",
+                    "met": value >= 1.5,
+                }
+            )
+    return found
+
+
 def markdown(results: dict) -> str:
     lines = [f"# spade_sd throughput ({results['date']})", "", f"Machine: {results['machine']}", ""]
     lines += [f"Load average before/after: {results['load_before']} / {results['load_after']}", ""]
+    if "peers" in results:
+        lines += ["Next to LazySlide and sopa: [`peers.md`](peers.md) (this run's `benchmarks/peers.py`).", ""]
     if "ceiling" in results:
         c = results["ceiling"]
         lines += [
@@ -574,6 +903,8 @@ def markdown(results: dict) -> str:
     for section, title in sections:
         if section in results:
             lines += [f"## {title}", "", "```json", *(json.dumps(r) for r in results[section]), "```", ""]
+    if "precision" in results:
+        lines += precision_markdown(results)
     return "\n".join(lines)
 
 
@@ -588,6 +919,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also try torch.compile (minutes of compiling)")
     parser.add_argument("--out", default="throughput")
     parser.add_argument("--memory-side", type=int, default=100_000)
+    parser.add_argument("--peers-python", default="/tmp/peers-venv/bin/python", help="python with LazySlide and sopa")
     parser.add_argument(
         "--memory-runs",
         nargs="+",
@@ -595,9 +927,16 @@ def main() -> None:
         help="BACKBONE:N_TILES runs of the memory section (198916 = every tile of the 100k slide)",
     )
     parser.add_argument("--memory-child", nargs=2, metavar=("BACKBONE", "N_TILES"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--precision-spots", type=int, default=None, help="spots drawn per MOB section for fidelity (default all)"
+    )
+    parser.add_argument("--precision-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child[0], int(args.memory_child[1]), args.side)))
+        return
+    if args.precision_child:
+        print(json.dumps(precision_child(*args.precision_child)))
         return
 
     import onnxruntime
@@ -654,6 +993,22 @@ def main() -> None:
     if "memory" in args.sections:
         runs = [(run.split(":")[0], int(run.split(":")[1])) for run in args.memory_runs]
         results["memory"] = memory_section(runs, args.memory_side)
+    if "peers" in args.sections:
+        command = [sys.executable, str(Path(__file__).with_name("peers.py")), "--peers-python", args.peers_python]
+        subprocess.run(command, check=True)
+        results["peers"] = json.loads((RESULTS / "peers.json").read_text())
+    if "precision" in args.sections:
+        results["precision"] = {"bf16_matmul": bf16_matmul(), "backbones": []}
+        print("bf16 matmul", results["precision"]["bf16_matmul"], flush=True)
+        sections = mob_sections()
+        spots, Y, section, genes = mob_spots(sections, args.precision_spots)
+        results["precision"] |= {"spots_per_section": args.precision_spots, "n_spots": len(Y)}
+        for name, make in makers.items():
+            flops = count_gflops(make(engine="torch"))
+            n = _patches_per_measurement(name, args.n)
+            run = precision_section(name, make, flops, sections, n=n, spots=spots, Y=Y, section=section, genes=genes)
+            results["precision"]["backbones"].append(run)
+        results["precision"]["targets"] = targets(results["precision"]["backbones"])
     results["load_after"] = load()
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=1))

@@ -24,15 +24,22 @@ import torch.nn.functional as F
 from timm.data import resolve_data_config
 from torch import nn
 
-from spade_sd.encoders.identity import identity_digest, module_attributes, stable_repr, state_token
+from spade_sd.encoders import precision as low
+from spade_sd.encoders.identity import (
+    identity_digest,
+    module_attributes,
+    precision_identity,
+    stable_repr,
+    state_token,
+)
 from spade_sd.encoders.modules import Pooled, eval_mode
-from spade_sd.encoders.onnx_engine import OnnxEngine
+from spade_sd.encoders.onnx_engine import OnnxEngine, onnx_path
 from spade_sd.encoders.timm_models import DEFAULT_BACKBONE, create_timm, efficientnet_lite0
 from spade_sd.utils.logging import logger
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_ENGINES = ("auto", "torch", "onnxruntime")
+_ENGINES = ("auto", "torch", "onnxruntime", *low.LOW_PRECISIONS)
 
 
 class _Source(NamedTuple):
@@ -142,7 +149,13 @@ class Backbone:
         ``$SPADE_SD_CACHE_DIR``, else the user cache directory, named by :meth:`identity`) and runs it with
         onnxruntime on all CPU cores, after checking its output against PyTorch's; several times faster on CPU.
         ``"auto"``: onnxruntime for a module on the CPU, falling back to PyTorch with a warning if the export fails;
-        PyTorch with bfloat16 autocast on a GPU.
+        PyTorch with bfloat16 autocast on a GPU. Given ``calibration`` patches, ``"auto"`` on the CPU also measures
+        the low-precision engines on them once (cached) and runs the fastest that keeps a median per-patch cosine of
+        0.995 to the float32 features and is at least 1.1× faster than onnxruntime in float32
+        (:mod:`~spade_sd.encoders.precision`). ``"int8"`` (onnxruntime, quantized) and ``"bf16"`` (PyTorch with
+        bfloat16 weights; fast only on CPUs with AVX512-BF16 or AMX) run those engines on the CPU explicitly. Their
+        features are cached under their own identity (:meth:`feature_identity`). Measured speeds and fidelity:
+        ``docs/scale.md``, "On a CPU".
     device
         Torch device; default: a given module's own device, otherwise CUDA when available, else the CPU.
     batch_size
@@ -155,6 +168,11 @@ class Backbone:
     mean, std
         Per-channel normalisation on the 0..1 scale. Default: the model's data config (timm models), ImageNet's
         for other modules. Not used with plain callables.
+    calibration
+        Real uint8 RGB patches ``(n, height, width, 3)``, at least 16 (64 to 128 is plenty), e.g.
+        ``sd.pp.spot_patches(sdata).read(np.arange(64))``: half of them calibrate ``engine="int8"`` for
+        convolutional backbones (required there), the other half are what the int8 engine is checked on and what
+        ``engine="auto"`` judges the low-precision engines by (without them ``"auto"`` runs float32).
     version
         For a plain callable or a :class:`torch.nn.Module` only: a label of the code that computes the features,
         to be changed whenever that code (or anything else that changes its outputs) changes, e.g.
@@ -204,18 +222,20 @@ class Backbone:
         *,
         pretrained: bool = True,
         weights: str | os.PathLike | None = None,
-        engine: Literal["auto", "torch", "onnxruntime"] = "auto",
+        engine: Literal["auto", "torch", "onnxruntime", "int8", "bf16"] = "auto",
         device: str | None = None,
         batch_size: int = 64,
         dim: int | None = None,
         input_size: int | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        calibration: np.ndarray | None = None,
         version: str | None = None,
         **model_kwargs: Any,
     ) -> None:
         if engine not in _ENGINES:
             raise ValueError(f"expected engine to be one of {_ENGINES}, found {engine!r}")
+        self.calibration = None if calibration is None else low.check_calibration(calibration)
         if batch_size < 1:
             raise ValueError(f"expected a positive batch_size, found {batch_size}")
         self.engine = engine
@@ -234,16 +254,20 @@ class Backbone:
             # 64 characters like a digest; no other backbone, in this process or another, can have it
             self._identity = (None, ("unstable-" + secrets.token_hex(32))[:64])
         self._onnx: OnnxEngine | None = None
+        self._int8: OnnxEngine | None = None
+        self._bf16: low.Bf16Engine | None = None
         self._engine_in_use: str | None = None
 
     def _set_up_callable(
         self, *, dim: int | None, input_size: int | None, mean: Sequence[float] | None, std: Sequence[float] | None
     ) -> None:
         """A plain callable runs on the CPU, on the uint8 patches (resized to ``input_size`` if given)."""
-        if mean is not None or std is not None:
-            raise ValueError("mean and std apply to torch models; a plain callable receives the uint8 patches")
-        if self.engine == "onnxruntime":
-            raise ValueError("engine='onnxruntime' needs a torch model; a plain callable runs as it is")
+        if mean is not None or std is not None or self.calibration is not None:
+            raise ValueError(
+                "mean, std and calibration apply to torch models; a plain callable receives the uint8 patches"
+            )
+        if self.engine in ("onnxruntime", *low.LOW_PRECISIONS):
+            raise ValueError(f"engine={self.engine!r} needs a torch model; a plain callable runs as it is")
         self.device = torch.device("cpu")
         self.input_size, self.mean, self.std = input_size, None, None
         self.dim = int(dim if dim is not None else getattr(self._fn, "dim", None) or self._probe_dim())
@@ -263,10 +287,13 @@ class Backbone:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        if self.engine == "onnxruntime" and self.device.type != "cpu":
+        if self.engine in ("onnxruntime", *low.LOW_PRECISIONS) and self.device.type != "cpu":
             raise ValueError(
-                f"engine='onnxruntime' runs on the CPU, found device {self.device}; pass engine='torch' or device='cpu'"
+                f"engine={self.engine!r} runs on the CPU, found device {self.device}; pass engine='torch' (bfloat16 "
+                "autocast on a GPU) or device='cpu'"
             )
+        if self.engine == "int8":
+            low.check_int8(self.module, self.calibration)
         self.module.to(self.device, memory_format=torch.channels_last)
         config = resolve_data_config({}, model=self.module) if hasattr(self.module, "pretrained_cfg") else {}
         self.input_size = int(input_size or config.get("input_size", (3, 224, 224))[-1])
@@ -313,11 +340,18 @@ class Backbone:
                     batch = self._resize_uint8(batch)
                 out[start : start + len(batch)] = self._checked(np.asarray(self._fn(batch)), len(batch))
             return out
-        run = self._runner()
+        if self._engine_in_use is None:
+            self._engine_in_use = self._choose_engine()
+        return self._encode(patches, self._engine_in_use, out)
+
+    def _encode(self, patches: np.ndarray, engine: str, out: np.ndarray | None = None) -> np.ndarray:
+        """Encode uint8 patches with a torch module through ``engine`` (into ``out`` when given)."""
+        out = np.empty((len(patches), self.dim), dtype=np.float32) if out is None else out
+        run = self._runner(engine)
         # onnxruntime runs small sub-batches (see OnnxEngine.max_batch): its arena grows with the largest run, and
         # preprocessing them one at a time keeps the float32 copies of a whole batch (38 MB for 64 patches of
         # 224 px, several times over) out of memory
-        onnx = self._engine_in_use == "onnxruntime"
+        onnx = engine in ("onnxruntime", "int8")
         step = min(self.batch_size, OnnxEngine.max_batch) if onnx else self.batch_size
         with self._eval(), torch.inference_mode():
             for start in range(0, len(patches), step):
@@ -356,6 +390,28 @@ class Backbone:
                 tensors += [(f"attribute {key}", tensor) for key, tensor in module_attributes(self.module)[1]]
             self._identity = (state, identity_digest(self._architecture(), tensors))
         return self._identity[1]
+
+    def feature_identity(self) -> str:
+        """What names this backbone's cached features: :meth:`identity`, and the precision of the engine.
+
+        The float32 engines (``"torch"``, ``"onnxruntime"``; PyTorch's bfloat16 autocast on a GPU) compute the same
+        features within floating-point tolerance and share :meth:`identity`; ``"int8"`` and ``"bf16"`` features
+        get an identity of their own (the int8 one naming its calibration patches). ``engine="auto"`` with
+        ``calibration`` settles its engine first (measured once, cached). A saved model records :meth:`identity`,
+        which does not depend on the engine.
+        """
+        engine = self.engine
+        if engine == "auto" and self.calibration is not None and self.module is not None:
+            if self._engine_in_use is None:
+                self._engine_in_use = self._choose_engine()
+            engine = self._engine_in_use
+        if engine not in low.LOW_PRECISIONS:
+            return self.identity()
+        if engine == "int8":
+            # a static quantization depends on its calibration patches, a dynamic one on nothing else
+            name = low.int8_name(low.int8_scheme(self.module), self.calibration)
+            return precision_identity(self.identity(), engine, calibration=name)
+        return precision_identity(self.identity(), engine)
 
     def to_config(self) -> dict[str, Any]:
         """JSON-able description, e.g. for provenance in ``adata.uns``.
@@ -471,18 +527,59 @@ class Backbone:
         # normalising on the 0..255 scale keeps (pixel - 127) / 128 exact for the default backbone
         return ((x - self._shift) / self._scale).contiguous(memory_format=torch.channels_last)
 
-    def _runner(self) -> Callable[[torch.Tensor], np.ndarray]:
-        if self._engine_in_use is None:
-            self._engine_in_use = self._choose_engine()
-        if self._engine_in_use == "onnxruntime":
+    def _runner(self, engine: str) -> Callable[[torch.Tensor], np.ndarray]:
+        if engine == "onnxruntime":
             return self._onnx_engine().runner()
+        if engine == "int8":
+            return self._int8_engine().runner()
+        if engine == "bf16":
+            if self._bf16 is None:
+                self._bf16 = low.Bf16Engine(self._pooled, state=self._state_token)
+            return self._bf16.runner()
         return self._forward_torch
 
     def _choose_engine(self) -> str:
         if self.engine == "torch" or self.device.type != "cpu":
             return "torch"
-        if self.engine == "onnxruntime":
-            return "onnxruntime"
+        if self.engine in ("onnxruntime", *low.LOW_PRECISIONS):
+            if self.engine == "bf16" and not low.bf16_native():
+                logger.warning(
+                    "backbone %s: engine='bf16' on a CPU without native bfloat16 (AVX512-BF16 or AMX) is emulated "
+                    "and many times slower than engine='onnxruntime'",
+                    self.name,
+                )
+            return self.engine
+        fp32 = self._fp32_auto_engine()
+        if fp32 != "onnxruntime" or self.calibration is None:
+            return fp32
+        return self._gated_engine()
+
+    def _gated_engine(self) -> str:
+        """The engine ``"auto"`` runs given calibration patches: :func:`~spade_sd.encoders.precision.choose`."""
+        candidates = tuple(e for e in low.LOW_PRECISIONS if e != "bf16" or low.bf16_native())
+        key = {
+            "machine": low.machine_key(),
+            "threads": torch.get_num_threads(),
+            "calibration": low.patches_digest(self.calibration),
+            "candidates": candidates,
+            "batch_size": self.batch_size,
+        }
+        path = onnx_path(self.identity()).with_suffix(".gate.json")
+        judge = low.split_calibration(self.calibration)[1]
+        measurements = low.cached_measurements(
+            path,
+            key,
+            lambda: low.measure(lambda engine, patches: self._encode(patches, engine), judge, candidates),
+        )
+        chosen = low.choose(measurements)
+        logger.info("backbone %s: engine='auto' runs %s (measured %s)", self.name, chosen, measurements)
+        # the engines measured and not chosen hold a session or a copy of the weights: let them go
+        self._int8 = self._int8 if chosen == "int8" else None
+        self._bf16 = self._bf16 if chosen == "bf16" else None
+        return chosen
+
+    def _fp32_auto_engine(self) -> str:
+        """onnxruntime, or PyTorch (with a warning) when the module cannot be exported."""
         try:
             self._onnx_engine().load()
         # tracing and export fail in model-specific ways (unsupported operators, data-dependent control flow, ...)
@@ -509,6 +606,21 @@ class Backbone:
                 reference=self._forward_torch,
             )
         return self._onnx
+
+    def _int8_engine(self) -> OnnxEngine:
+        if self._int8 is None:
+            self._int8 = OnnxEngine(
+                self._pooled,
+                name=self.name,
+                input_size=self.input_size,
+                identity=self.identity,
+                state=self._state_token,
+                preprocess=self._preprocess,
+                reference=self._forward_torch,
+                precision="int8",
+                calibration=self.calibration,
+            )
+        return self._int8
 
     def _forward_torch(self, x: torch.Tensor) -> np.ndarray:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):

@@ -52,7 +52,9 @@ except ImportError:  # Windows: no advisory locks, the partial files' pids alone
 def cache_key(patches: SpotPatches, backbone) -> str:
     """Digest naming the features of these patches under this backbone."""
     digest = hashlib.blake2b(digest_size=20)
-    for part in (CACHE_FORMAT, patches.fingerprint(), backbone.identity()):
+    # a Backbone names its int8 and bf16 features apart from its float32 ones; other encoders have one precision
+    identity = getattr(backbone, "feature_identity", backbone.identity)()
+    for part in (CACHE_FORMAT, patches.fingerprint(), identity):
         digest.update(part.encode())
     return digest.hexdigest()
 

@@ -104,6 +104,26 @@ def identity_digest(config: Mapping[str, Any], tensors: Iterable[tuple[str, torc
     return digest.hexdigest()
 
 
+def precision_identity(identity: str, precision: str, *, calibration: str | None = None) -> str:
+    """The identity of features computed at a lower precision by the backbone with this ``identity``.
+
+    Parameters
+    ----------
+    identity
+        The backbone's :meth:`~spade_sd.Backbone.identity` (its weights and configuration).
+    precision
+        The engine's precision, e.g. ``"int8"`` or ``"bf16"``.
+    calibration
+        What else the features depend on, e.g. the scheme of an int8 quantization and the digest of the patches it
+        was calibrated on.
+
+    Returns
+    -------
+    64 hexadecimal digits, unequal to ``identity`` and to the identity of every other precision or calibration.
+    """
+    return identity_digest({"identity": identity, "precision": precision, "calibration": calibration}, [])
+
+
 def state_token(module: nn.Module | None, *, attributes: bool) -> Any:
     """Cheap change detector for what is derived from a module's state (a cached identity, an ONNX export).
 

@@ -3,6 +3,8 @@
 The pooled module is exported to ONNX in the cache folder (``settings.cache_dir / "onnx"``, named by the
 backbone's identity, so other processes reuse it), run by onnxruntime on every CPU core, checked against the
 PyTorch output before its first use, and exported again whenever the module's weights or attributes change.
+With ``precision="int8"`` it runs the int8 quantization of that export (:mod:`~spade_sd.encoders.precision`),
+cached next to it and checked against PyTorch by the cosine gate instead.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
+from spade_sd.encoders import precision as low
 from spade_sd.encoders.modules import Pooled, eval_mode
 from spade_sd.utils.logging import logger
 from spade_sd.utils.settings import settings
@@ -63,6 +66,15 @@ class OnnxEngine:
         Turns uint8 ``(batch, height, width, 3)`` patches into the module's normalised input.
     reference
         The PyTorch forward pass, preprocessed images to ``(batch, dim)`` features, that the export must match.
+    precision
+        ``"fp32"`` runs the export itself; ``"int8"`` its int8 quantization
+        (:func:`~spade_sd.encoders.precision.quantize_int8`), exported with a fixed batch so that every shape is
+        constant (shape arithmetic, such as TensorFlow-style padding, would be quantized otherwise), run on batches
+        padded to it, and checked against PyTorch by the median cosine
+        (:data:`~spade_sd.encoders.precision.GATE_COSINE`).
+    calibration
+        Real uint8 patches: half of them calibrate the static int8 scheme, the other half check it
+        (:func:`~spade_sd.encoders.precision.split_calibration`); they name its cached file.
     """
 
     # onnxruntime runs on the CPU in sub-batches of this many patches: its memory arena grows with the largest run,
@@ -79,9 +91,12 @@ class OnnxEngine:
         state: Callable[[], Any],
         preprocess: Callable[[np.ndarray], torch.Tensor],
         reference: Callable[[torch.Tensor], np.ndarray],
+        precision: Literal["fp32", "int8"] = "fp32",
+        calibration: np.ndarray | None = None,
     ) -> None:
         self.pooled, self.name, self.input_size = pooled, name, input_size
         self._identity, self._state, self._preprocess, self._reference = identity, state, preprocess, reference
+        self.precision, self.calibration = precision, calibration
         self._session: ort.InferenceSession | None = None
         self._session_state: Any = None
         self._threads: int | None = None
@@ -110,12 +125,31 @@ class OnnxEngine:
             self.load()
         elif self._threads != _num_threads():  # sd.settings.n_jobs changed: the same export, other threads
             self._session = self._open()
-        session, input_name = self._session, self._session.get_inputs()[0].name
+        return self.runner_of(self._session)
+
+    def runner_of(self, session: ort.InferenceSession) -> Callable[[torch.Tensor], np.ndarray]:
+        """A function running preprocessed images through ``session``, in the int8 graph's fixed batches."""
+        input_name, fixed = session.get_inputs()[0].name, self._fixed_batch()
 
         def run(x: torch.Tensor) -> np.ndarray:
-            return session.run(None, {input_name: x.contiguous().cpu().numpy()})[0]
+            x, n = x.contiguous().cpu().numpy(), len(x)
+            if fixed is None:
+                return session.run(None, {input_name: x})[0]
+            padded = np.concatenate([x, np.zeros((-n % fixed, *x.shape[1:]), dtype=x.dtype)])
+            runs = [session.run(None, {input_name: padded[s : s + fixed]})[0] for s in range(0, n, fixed)]
+            return np.concatenate(runs)[:n]
 
         return run
+
+    def _fixed_batch(self) -> int | None:
+        """The int8 graph's fixed batch; ``None`` (any batch) for float32.
+
+        1 for dynamic quantization, whose activation scales span the whole batch, so that a patch's features never
+        depend on its neighbours' (one at a time also ran ViT-S/16 ~2× faster than 8); else :attr:`max_batch`.
+        """
+        if self.precision != "int8":
+            return None
+        return 1 if low.int8_scheme(self.pooled.module) == "dynamic" else self.max_batch
 
     def _open(self) -> ort.InferenceSession:
         device = next((p.device for p in self.pooled.parameters()), torch.device("cpu"))
@@ -127,6 +161,8 @@ class OnnxEngine:
         path = onnx_path(self._identity())
         if not path.is_file():
             self._export(path)
+        if self.precision == "int8":
+            path = self._quantized(path)
         options = ort.SessionOptions()
         self._threads = options.intra_op_num_threads = _num_threads()
         # idle worker threads sleep instead of spinning: with the patch reader (and anything else) sharing the
@@ -137,11 +173,31 @@ class OnnxEngine:
         logger.info("backbone %s runs in onnxruntime from %s", self.name, path)
         return session
 
-    def _export(self, path: Path) -> None:
+    def _quantized(self, source: Path) -> Path:
+        """The int8 model of this export (quantized now unless cached), named by its scheme and calibration."""
+        scheme = low.int8_scheme(self.pooled.module)
+        named = low.int8_name(scheme, self.calibration)
+        path = source.with_name(f"{source.stem}.int8-{named[:24]}.onnx")
+        if path.is_file():
+            return path
+        calibration = None
+        if self.calibration is not None:
+            with eval_mode(self.pooled.module), torch.inference_mode():
+                calibration = self._preprocess(low.split_calibration(self.calibration)[0]).contiguous().numpy()
+            # whole batches: the fixed-batch graph takes no other
+            calibration = calibration[: len(calibration) // self.max_batch * self.max_batch]
+        with tempfile.TemporaryDirectory(dir=path.parent) as folder:
+            fixed = Path(folder) / "fixed_batch.onnx"
+            self._export(fixed, batch=self._fixed_batch())
+            low.quantize_int8(fixed, path, scheme=scheme, calibration=calibration)
+        logger.info("backbone %s quantized to int8 (%s) in %s", self.name, scheme, path)
+        return path
+
+    def _export(self, path: Path, *, batch: int | None = None) -> None:
         settings.cache_folder(
             _CACHE_FOLDER, instead=', or run the backbone in PyTorch: sd.Backbone(..., engine="torch")'
         )
-        dummy = torch.zeros(2, 3, self.input_size, self.input_size)
+        dummy = torch.zeros(batch or 2, 3, self.input_size, self.input_size)
         # written next to the target and renamed, so concurrent processes never load a half-written file
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".onnx.tmp", delete=False) as tmp:
             tmp_path = Path(tmp.name)
@@ -156,7 +212,7 @@ class OnnxEngine:
                     dynamo=False,
                     input_names=["images"],
                     output_names=["features"],
-                    dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+                    dynamic_axes=None if batch else {"images": {0: "batch"}, "features": {0: "batch"}},
                     opset_version=17,
                 )
             tmp_path.replace(path)
@@ -165,6 +221,9 @@ class OnnxEngine:
         logger.info("backbone %s exported to %s", self.name, path)
 
     def _verify(self, session: ort.InferenceSession) -> None:
+        if self.precision == "int8":
+            self._verify_int8(session)
+            return
         dummy = np.random.default_rng(0).integers(0, 256, (3, self.input_size, self.input_size, 3), dtype=np.uint8)
         with eval_mode(self.pooled.module), torch.inference_mode():
             x = self._preprocess(dummy)
@@ -177,3 +236,33 @@ class OnnxEngine:
                 f"the ONNX export of {self.name} differs from PyTorch by {error:.2e} of the feature scale "
                 f"(tolerance {_ONNX_TOLERANCE}); pass engine='torch'"
             )
+
+    def _verify_int8(self, session: ort.InferenceSession) -> None:
+        """The int8 features of the judging calibration patches (else of noise) keep the cosine gate to PyTorch's."""
+        if self.calibration is None:
+            side = self.input_size
+            patches = np.random.default_rng(0).integers(0, 256, (self.max_batch, side, side, 3), dtype=np.uint8)
+        else:
+            patches = low.split_calibration(self.calibration)[1]
+        run = self.runner_of(session)
+        with eval_mode(self.pooled.module), torch.inference_mode():
+            found, expected = [], []
+            for start in range(0, len(patches), self.max_batch):
+                x = self._preprocess(patches[start : start + self.max_batch])
+                found.append(run(x))
+                expected.append(self._reference(x))
+        cosine = low.median_cosine(np.concatenate(found), np.concatenate(expected))
+        measured = (
+            f"the int8 quantization of {self.name} keeps a median cosine of {cosine:.4f} to PyTorch's features on "
+            f"{len(patches)} {'held-out calibration' if self.calibration is not None else 'random'} patches"
+        )
+        if not cosine >= low.BROKEN_COSINE:
+            raise RuntimeError(f"{measured}: it is broken; pass engine='onnxruntime' (float32)")
+        if cosine < low.GATE_COSINE:
+            logger.warning(
+                "%s, under the gate %s that engine='auto' asks of it; engine='onnxruntime' runs float32",
+                measured,
+                low.GATE_COSINE,
+            )
+        else:
+            logger.info(measured)
