@@ -16,8 +16,10 @@ epoch's time on one GPU at an assumed peak. ``--before N`` measures the path as 
 work (the ``HEAD`` commit's ``src``, or ``--before-src``) on N spots of in-memory float32 features, and the current
 path on the same N.
 
-Run ``python benchmarks/pretrain_scale.py`` (sizes 131,072, 524,288 and 2,097,152 spots; add ``--sizes`` to choose).
-Results go to ``benchmarks/results/pretrain_scale.{json,md}``.
+Run ``python benchmarks/pretrain_scale.py`` (sizes 131,072, 524,288 and 2,097,152 spots; add ``--sizes`` to choose;
+``--append`` keeps the results file's earlier runs). Results go to ``benchmarks/results/pretrain_scale.{json,md}``.
+``--mapped-pages`` measures only the file pages each way of reading a float16 memory map leaves resident
+(``pretrain_scale_pages.{json,md}``).
 """
 
 from __future__ import annotations
@@ -186,6 +188,7 @@ def worker(n: int, args: argparse.Namespace) -> dict:
         setattr(module, name, wrapper)
 
     for module, name, key in (
+        (fit, "_panel_expression", "expression_s"),
         (fit, "_streamed", "feature_statistics_s"),
         (fit, "_pooled", "feature_statistics_s"),
         (fit, "fit_experts", "clustering_s"),
@@ -214,6 +217,15 @@ def worker(n: int, args: argparse.Namespace) -> dict:
         def on_validation_epoch_end(self, trainer, module) -> None:
             self.validation.append(time.perf_counter() - self._v)
 
+    held: dict[str, float] = {}
+    panel_expression = fit._panel_expression
+
+    def measured_expression(*a, **k):
+        panel, expression = panel_expression(*a, **k)
+        held["mb"] = round(getattr(expression, "nbytes", 0) / 2**20, 1)
+        return panel, expression
+
+    fit._panel_expression = measured_expression
     epochs = EpochTimes()
     config = SpadeConfig(
         clustering=ClusteringConfig(),
@@ -264,7 +276,41 @@ def worker(n: int, args: argparse.Namespace) -> dict:
             "gpu_epoch_s_projected": epoch_flops / (GPU_PEAK * GPU_UTILIZATION),
         },
         "experts_from_generalist": model.history.get("experts_from_generalist"),
+        "expression_held_mb": held.get("mb"),
     }
+
+
+def _rss_mb() -> dict[str, int]:
+    with Path("/proc/self/status").open() as status:
+        return {line.split(":")[0]: int(line.split()[1]) // 1024 for line in status if line.startswith("Rss")}
+
+
+def mapped_pages(args: argparse.Namespace) -> dict:
+    """Resident file pages (RssFile) a read of a float16 memory map leaves mapped, by how it reads, in one process."""
+    from spade_sd.model.readout import slide_variance
+    from spade_sd.training.data import StandardizedRows, release_pages
+
+    n = 32 * args.spots_per_slide
+    folder = Path(tempfile.mkdtemp(prefix="spade_sd-pages-", dir=args.workdir))
+    path = folder / "features.npy"
+    _write_features(path, [args.spots_per_slide] * 32, args.dim, "float16", args.seed)
+    mapped = np.load(path, mmap_mode="r")
+    views = [mapped[a : a + args.spots_per_slide] for a in range(0, n, args.spots_per_slide)]
+    drawn = np.sort(np.random.default_rng(args.seed).permutation(n)[:32_768])
+    reads = {
+        "every slide whole (slide_variance)": lambda: slide_variance(views),
+        "32,768 scattered rows, plain fancy indexing": lambda: np.asarray(mapped[drawn]),
+        "32,768 scattered rows through StandardizedRows": lambda: StandardizedRows(views)[drawn],
+    }
+    results = {"file_mb": path.stat().st_size >> 20, "rssfile_mb_added": {}}
+    for name, read in reads.items():
+        release_pages(mapped)
+        before = _rss_mb()["RssFile"]
+        read()
+        results["rssfile_mb_added"][name] = _rss_mb()["RssFile"] - before
+    path.unlink()
+    folder.rmdir()
+    return results
 
 
 def _before_src(args: argparse.Namespace) -> Path:
@@ -291,15 +337,16 @@ def _markdown(runs: list[dict], args: argparse.Namespace, commit: str) -> str:
         f"GPU projection: the epoch's FLOPs at {GPU_UTILIZATION:.0%} of {GPU_PEAK / 1e12:.0f} TFLOP/s (H100/H200 dense "
         "bf16); with 128-spot batches a step is launch-bound on a GPU, so this is a lower bound.",
         "",
-        "| spots | path | slides | fine centroids | clustering (s) | epoch: generalist / experts (s) | validation (s) "
+        "| spots | path | commit | slides | fine centroids | clustering (s) | epoch: generalist / experts (s) | validation (s) "
         "| choice of experts (s) | bank (s) | fit_model (s) | peak RSS (MB) | RSS with data only (MB) | RssAnon / RssFile "
         "peak (MB) | GPU epoch, projected (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         t = r["timings_s"]
+        note = f" ({r['note']})" if r.get("note") else ""
         lines.append(
-            f"| {r['n_spots']:,} | {r['mode']} | {r['slides']} | {r['fine_centroids']} | {t.get('clustering_s')} | "
+            f"| {r['n_spots']:,} | {r['mode']}{note} | `{r.get('commit') or commit}` | {r['slides']} | {r['fine_centroids']} | {t.get('clustering_s')} | "
             f"{' / '.join(map(str, r['train_epoch_s']))} | {' / '.join(map(str, r['validation_epoch_s']))} | "
             f"{t.get('expert_choice_s')} | {t.get('reference_bank_s')} | {r['fit_model_s']} | {r['peak_rss_mb']:,} | "
             f"{r['rss_after_data_mb']['ru_maxrss_mb']:,} | {r['peak_sampled_mb']['RssAnon']:,} / "
@@ -307,6 +354,9 @@ def _markdown(runs: list[dict], args: argparse.Namespace, commit: str) -> str:
         )
     lines += ["", "Every phase's time, per run:", ""]
     lines += [f"- {r['n_spots']:,} {r['mode']}: {json.dumps(r['timings_s'])}" for r in runs]
+    held = [r for r in runs if r.get("expression_held_mb") is not None]
+    lines += ["", "Expression over the panel as held in training (MB):", ""] if held else []
+    lines += [f"- {r['n_spots']:,} {r['mode']}: {r['expression_held_mb']}" for r in held]
     return "\n".join(lines) + "\n"
 
 
@@ -324,21 +374,44 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="where the features file is written (default: the temp dir)")
     parser.add_argument("--out", default="pretrain_scale")
+    parser.add_argument(
+        "--append", action="store_true", help="keep the results file's earlier runs (each with its commit) as history"
+    )
+    parser.add_argument(
+        "--mapped-pages", action="store_true", help="only measure the file pages each way of reading leaves resident"
+    )
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument(
         "--mode", default="scalable", choices=["scalable", "in-memory", "before"], help=argparse.SUPPRESS
     )
     args = parser.parse_args()
+    if args.mapped_pages:
+        pages = mapped_pages(args)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "pretrain_scale_pages.json").write_text(json.dumps({"command": sys.argv, **pages}, indent=1))
+        rows = [f"| {name} | {mb:,} |" for name, mb in pages["rssfile_mb_added"].items()]
+        (RESULTS / "pretrain_scale_pages.md").write_text(
+            "# Memory-map pages left resident, by how the features are read\n\n"
+            f"`python benchmarks/pretrain_scale.py {' '.join(sys.argv[1:])}`: a {pages['file_mb']} MB float16 "
+            "features file (32 slides) read through a memory map, pages released before each read; RssFile added.\n\n"
+            "| read | RssFile added (MB) |\n|---|---|\n" + "\n".join(rows) + "\n"
+        )
+        print(json.dumps(pages))
+        return
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args)), flush=True)
         return
     root = Path(__file__).parents[1]
     commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root
+        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=root
     ).stdout.strip()
     plan = [(n, mode) for n in args.before for mode in ("before", "in-memory", "scalable")]
     plan += [(n, "scalable") for n in args.sizes]
+    earlier = RESULTS / f"{args.out}.json"
     runs = []
+    if args.append and earlier.is_file():
+        previous = json.loads(earlier.read_text())
+        runs = [{"commit": previous.get("commit"), **run} for run in previous["runs"]]
     for n, mode in plan:
         env = dict(os.environ)
         if mode == "before":
@@ -353,7 +426,7 @@ def main() -> None:
         if done.returncode or not result:
             print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"The run on {n} spots ({mode}) failed.")
-        runs.append(json.loads(result[0][len("RESULT ") :]))
+        runs.append({"commit": commit, **json.loads(result[0][len("RESULT ") :])})
         print(json.dumps(runs[-1]), flush=True)
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / f"{args.out}.json").write_text(

@@ -126,3 +126,128 @@ def test_scalable_clustering_is_deterministic_and_finds_the_planted_types(monkey
     np.testing.assert_array_equal(first.components, again.components)
     assert not np.array_equal(first.centroids, other.centroids)
     assert adjusted_rand_score(types, first.assign(X)[1]) > 0.9
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_sparse_expression_equals_the_dense_transform(smoothing):
+    from spade_sd.spots.genes import GenePanel
+
+    _, tables, *_ = _slides(n_slides=2, n_per_slide=90)
+    rng = np.random.default_rng(1)
+    for table in tables:  # a grid of spots, two samples in one table: neighbours never cross samples
+        table.obsm["spatial"] = np.stack(np.divmod(np.arange(table.n_obs), 10), axis=1).astype(float)
+        table.obs["sample"] = np.where(rng.random(table.n_obs) < 0.5, "a", "b")
+    panel = GenePanel([f"g{i}" for i in range(0, 80, 3)], smoothing=smoothing)
+    for table in tables:
+        dense = panel.transform(table)
+        held = panel.transform(table, as_sparse=True)
+        assert sparse.isspmatrix_csr(held) and held.dtype == np.float32 and held.shape == dense.shape
+        if smoothing == 0:  # the same float64 values cast once: bit for bit
+            np.testing.assert_array_equal(held.toarray(), dense)
+        else:  # the neighbours' mean as one operator: equal to float rounding
+            np.testing.assert_allclose(held.toarray(), dense, rtol=1e-6, atol=1e-6)
+            assert not np.allclose(dense, GenePanel(panel.genes).transform(table))  # smoothing did something
+
+
+def test_expression_rows_read_as_the_dense_matrix():
+    from spade_sd.training.data import ExpressionRows
+
+    rng = np.random.default_rng(0)
+    parts = [sparse.random(n, 12, density=0.2, format="csr", random_state=rng, dtype=np.float32) for n in (5, 9, 4)]
+    dense = np.concatenate([p.toarray() for p in parts])
+    rows = ExpressionRows(parts)
+    assert rows.shape == dense.shape and len(rows) == 18 and rows.is_finite()
+    picked = np.array([17, 0, 6, 6, 13, -1])  # unsorted, repeated, across slides, negative
+    np.testing.assert_array_equal(rows[picked], dense[picked])
+    np.testing.assert_array_equal(rows[3:15], dense[3:15])
+    np.testing.assert_array_equal(rows[dense[:, 0] > 0], dense[dense[:, 0] > 0])
+    with pytest.raises(IndexError, match="below 18"):
+        rows[[18]]
+    with pytest.raises(ValueError, match="one gene panel"):
+        ExpressionRows([parts[0], parts[1][:, :5]])
+    parts[1].data[0] = np.nan
+    assert not ExpressionRows(parts).is_finite()
+
+
+def test_sparse_expression_trains_the_same_model_as_dense_on_the_scalable_path(monkeypatch):
+    import spade_sd.training.fit as fit
+
+    features, tables, names, groups, _ = _slides()
+    options = {"config": _config(), "quiet": True, "scalable": True}
+    held_sparse = fit_model(features, tables, names, groups, None, **options)
+    dense_panel_expression = fit._panel_expression
+
+    def dense(*args, held_sparse: bool = False):
+        expression = dense_panel_expression(*args, held_sparse=False)
+        assert isinstance(expression[1], np.ndarray)
+        return expression
+
+    monkeypatch.setattr(fit, "_panel_expression", dense)
+    held_dense = fit_model(features, tables, names, groups, None, **options)
+    theirs = held_dense.mixture.state_dict()
+    assert all(torch.equal(value, theirs[name]) for name, value in held_sparse.mixture.state_dict().items())
+    assert held_sparse.history == held_dense.history
+    np.testing.assert_array_equal(held_sparse.reference.embedding, held_dense.reference.embedding)
+    np.testing.assert_array_equal(held_sparse.reference.expression, held_dense.reference.expression)
+    np.testing.assert_array_equal(held_sparse.embed_features(features[0])[0], held_dense.embed_features(features[0])[0])
+
+
+def test_pretrain_at_scale_reads_the_feature_cache_as_memory_maps(monkeypatch, cache_dir, synthetic_slides):
+    from conftest import SMALL_PATCH
+
+    import spade_sd as sd
+    import spade_sd.training.fit as fit
+    from spade_sd.tl import _pretrain
+
+    seen = {}
+    fit_model_as_is = fit.fit_model
+
+    def recording(features, *args, **kwargs):
+        seen["features"], seen["scalable"] = features, kwargs["scalable"]
+        return fit_model_as_is(features, *args, **kwargs)
+
+    monkeypatch.setattr(_pretrain, "SCALE_SPOTS", 60)  # the two slides' 72 spots count as many
+    monkeypatch.setattr(fit, "fit_model", recording)
+    options = {"n_experts": 2, "n_fine": 3, "max_epochs": 1, "out_dim": 16, "reference_size": 40, "quiet": True}
+    slides = synthetic_slides(grid=(6, 6))
+    model = sd.tl.pretrain(
+        slides, backbone=sd.Backbone(sd.MorphologyFeatures()), warm_start=False, **options, **SMALL_PATCH
+    )
+    assert seen["scalable"] and all(isinstance(f, np.memmap) for f in seen["features"])
+    assert all(str(cache_dir) in str(f.filename) for f in seen["features"])
+    assert model.history["epochs"] == 1 and len(model.reference) == 40
+
+
+def test_scattered_rows_release_the_pages_they_map_as_they_go(tmp_path, monkeypatch):
+    from spade_sd.training import data
+
+    features = np.random.default_rng(0).normal(size=(600, 8)).astype(np.float16)
+    np.save(tmp_path / "features.npy", features)
+    on_disk = np.load(tmp_path / "features.npy", mmap_mode="r")
+    released = []
+    monkeypatch.setattr(data, "release_pages", lambda array: released.append(array))
+    monkeypatch.setattr(data, "RELEASE_BYTES", 4 * data.FAULT_AROUND_BYTES)
+    rows = StandardizedRows([on_disk[:300], on_disk[300:]])  # two views of one file: one map to release
+    picked = np.random.default_rng(1).permutation(600)[:41]
+    np.testing.assert_array_equal(rows[picked], features[picked].astype(np.float32))
+    # each scattered row counts as the 64 KB its page fault may map: a release every 4 to 7 rows, one per file
+    assert 41 // 8 <= len(released) <= 41 // 4 and all(r is rows._mapped[0] for r in released)
+    released.clear()
+    rows[0:300]  # a run of 300 rows of 16 bytes maps 4.8 KB: nothing to release yet
+    assert released == []
+
+
+def test_streamed_slide_variance_equals_the_whole_slides_at_once(tmp_path, monkeypatch):
+    from spade_sd.encoders import features as features_module
+    from spade_sd.model.readout import slide_variance
+    from spade_sd.training.fit import streamed_slide_variance
+
+    rng = np.random.default_rng(0)
+    slides = [rng.normal(loc=3.0, scale=s, size=(n, 12)).astype(np.float16) for n, s in ((70, 1.0), (45, 0.2), (0, 1))]
+    mapped = []
+    for i, values in enumerate(slides):
+        np.save(tmp_path / f"{i}.npy", values)
+        mapped.append(np.load(tmp_path / f"{i}.npy", mmap_mode="r"))
+    monkeypatch.setattr(features_module, "CHUNK_SIZE", 16)  # several blocks per slide
+    assert streamed_slide_variance(mapped) == pytest.approx(slide_variance(slides), rel=1e-9)
+    assert streamed_slide_variance(mapped[:1]) != pytest.approx(streamed_slide_variance(mapped[1:2]), rel=0.1)

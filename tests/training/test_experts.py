@@ -152,8 +152,10 @@ def test_lightning_ddp_on_two_processes_matches_one_process(data):
     single, single_history = tiny_run(data, seed=0, dropout=0.0, devices=1)
     ddp, ddp_history = tiny_run(data, seed=0, dropout=0.0, devices=2, strategy=strategy, batch_size=16)
     trained = ddp.state_dict()
+    # two half-batch gradients averaged across processes sum in another order than one batch: float32 rounding,
+    # amplified by Adam's normalisation for weights with tiny gradients (2e-6 seen with torch 2.14 on AMD EPYC)
     for name, a in single.state_dict().items():
-        torch.testing.assert_close(trained[name], a, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(trained[name], a, rtol=1e-5, atol=1e-5, msg=name)
     np.testing.assert_allclose(ddp_history["val_loss"], single_history["val_loss"], rtol=1e-5)
 
 

@@ -145,7 +145,9 @@ class GenePanel:
         )
         return cls(genes, flavor, n_top_genes, target_sum, min_counts, smoothing)
 
-    def transform(self, table: AnnData, *, layer: str | None = None) -> np.ndarray:
+    def transform(
+        self, table: AnnData, *, layer: str | None = None, as_sparse: bool = False
+    ) -> np.ndarray | sparse.csr_matrix:
         """Log-normalised expression of the panel genes.
 
         ``normalize_total`` over all of each spot's genes (its library size), ``log1p``, then the panel's columns
@@ -158,10 +160,14 @@ class GenePanel:
             Raw counts in ``X`` or ``layers[layer]``, genes as ``var_names``; not modified.
         layer
             Layer holding raw counts; ``None`` uses ``X``.
+        as_sparse
+            Return a sparse matrix, never holding the dense one (for many spots: ``log1p`` keeps zeros zero). The
+            values are the dense result's (with ``smoothing > 0``, to float rounding: the neighbours' mean is
+            applied as one sparse operator).
 
         Returns
         -------
-        A float32 array of shape ``(n_spots, len(self.genes))``.
+        A float32 array (``as_sparse``: CSR matrix) of shape ``(n_spots, len(self.genes))``.
         """
         name = _table_name(table, None)
         _check_table(table, name, layer)
@@ -173,6 +179,11 @@ class GenePanel:
             )
         columns = table.var_names.get_indexer(self.genes)
         logexpr = _log_normalise(_counts_matrix(table, layer, name), columns, self.target_sum)
+        if as_sparse:
+            expression = sparse.csr_matrix(logexpr)
+            if self.smoothing > 0:
+                expression = _smoothing_operator(table, self.smoothing) @ expression
+            return expression.astype(np.float32).tocsr()
         expression = logexpr.toarray() if sparse.issparse(logexpr) else logexpr
         if self.smoothing > 0:
             expression = _smooth(expression, table, self.smoothing)
@@ -446,16 +457,41 @@ def _smooth(expression: np.ndarray, table: AnnData, weight: float) -> np.ndarray
     return smoothed
 
 
+def _smoothing_operator(table: AnnData, weight: float) -> sparse.csr_matrix:
+    """The ``(n, n)`` operator of :func:`_smooth`: ``(1 − w)·x + w·mean(neighbours)`` for spots with neighbours."""
+    coords = np.asarray(table.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2]
+    labels = table.obs[SAMPLE_KEY].to_numpy() if SAMPLE_KEY in table.obs else np.zeros(table.n_obs)
+    n = table.n_obs
+    diagonal, entries = np.ones(n), []
+    for label in pd.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        adjacency = _neighbour_graph(coords[rows]).tocoo()
+        degree = np.bincount(adjacency.row, minlength=len(rows)).astype(np.float64)
+        diagonal[rows[degree > 0]] = 1.0 - weight
+        entries.append((rows[adjacency.row], rows[adjacency.col], weight / degree[adjacency.row]))
+    entries.append((np.arange(n), np.arange(n), diagonal))
+    i, j, values = (np.concatenate(part) for part in zip(*entries, strict=True))
+    return sparse.csr_matrix((values, (i, j)), shape=(n, n))
+
+
+def _neighbour_graph(coords: np.ndarray) -> sparse.csr_matrix:
+    """Adjacency of spots within 1.5 × the median nearest-neighbour distance of each other (no edges below 2)."""
+    n = len(coords)
+    if n < 2:
+        return sparse.csr_matrix((n, n))
+    tree = cKDTree(coords)
+    nearest = tree.query(coords, k=2)[0][:, 1]
+    pairs = tree.query_pairs(_NEIGHBOUR_RADIUS * np.median(nearest), output_type="ndarray")
+    i, j = np.concatenate([pairs[:, 0], pairs[:, 1]]), np.concatenate([pairs[:, 1], pairs[:, 0]])
+    return sparse.csr_matrix((np.ones(len(i)), (i, j)), shape=(n, n))
+
+
 def _neighbour_mean(expression: np.ndarray, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean expression of each spot's neighbours, for the spots that have any, and which spots those are."""
     n = len(coords)
     if n < 2:
         return expression[:0], np.zeros(n, dtype=bool)
-    tree = cKDTree(coords)
-    nearest = tree.query(coords, k=2)[0][:, 1]
-    pairs = tree.query_pairs(_NEIGHBOUR_RADIUS * np.median(nearest), output_type="ndarray")
-    i, j = np.concatenate([pairs[:, 0], pairs[:, 1]]), np.concatenate([pairs[:, 1], pairs[:, 0]])
-    adjacency = sparse.csr_matrix((np.ones(len(i)), (i, j)), shape=(n, n))
+    adjacency = _neighbour_graph(coords)
     degree = np.asarray(adjacency.sum(axis=1)).ravel()
     has_neighbours = degree > 0
     mean = (adjacency @ expression)[has_neighbours] / degree[has_neighbours, None]

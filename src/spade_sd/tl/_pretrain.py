@@ -9,6 +9,7 @@ from anndata import AnnData
 from spatialdata import SpatialData
 
 from spade_sd.config import (
+    SCALE_SPOTS,
     ClusteringConfig,
     PanelConfig,
     PatchConfig,
@@ -188,6 +189,7 @@ def pretrain(
     representation: Literal["backbone+readout", "heads"] = TrainingConfig.representation,
     readout_weight: float = TrainingConfig.readout_weight,
     readout_lift: float = TrainingConfig.readout_lift,
+    readout_emphasis: float = TrainingConfig.readout_emphasis,
     output: Literal["aligned", "joint"] = TrainingConfig.output,
     backbone_comps: int | None = TrainingConfig.backbone_comps,
     backbone_weight: float = TrainingConfig.backbone_weight,
@@ -231,6 +233,10 @@ def pretrain(
     shared by all slides or covering ``panel``, enough spots per slide and group) is checked, and the gene panel
     selected, before the first patch is read: bad input fails at once, with a message naming what was expected and
     what was found.
+
+    From 65,536 spots on (:data:`~spade_sd.config.SCALE_SPOTS`), training runs in bounded memory: every slide's
+    features are read from the feature cache as memory maps (``cache=True``; held in memory without the cache) and
+    the expression is held sparse (``docs/scale.md``, "Training on many spots").
 
     The keywords that configure the model are the fields of :class:`~spade_sd.config.PatchConfig`,
     :class:`~spade_sd.config.PanelConfig` (``panel_flavor`` is its ``flavor``), :class:`~spade_sd.config.ClusteringConfig`
@@ -295,14 +301,16 @@ def pretrain(
         :func:`~spade_sd.tl.embed` writes that projection as ``.obsm['X_spade_expr']``: the trailing directions
         add little to expression retrieval, and a linear probe of expression fitted with little regularization or
         on few spots overfits them. ``None``: the tools compare whole embeddings.
-    representation, readout_weight, readout_lift
+    representation, readout_weight, readout_lift, readout_emphasis
         What :func:`~spade_sd.tl.embed` writes as ``X_spade``, the representation to cluster and transfer labels
         on. ``"backbone+readout"`` (the default): the backbone's features followed by the expression the model reads
         from the image (the ridge read-out of the expression subspace, fitted on the reference bank as
         ``predict_expression(method="ridge")`` fits it, in the principal coordinates of its predictions;
         :class:`~spade_sd.model.readout.ExpressionReadout`), whose total spread is ``readout_weight`` times the
         features'. The part of the features the read-out predicts counts ``1 + readout_lift`` times, the rest once
-        (``readout_lift=0``: the features unchanged, as 0.3.0 wrote them). Nothing the backbone knew is lost; Leiden
+        (``readout_lift=0``: the features unchanged, as 0.3.0 wrote them). Within the block, each column is
+        weighted by its spread to the power ``readout_emphasis``, so that the leading components of the predicted
+        expression weigh more (``0``: as 0.4.0 wrote it). Nothing the backbone knew is lost; Leiden
         on it follows a held-out section's expression domains better than on the backbone, and few-shot
         classifiers of H&E labels score above the backbone within and across data sets (``docs/quality.md``).
         ``"heads"``: the heads' output, what spade_sd 0.2 wrote. Needs a reference bank (``reference_size > 0``).
@@ -367,7 +375,7 @@ def pretrain(
     config, trainer = _checked_arguments(dict(locals()))  # first: locals() holds exactly the arguments
     import torch
 
-    from spade_sd.encoders.features import extract_features
+    from spade_sd.encoders.features import extract_features, mapped_features
     from spade_sd.model.clustering import check_group_sizes
     from spade_sd.training.fit import check_sizes, fit_model, fit_panel
 
@@ -389,8 +397,11 @@ def pretrain(
         torch.set_num_threads(threads)  # scanpy's HVG selection resets torch's threads to every core
     options = {"batch_size": feature_batch_size, "cache": cache, "num_workers": feature_num_workers}
     n_spots = sum(len(slide.patches) for slide in slides)
+    scalable = n_spots >= SCALE_SPOTS
+    # at scale, every slide's features stay on disk: memory maps of the feature cache, read in blocks of rows
+    read_features = mapped_features if scalable else extract_features
     with timed("Pretraining on %d slides (%s), %d spots", len(slides), ", ".join(names), n_spots) as timer:
-        features = [extract_features(slide.patches, backbone, **options) for slide in slides]
+        features = [read_features(slide.patches, backbone, **options) for slide in slides]
         model = fit_model(
             features,
             tables,
@@ -402,6 +413,7 @@ def pretrain(
             coords=np.concatenate([slide.patches.geometry.centers for slide in slides]),  # validation blocks
             quiet=quiet,
             trainer_kwargs=trainer,
+            scalable=scalable,
         )
         timer.add("%d experts, %d panel genes; keep the model with model.save(path)", model.n_experts, len(model.panel))
     _say_fewer_experts(model.n_experts, config.clustering.n_experts, n_spots)

@@ -1,7 +1,8 @@
 """Data plumbing of expert training: spots as tensors, batches within one expert, validation held out by slide.
 
 At scale the standardized features are never held: :class:`StandardizedRows` reads them from each slide's array
-(a memory map of float16 or float32 features on disk, say) where a batch or a pass needs them.
+(a memory map of float16 or float32 features on disk, say) where a batch or a pass needs them, and
+:class:`ExpressionRows` keeps the expression sparse, each batch's rows made dense when read.
 """
 
 from __future__ import annotations
@@ -13,14 +14,18 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from scipy import sparse
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from spade_sd.config import SealConfig, TrainingConfig
 from spade_sd.model.standardization import FeatureScaler
 from spade_sd.utils.logging import logger
 
-# Rows read from memory maps between two releases of their pages (see release_pages)
-RELEASE_ROWS = 16_384
+# Bytes of memory-mapped pages read between two releases of them (see release_pages)
+RELEASE_BYTES = 64 * 2**20
+# A scattered row maps this much: on a page fault the kernel maps the pages around it that are cached ("fault-around",
+# 64 KB by default), so 32,768 scattered rows of 2.5 KB map up to 2 GB, not 80 MB
+FAULT_AROUND_BYTES = 65_536
 # Rows of one block when passing over every spot
 BLOCK_ROWS = 4_096
 
@@ -33,13 +38,19 @@ def release_pages(array: np.ndarray) -> None:
     in the page cache (reading them again costs a minor fault) and the resident set bounded. Copy-on-write maps
     (``mode="c"``) are left alone: dropping their pages would drop what was written to them.
     """
+    base = _mapped_file(array)
+    if base is not None and hasattr(mmap, "MADV_DONTNEED"):
+        base.madvise(mmap.MADV_DONTNEED)
+
+
+def _mapped_file(array: np.ndarray) -> mmap.mmap | None:
+    """The memory map under a read-only ``np.memmap`` (or a view of one); ``None`` for any other array."""
     if not isinstance(array, np.memmap) or array.mode == "c":
-        return
+        return None
     base = array
     while base is not None and not isinstance(base, mmap.mmap):
         base = getattr(base, "base", None)
-    if base is not None and hasattr(mmap, "MADV_DONTNEED"):
-        base.madvise(mmap.MADV_DONTNEED)
+    return base
 
 
 class StandardizedRows:
@@ -49,7 +60,8 @@ class StandardizedRows:
     :meth:`blocks` passes over every row. The features may be memory maps (float16 or float32 on disk): only the
     rows asked for are read, converted to float32 and standardized, first by their slide's own statistics (with
     per-slide standardization) and then by ``scaler``, and the memory maps' pages are released every
-    :data:`RELEASE_ROWS` rows, so the resident memory stays bounded whatever the number of spots.
+    :data:`RELEASE_BYTES` read (a scattered row counting as the :data:`FAULT_AROUND_BYTES` its page fault maps), so the
+    resident memory stays bounded whatever the number of spots and however the rows asked for are spread.
 
     Parameters
     ----------
@@ -81,6 +93,8 @@ class StandardizedRows:
         self.slide_scalers = slide_scalers
         self.scaler = scaler
         self._since_release = 0
+        # one array per memory map: the slides' features are often views of one file, released as a whole
+        self._mapped = list({id(_mapped_file(f)): f for f in self.features if _mapped_file(f) is not None}.values())
         if slide_scalers is not None:
             # one (n_slides, d) table of means and one of deviations: a batch's rows, from many slides, in one go
             self._means = np.stack([s.mean for s in slide_scalers])
@@ -104,15 +118,7 @@ class StandardizedRows:
         return self.shape[0]
 
     def __getitem__(self, key: slice | np.ndarray | Sequence[int]) -> np.ndarray:
-        if isinstance(key, slice):
-            key = np.arange(*key.indices(len(self)))
-        rows = np.asarray(key)
-        if rows.dtype == bool:
-            rows = np.flatnonzero(rows)
-        rows = rows.astype(np.int64, copy=False)
-        if rows.ndim != 1 or (rows.size and (rows.min() < -len(self) or rows.max() >= len(self))):
-            raise IndexError(f"Expected row positions below {len(self)}; found {rows.min()}..{rows.max()}.")
-        return self._read(np.where(rows < 0, rows + len(self), rows))
+        return self._read(_row_positions(key, len(self)))
 
     def blocks(self, size: int = BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
         """``(start, rows)`` blocks of ``size`` standardized rows covering every spot, in order."""
@@ -121,30 +127,109 @@ class StandardizedRows:
 
     def _read(self, rows: np.ndarray) -> np.ndarray:
         out = np.empty((len(rows), self.shape[1]), dtype=np.float32)
-        order = np.argsort(rows, kind="stable")
-        ordered = rows[order]
-        bounds = np.searchsorted(ordered, self.offsets)
         slide = np.empty(len(rows), dtype=np.int64)
-        for s in np.flatnonzero(np.diff(bounds)):
-            part = slice(bounds[s], bounds[s + 1])
-            local = ordered[part] - self.offsets[s]
-            contiguous = local[-1] - local[0] + 1 == len(local)
-            # a run of rows is read as one slice; scattered rows (a batch) one by one, from where they lie
-            out[order[part]] = self.features[s][local[0] : local[-1] + 1] if contiguous else self.features[s][local]
-            slide[order[part]] = s
-        self._released(len(rows))
+        row_bytes = self.shape[1] * max(np.dtype(f.dtype).itemsize for f in self.features)
+        scattered_rows = max(1, RELEASE_BYTES // max(row_bytes, FAULT_AROUND_BYTES))
+        for s, positions, local in _slide_runs(self.offsets, rows):
+            slide[positions] = s
+            if local[-1] - local[0] + 1 == len(local):  # a run of rows is read as one slice
+                out[positions] = self.features[s][local[0] : local[-1] + 1]
+                self._released(len(local) * row_bytes)
+                continue
+            # scattered rows (a batch, a draw) one by one, from where they lie, a bounded number between releases
+            for start in range(0, len(local), scattered_rows):
+                piece = slice(start, start + scattered_rows)
+                out[positions[piece]] = self.features[s][local[piece]]
+                self._released(len(local[piece]) * max(row_bytes, FAULT_AROUND_BYTES))
         if self.slide_scalers is not None:
             out = (out - self._means[slide]) / self._stds[slide]
         if self.scaler is not None:
             out = self.scaler.transform(out)
         return out
 
-    def _released(self, n_rows: int) -> None:
-        self._since_release += n_rows
-        if self._since_release >= RELEASE_ROWS:
-            for features in self.features:
+    def _released(self, n_bytes: int) -> None:
+        self._since_release += n_bytes
+        if self._since_release >= RELEASE_BYTES:
+            for features in self._mapped:
                 release_pages(features)
             self._since_release = 0
+
+
+def _slide_runs(offsets: np.ndarray, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """``(slide, positions in rows, the slide's own sorted row positions)`` for every slide that ``rows`` touch."""
+    order = np.argsort(rows, kind="stable")
+    ordered = rows[order]
+    bounds = np.searchsorted(ordered, offsets)
+    for s in np.flatnonzero(np.diff(bounds)):
+        part = slice(bounds[s], bounds[s + 1])
+        yield int(s), order[part], ordered[part] - offsets[s]
+
+
+def _row_positions(key: slice | np.ndarray | Sequence[int], n: int) -> np.ndarray:
+    """Row positions (non-negative int64) from a slice, boolean mask or positions, checked against ``n`` rows."""
+    if isinstance(key, slice):
+        key = np.arange(*key.indices(n))
+    rows = np.asarray(key)
+    if rows.dtype == bool:
+        rows = np.flatnonzero(rows)
+    rows = rows.astype(np.int64, copy=False)
+    if rows.ndim != 1 or (rows.size and (rows.min() < -n or rows.max() >= n)):
+        raise IndexError(f"Expected row positions below {n}; found {rows.min()}..{rows.max()}.")
+    return np.where(rows < 0, rows + n, rows)
+
+
+class ExpressionRows:
+    """Every training spot's expression over the gene panel, held sparse slide by slide; rows come out dense.
+
+    Log-normalized counts keep their zeros, so the bounded-memory path holds them as each slide's CSR matrix
+    (:meth:`GenePanel.transform(..., as_sparse=True) <spade_sd.GenePanel.transform>`) instead of a dense
+    ``(n_spots, n_genes)`` array; indexing with a slice or row positions returns those rows as float32, as indexing
+    the dense matrix would.
+
+    Parameters
+    ----------
+    parts
+        Each slide's expression ``(n_slide, n_genes)``, slide after slide: sparse matrices or arrays.
+    """
+
+    def __init__(self, parts: Sequence[sparse.spmatrix | np.ndarray]) -> None:
+        widths = {np.shape(p)[1] if len(np.shape(p)) == 2 else None for p in parts}
+        if len(parts) == 0 or len(widths) != 1 or None in widths:
+            raise ValueError(
+                "Expected every slide's expression as a 2-d matrix (n_spots, n_genes) over one gene panel; found "
+                f"shapes {sorted({np.shape(p) for p in parts})[:5]}. Transform every slide with the same GenePanel."
+            )
+        self.parts = [sparse.csr_matrix(p, dtype=np.float32) for p in parts]
+        self.offsets = np.cumsum([0, *(p.shape[0] for p in self.parts)])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n_spots, n_genes)``."""
+        return int(self.offsets[-1]), int(self.parts[0].shape[1])
+
+    @property
+    def ndim(self) -> int:
+        """2, as the matrix it stands for."""
+        return 2
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the sparse matrices."""
+        return sum(p.data.nbytes + p.indices.nbytes + p.indptr.nbytes for p in self.parts)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def is_finite(self) -> bool:
+        """Whether every stored value is finite (the zeros not stored are)."""
+        return all(np.isfinite(p.data).all() for p in self.parts)
+
+    def __getitem__(self, key: slice | np.ndarray | Sequence[int]) -> np.ndarray:
+        rows = _row_positions(key, len(self))
+        out = np.empty((len(rows), self.shape[1]), dtype=np.float32)
+        for s, positions, local in _slide_runs(self.offsets, rows):
+            out[positions] = self.parts[s][local].toarray()
+        return out
 
 
 class SpotDataset(Dataset):
@@ -152,39 +237,43 @@ class SpotDataset(Dataset):
 
     Parameters
     ----------
-    X
-        Image features: an in-memory array (held as a tensor), or :class:`StandardizedRows` read batch by batch.
-    Y, expert_idx
-        Expression and expert of the same spots.
+    X, Y
+        Image features and expression: in-memory arrays (held as tensors, one row per spot of the dataset), or
+        with ``rows``, every spot's (:class:`StandardizedRows`, :class:`ExpressionRows` or arrays) read batch by
+        batch.
+    expert_idx
+        Expert of each spot of the dataset.
     rows
-        With :class:`StandardizedRows`: the position in ``X`` of each spot (e.g. the training spots).
+        The position in ``X`` and ``Y`` of each spot of the dataset (e.g. the training spots).
     """
 
     def __init__(
         self,
         X: np.ndarray | StandardizedRows,
-        Y: np.ndarray,
+        Y: np.ndarray | ExpressionRows,
         expert_idx: np.ndarray,
         rows: np.ndarray | None = None,
     ) -> None:
         self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
-        self.X = X if self.rows is not None else torch.as_tensor(np.asarray(X, dtype=np.float32))
-        self.Y = torch.as_tensor(np.asarray(Y, dtype=np.float32))
+        if self.rows is None:
+            X, Y = (torch.as_tensor(np.asarray(values, dtype=np.float32)) for values in (X, Y))
+        self.X, self.Y = X, Y
         self.expert = torch.as_tensor(np.asarray(expert_idx, dtype=np.int64))
 
     def __len__(self) -> int:
         return self.expert.shape[0]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.rows is not None:
-            return torch.from_numpy(self.X[self.rows[[i]]][0]), self.Y[i], self.expert[i]
-        return self.X[i], self.Y[i], self.expert[i]
+        x, y, expert = self.__getitems__([i])
+        return x[0], y[0], expert[0]
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # one fancy-indexing per batch instead of per spot; the DataLoader's collate_fn passes it through
         idx = torch.as_tensor(indices, dtype=torch.long)
-        x = self.X[idx] if self.rows is None else torch.from_numpy(self.X[self.rows[idx.numpy()]])
-        return x, self.Y[idx], self.expert[idx]
+        if self.rows is None:
+            return self.X[idx], self.Y[idx], self.expert[idx]
+        rows = self.rows[idx.numpy()]
+        return torch.from_numpy(self.X[rows]), torch.from_numpy(np.asarray(self.Y[rows])), self.expert[idx]
 
 
 def _keep_batch(batch: Any) -> Any:
@@ -366,7 +455,8 @@ class ExpertDataModule(L.LightningDataModule):
     ----------
     X, Y, expert_idx
         Standardized image features (n_spots, d; an array, or :class:`StandardizedRows` read batch by batch),
-        log-normalized expression (n_spots, n_genes), expert of each spot.
+        log-normalized expression (n_spots, n_genes; with :class:`StandardizedRows`, also
+        :class:`ExpressionRows`), expert of each spot.
     val_mask
         True for validation spots.
     batch_size
@@ -378,7 +468,7 @@ class ExpertDataModule(L.LightningDataModule):
     def __init__(
         self,
         X: np.ndarray | StandardizedRows,
-        Y: np.ndarray,
+        Y: np.ndarray | ExpressionRows,
         expert_idx: np.ndarray,
         val_mask: np.ndarray,
         *,
@@ -386,8 +476,8 @@ class ExpertDataModule(L.LightningDataModule):
         seed: int,
     ) -> None:
         super().__init__()
-        if isinstance(X, StandardizedRows):
-            sets = [(X, Y[m], expert_idx[m], np.flatnonzero(m)) for m in (~val_mask, val_mask)]
+        if isinstance(X, StandardizedRows):  # rows read batch by batch, from every spot's features and expression
+            sets = [(X, Y, expert_idx[m], np.flatnonzero(m)) for m in (~val_mask, val_mask)]
         else:
             sets = [(X[m], Y[m], expert_idx[m]) for m in (~val_mask, val_mask)]
         self.train_set, self.val_set = (SpotDataset(*arguments) for arguments in sets)

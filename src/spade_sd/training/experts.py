@@ -21,7 +21,7 @@ from spade_sd.config import FIT_SPOTS, SELECTION_SPOTS, LossName, TrainingConfig
 from spade_sd.model.clustering import sample_rows
 from spade_sd.model.heads import ExpertMixture
 from spade_sd.model.reference import stratified_sample
-from spade_sd.training.data import ExpertDataModule, StandardizedRows, validation_mask
+from spade_sd.training.data import ExpertDataModule, ExpressionRows, StandardizedRows, validation_mask
 from spade_sd.training.lightning_loop import (
     HISTORY,
     BestWeights,
@@ -94,7 +94,7 @@ class ExpertsModule(L.LightningModule):
 
 def train_experts(
     X_std: np.ndarray | StandardizedRows,
-    Y: np.ndarray,
+    Y: np.ndarray | ExpressionRows,
     expert_idx: np.ndarray,
     slide: np.ndarray,
     *,
@@ -118,7 +118,8 @@ def train_experts(
         read batch by batch (then the backbone start, ``head_init="backbone"``, is fitted on a seeded draw of
         :data:`~spade_sd.config.FIT_SPOTS` training spots).
     Y
-        Log-normalized expression, (n_spots, n_genes).
+        Log-normalized expression, (n_spots, n_genes): an array, or with ``X_std`` read batch by batch, also
+        :class:`~spade_sd.training.data.ExpressionRows` (held sparse, read batch by batch).
     expert_idx
         Expert of each spot, in ``0 .. n_experts - 1``.
     slide
@@ -276,12 +277,18 @@ def _keep_generalist_where_better(
 
 
 def _validated(
-    X: np.ndarray | StandardizedRows, Y: np.ndarray, expert_idx: np.ndarray, slide: np.ndarray, n_experts: int
-) -> tuple[np.ndarray | StandardizedRows, np.ndarray, np.ndarray, np.ndarray]:
+    X: np.ndarray | StandardizedRows,
+    Y: np.ndarray | ExpressionRows,
+    expert_idx: np.ndarray,
+    slide: np.ndarray,
+    n_experts: int,
+) -> tuple[np.ndarray | StandardizedRows, np.ndarray | ExpressionRows, np.ndarray, np.ndarray]:
     # rows read on demand were checked finite when their standardization was fitted on every one of them
     streamed = isinstance(X, StandardizedRows)
     X = X if streamed else np.asarray(X, dtype=np.float32)
-    Y = np.asarray(Y, dtype=np.float32)
+    if isinstance(Y, ExpressionRows) and not streamed:
+        raise ValueError("Expression held sparse (ExpressionRows) needs features read on demand (StandardizedRows).")
+    Y = Y if isinstance(Y, ExpressionRows) else np.asarray(Y, dtype=np.float32)
     expert_idx, slide = np.asarray(expert_idx, dtype=np.int64), np.asarray(slide)
     n = X.shape[0]
     if X.ndim != 2 or Y.ndim != 2 or Y.shape[0] != n or expert_idx.shape != (n,) or slide.shape != (n,):
@@ -291,7 +298,8 @@ def _validated(
         )
     if n and (expert_idx.min() < 0 or expert_idx.max() >= n_experts):
         raise ValueError(f"expert_idx must lie in 0..{n_experts - 1}; found {expert_idx.min()}..{expert_idx.max()}.")
-    if not ((streamed or np.isfinite(X).all()) and np.isfinite(Y).all()):
+    y_finite = Y.is_finite() if isinstance(Y, ExpressionRows) else np.isfinite(Y).all()
+    if not ((streamed or np.isfinite(X).all()) and y_finite):
         raise ValueError("X and Y must be finite; found NaN or infinite values.")
     return X, Y, expert_idx, slide
 

@@ -5,7 +5,8 @@ model keeps for expression prediction and queries.
 
 From :data:`~spade_sd.config.SCALE_SPOTS` spots on, training takes the bounded-memory path (``docs/scale.md``): the
 features (memory maps of float16 or float32 allowed) are read in row blocks and standardized on the fly
-(:class:`~spade_sd.training.data.StandardizedRows`), the clustering scales (:func:`two_stage_kmeans` with
+(:class:`~spade_sd.training.data.StandardizedRows`), the expression over the gene panel is held sparse
+(:class:`~spade_sd.training.data.ExpressionRows`), the clustering scales (:func:`two_stage_kmeans` with
 ``scalable=True``), every principal basis is fitted on a seeded draw of :data:`~spade_sd.config.FIT_SPOTS` spots, and
 the reference bank embeds only the spots it keeps.
 """
@@ -31,7 +32,7 @@ from spade_sd.model.spade_model import SpadeModel
 from spade_sd.model.standardization import MIN_SLIDE_PATCHES, FeatureScaler, fit_slide_scaler
 from spade_sd.model.subspace import EmbeddingSubspace
 from spade_sd.spots.genes import GenePanel
-from spade_sd.training.data import BLOCK_ROWS, StandardizedRows, release_pages
+from spade_sd.training.data import BLOCK_ROWS, ExpressionRows, StandardizedRows, release_pages
 from spade_sd.training.experts import train_experts
 from spade_sd.training.lightning_loop import torch_threads
 from spade_sd.utils.logging import logger
@@ -99,7 +100,7 @@ def fit_model(
     n_features = features[0].shape[1] if len(features) and np.ndim(features[0]) == 2 else None
     check_sizes([len(f) for f in features], slides, config, n_features)
     scalable = n_spots >= SCALE_SPOTS if scalable is None else scalable
-    panel, expression = _panel_expression(tables, panel, config.panel)
+    panel, expression = _panel_expression(tables, panel, config.panel, held_sparse=scalable)
     slide, group = _labels(features, slides, groups)
     if scalable:
         logger.info("Training on %d spots in bounded memory: features read in blocks of rows", n_spots)
@@ -240,7 +241,7 @@ def expression_readout(
     """The read-out of ``X_spade``'s expression block, fitted on the model's reference bank.
 
     The block's scale is set against the backbone ``features`` of the training slides (raw, each slide around its
-    own mean), with ``config.training.readout_weight``; its lift (``config.training.readout_lift``) is fitted on
+    own mean), with ``config.training.readout_weight`` (and ``readout_emphasis`` within the block); its lift (``config.training.readout_lift``) is fitted on
     every training spot embedded as :func:`spade_sd.tl.embed` embeds it (``scalable``: a seeded draw of
     :data:`~spade_sd.config.FIT_SPOTS` spots, each slide standardized by its own statistics).
     """
@@ -250,8 +251,9 @@ def expression_readout(
         model.expression_space(bank.embedding),
         bank.expression,
         bank.slide,
-        backbone_variance=slide_variance(features),
+        backbone_variance=streamed_slide_variance(features) if scalable else slide_variance(features),
         weight=training.readout_weight,
+        emphasis=training.readout_emphasis,
     )
     if training.readout_lift > 0:
         from spade_sd.encoders.features import CHUNK_SIZE
@@ -287,6 +289,26 @@ def reference_genes(panel: GenePanel, tables: Sequence[AnnData], n_genes: int, l
     in_panel = set(panel.genes)
     hvgs = GenePanel.fit(list(tables), n_top_genes=n_more, flavor="global", layer=layer).genes
     return list(panel.genes) + [g for g in hvgs if g not in in_panel]
+
+
+def streamed_slide_variance(features: Sequence[np.ndarray]) -> float:
+    """:func:`~spade_sd.model.readout.slide_variance` read in blocks of rows, a memory map's pages released as read.
+
+    Each slide's total variance is ``Σ (Σ x² − (Σ x)² / n) / n`` over columns, accumulated in float64.
+    """
+    from spade_sd.encoders.features import CHUNK_SIZE
+
+    totals = []
+    for values in features:
+        if not len(values):
+            continue
+        total, squares = np.zeros(values.shape[1]), np.zeros(values.shape[1])
+        for _, block in _chunks(values, CHUNK_SIZE):
+            block = np.asarray(block, dtype=np.float64)
+            total += block.sum(axis=0)
+            squares += np.square(block).sum(axis=0)
+        totals.append(float((squares - total * total / len(values)).sum() / len(values)))
+    return float(np.mean(totals)) if totals else 0.0
 
 
 def _chunks(features: np.ndarray, size: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -342,12 +364,21 @@ def fit_panel(tables: Sequence[AnnData], config: PanelConfig) -> GenePanel:
 
 
 def _panel_expression(
-    tables: Sequence[AnnData], panel: GenePanel | None, config: PanelConfig
-) -> tuple[GenePanel, np.ndarray]:
-    """The gene panel (fitted unless given) and every spot's expression over it, all slides concatenated."""
+    tables: Sequence[AnnData], panel: GenePanel | None, config: PanelConfig, *, held_sparse: bool = False
+) -> tuple[GenePanel, np.ndarray | ExpressionRows]:
+    """The gene panel (fitted unless given) and every spot's expression over it, all slides concatenated.
+
+    ``held_sparse``: each slide's expression is kept as a sparse matrix (:class:`ExpressionRows`), never dense.
+    """
     if panel is None:
         panel = fit_panel(tables, config)
     logger.info("Expression from %s", "X" if config.layer is None else f"layers[{config.layer!r}]")
+    if held_sparse:
+        expression = ExpressionRows([panel.transform(table, layer=config.layer, as_sparse=True) for table in tables])
+        logger.info(
+            "Expression held sparse: %.0f MB for %d spots × %d genes", expression.nbytes / 2**20, *expression.shape
+        )
+        return panel, expression
     return panel, np.concatenate([panel.transform(table, layer=config.layer) for table in tables])
 
 
@@ -378,7 +409,7 @@ def _labels(
 
 def _train(
     X_std: np.ndarray | StandardizedRows,
-    expression: np.ndarray,
+    expression: np.ndarray | ExpressionRows,
     expert: np.ndarray,
     slide: np.ndarray,
     n_experts: int,
