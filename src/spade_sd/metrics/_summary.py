@@ -11,8 +11,9 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """Mean ± std per encoder and metric of any frame returned by this module's evaluations (or several concatenated).
 
     With a ``task`` column (:func:`spade_sd.tl.evaluate`'s frames), each task is summarised on its own: the ridge
-    probe's and kNN's ``"pearson"`` are two rows, not one mean of both. Per-gene values are first averaged within each replicate (fold, repeat, group), ignoring NaN; the mean
-    and standard deviation (``ddof=0``, as HEST reports it) are then taken over replicates.
+    probe's and kNN's ``"pearson"`` are two rows, not one mean of both. Per-gene values are first averaged within
+    each replicate (fold, repeat, group), ignoring NaN; the mean and standard deviation (``ddof=0``, as HEST reports
+    it) are then taken over replicates.
 
     Parameters
     ----------

@@ -241,9 +241,10 @@ def expression_readout(
     """The read-out of ``X_spade``'s expression block, fitted on the model's reference bank.
 
     The block's scale is set against the backbone ``features`` of the training slides (raw, each slide around its
-    own mean), with ``config.training.readout_weight`` (and ``readout_emphasis`` within the block); its lift (``config.training.readout_lift``) is fitted on
-    every training spot embedded as :func:`spade_sd.tl.embed` embeds it (``scalable``: a seeded draw of
-    :data:`~spade_sd.config.FIT_SPOTS` spots, each slide standardized by its own statistics).
+    own mean; read in blocks when ``scalable``), with ``config.training.readout_weight`` (and ``readout_emphasis``
+    within the block); its lift (``config.training.readout_lift``) is fitted on every training spot embedded as
+    :func:`spade_sd.tl.embed` embeds it (``scalable``: a seeded draw of :data:`~spade_sd.config.FIT_SPOTS` spots, each
+    slide standardized by its own statistics).
     """
     bank = model.reference
     training = model.config.training
