@@ -596,31 +596,25 @@ class Backbone:
 
     def _onnx_engine(self) -> OnnxEngine:
         if self._onnx is None:
-            self._onnx = OnnxEngine(
-                self._pooled,
-                name=self.name,
-                input_size=self.input_size,
-                identity=self.identity,
-                state=self._state_token,
-                preprocess=self._preprocess,
-                reference=self._forward_torch,
-            )
+            self._onnx = self._new_onnx_engine()
         return self._onnx
 
     def _int8_engine(self) -> OnnxEngine:
         if self._int8 is None:
-            self._int8 = OnnxEngine(
-                self._pooled,
-                name=self.name,
-                input_size=self.input_size,
-                identity=self.identity,
-                state=self._state_token,
-                preprocess=self._preprocess,
-                reference=self._forward_torch,
-                precision="int8",
-                calibration=self.calibration,
-            )
+            self._int8 = self._new_onnx_engine(precision="int8", calibration=self.calibration)
         return self._int8
+
+    def _new_onnx_engine(self, **precision: Any) -> OnnxEngine:
+        return OnnxEngine(
+            self._pooled,
+            name=self.name,
+            input_size=self.input_size,
+            identity=self.identity,
+            state=self._state_token,
+            preprocess=self._preprocess,
+            reference=self._forward_torch,
+            **precision,
+        )
 
     def _forward_torch(self, x: torch.Tensor) -> np.ndarray:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
