@@ -814,31 +814,30 @@ def _signed(value) -> str:
     return f"{value:+}" if isinstance(value, float | int) else str(value)
 
 
+# The issue's targets for the default engine (auto, given calibration patches): backbone → (measure, threshold, text)
+TARGETS = {
+    "vit_small_patch16_224": (
+        "fraction_of_fp32_ceiling",
+        1.6,
+        "ViT-S/16 default engine (engine='auto' given calibration patches) ≥ 1.6× the rate the fp32 matmul ceiling "
+        "allows",
+    ),
+    "efficientnet_lite0": (
+        "ratio_to_fp32_onnxruntime",
+        1.5,
+        "EfficientNet-Lite0 default engine (engine='auto' given calibration patches) ≥ 1.5× today's rate (fp32 "
+        "onnxruntime)",
+    ),
+}
+
+
 def targets(runs: list[dict]) -> list[dict]:
     """The issue's targets, from what the default engine (auto, given calibration patches) ran."""
     found = []
-    for run in runs:
-        chosen = run["engines"][run["auto_chose"]]
-        if run["backbone"] == "vit_small_patch16_224":
-            value = chosen["fraction_of_fp32_ceiling"]
-            found.append(
-                {
-                    "target": "ViT-S/16 default engine (engine='auto' given calibration patches) ≥ 1.6× the rate the "
-                    "fp32 matmul ceiling allows",
-                    "measured": f"{value}× ({run['auto_chose']})",
-                    "met": value >= 1.6,
-                }
-            )
-        if run["backbone"] == "efficientnet_lite0":
-            value = chosen["ratio_to_fp32_onnxruntime"]
-            found.append(
-                {
-                    "target": "EfficientNet-Lite0 default engine (engine='auto' given calibration patches) ≥ 1.5× "
-                    "today's rate (fp32 onnxruntime)",
-                    "measured": f"{value}× ({run['auto_chose']})",
-                    "met": value >= 1.5,
-                }
-            )
+    for run in (run for run in runs if run["backbone"] in TARGETS):
+        measure, threshold, target = TARGETS[run["backbone"]]
+        value = run["engines"][run["auto_chose"]][measure]
+        found.append({"target": target, "measured": f"{value}× ({run['auto_chose']})", "met": value >= threshold})
     return found
 
 

@@ -125,9 +125,9 @@ class OnnxEngine:
             self.load()
         elif self._threads != _num_threads():  # sd.settings.n_jobs changed: the same export, other threads
             self._session = self._open()
-        return self.runner_of(self._session)
+        return self._runner_of(self._session)
 
-    def runner_of(self, session: ort.InferenceSession) -> Callable[[torch.Tensor], np.ndarray]:
+    def _runner_of(self, session: ort.InferenceSession) -> Callable[[torch.Tensor], np.ndarray]:
         """A function running preprocessed images through ``session``, in the int8 graph's fixed batches."""
         input_name, fixed = session.get_inputs()[0].name, self._fixed_batch()
 
@@ -244,7 +244,7 @@ class OnnxEngine:
             patches = np.random.default_rng(0).integers(0, 256, (self.max_batch, side, side, 3), dtype=np.uint8)
         else:
             patches = low.split_calibration(self.calibration)[1]
-        run = self.runner_of(session)
+        run = self._runner_of(session)
         with eval_mode(self.pooled.module), torch.inference_mode():
             found, expected = [], []
             for start in range(0, len(patches), self.max_batch):

@@ -120,10 +120,12 @@ class ExpressionReadout:
         u, s = u[:, :rank], s[:rank]
         u *= np.sign(u[np.abs(u).argmax(axis=0), np.arange(rank)])  # deterministic signs
         slide = np.asarray(slide)
+        coordinates = (X - mean) @ (u * s)
         if emphasis:
-            spread = np.sqrt([_slide_variance((X - mean) @ (u[:, [j]] * s[j]), slide) for j in range(rank)])
-            s = s * np.where(spread > 0, spread, 1.0) ** emphasis
-        variance = _slide_variance((X - mean) @ (u * s), slide)
+            spread = np.sqrt([_slide_variance(coordinates[:, [j]], slide) for j in range(rank)])
+            factor = np.where(spread > 0, spread, 1.0) ** emphasis
+            s, coordinates = s * factor, coordinates * factor
+        variance = _slide_variance(coordinates, slide)
         scale = weight * np.sqrt(backbone_variance / variance) if variance > 0 else 0.0
         return cls(
             mean=np.asarray(mean, dtype=np.float32),
