@@ -47,12 +47,24 @@ GPU_UTILIZATION = 0.3
 
 
 class _MemorySampler(threading.Thread):
-    """Peak RssAnon and RssFile of this process, sampled every 0.2 s."""
+    """Peak RssAnon and RssFile of this process, sampled every 0.2 s, overall and within each phase that is running."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
         self.peak = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
+        self.phase_peak: dict[str, int] = {}
+        self.active: list[str] = []
         self.running = True
+
+    def enter(self, phase: str) -> None:
+        """Start counting ``phase``'s peak VmRSS (phases nest; a phase run twice keeps its highest peak)."""
+        self.active.append(phase)
+        self.sample()
+
+    def leave(self, phase: str, seconds: float) -> None:
+        self.sample()
+        self.active.remove(phase)
+        print(f"PHASE {phase} {seconds:.1f} s, peak {self.phase_peak[phase]:,} MB", file=sys.stderr, flush=True)
 
     def run(self) -> None:
         while self.running:
@@ -65,6 +77,12 @@ class _MemorySampler(threading.Thread):
                 key = line.split(":")[0]
                 if key in self.peak:
                     self.peak[key] = max(self.peak[key], int(line.split()[1]) // 1024)
+        for phase in list(self.active):
+            self.phase_peak[phase] = max(self.phase_peak.get(phase, 0), self.peak_now())
+
+    def peak_now(self) -> int:
+        with Path("/proc/self/status").open() as status:
+            return next(int(line.split()[1]) // 1024 for line in status if line.startswith("VmRSS:"))
 
 
 def _peak_rss_mb() -> int:
@@ -179,10 +197,12 @@ def worker(n: int, args: argparse.Namespace) -> dict:
 
         def wrapper(*a, **k):
             t0 = time.perf_counter()
+            sampler.enter(key)
             try:
                 return original(*a, **k)
             finally:
                 elapsed = time.perf_counter() - t0
+                sampler.leave(key, elapsed)
                 timings[key] = timings[key] + [elapsed] if isinstance(timings.get(key), list) else elapsed
 
         setattr(module, name, wrapper)
@@ -207,15 +227,19 @@ def worker(n: int, args: argparse.Namespace) -> dict:
 
         def on_train_epoch_start(self, trainer, module) -> None:
             self._t = time.perf_counter()
+            sampler.enter("train_epoch")
 
         def on_train_epoch_end(self, trainer, module) -> None:
             self.train.append(time.perf_counter() - self._t)
+            sampler.leave("train_epoch", self.train[-1])
 
         def on_validation_epoch_start(self, trainer, module) -> None:
             self._v = time.perf_counter()
+            sampler.enter("validation")
 
         def on_validation_epoch_end(self, trainer, module) -> None:
             self.validation.append(time.perf_counter() - self._v)
+            sampler.leave("validation", self.validation[-1])
 
     held: dict[str, float] = {}
     panel_expression = fit._panel_expression
@@ -232,8 +256,10 @@ def worker(n: int, args: argparse.Namespace) -> dict:
         training=TrainingConfig(max_epochs=args.epochs),
     )
     t0 = time.perf_counter()
+    sampler.enter("panel_s")
     panel = fit.fit_panel(tables, PanelConfig())
     timings["panel_s"] = time.perf_counter() - t0
+    sampler.leave("panel_s", timings["panel_s"])
     options = {"config": config, "panel": panel, "quiet": True, "trainer_kwargs": {"callbacks": [epochs]}}
     if args.mode != "before":
         options["scalable"] = args.mode == "scalable"
@@ -270,6 +296,7 @@ def worker(n: int, args: argparse.Namespace) -> dict:
         "rss_after_data_mb": rss_data,
         "peak_rss_mb": _peak_rss_mb(),
         "peak_sampled_mb": sampler.peak,
+        "phase_peak_rss_mb": sampler.phase_peak,
         "flops": {
             **flops,
             "epoch": epoch_flops,
@@ -354,6 +381,11 @@ def _markdown(runs: list[dict], args: argparse.Namespace, commit: str) -> str:
         )
     lines += ["", "Every phase's time, per run:", ""]
     lines += [f"- {r['n_spots']:,} {r['mode']}: {json.dumps(r['timings_s'])}" for r in runs]
+    phased = [r for r in runs if r.get("phase_peak_rss_mb")]
+    lines += (
+        ["", "Peak resident memory (VmRSS, sampled every 0.2 s) within each phase, per run (MB):", ""] if phased else []
+    )
+    lines += [f"- {r['n_spots']:,} {r['mode']}: {json.dumps(r['phase_peak_rss_mb'])}" for r in phased]
     held = [r for r in runs if r.get("expression_held_mb") is not None]
     lines += ["", "Expression over the panel as held in training (MB):", ""] if held else []
     lines += [f"- {r['n_spots']:,} {r['mode']}: {r['expression_held_mb']}" for r in held]
@@ -421,10 +453,10 @@ def main() -> None:
             if getattr(args, name) is not None:
                 command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
         print(f"{n:,} spots, {mode} ...", flush=True)
-        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)  # phases go to stderr as they end
         result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode or not result:
-            print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
+            print(done.stdout[-3000:], file=sys.stderr)
             raise SystemExit(f"The run on {n} spots ({mode}) failed.")
         runs.append({"commit": commit, **json.loads(result[0][len("RESULT ") :])})
         print(json.dumps(runs[-1]), flush=True)
