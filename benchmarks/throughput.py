@@ -638,7 +638,7 @@ def other_int8_scheme(backbone, patches: np.ndarray, expected: np.ndarray) -> di
         low.quantize_int8(fixed, quantized, scheme=other, calibration=x[: len(x) // 8 * 8])
         options = ort.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(str(quantized), options, providers=["CPUExecutionProvider"])
+        session = low.int8_session(quantized, options)
     inputs = backbone._preprocess(patches).contiguous().numpy()
 
     def run():
@@ -930,7 +930,17 @@ def main() -> None:
         "--precision-spots", type=int, default=None, help="spots drawn per MOB section for fidelity (default all)"
     )
     parser.add_argument("--precision-child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="threads of torch and onnxruntime (sd.settings.n_jobs; default all)"
+    )
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        import spade_sd
+
+        spade_sd.settings.n_jobs = args.threads
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child[0], int(args.memory_child[1]), args.side)))
         return

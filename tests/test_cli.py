@@ -71,7 +71,7 @@ def _fresh_store(folder: Path, name: str) -> Path:
 def test_help_lists_the_commands_with_examples_and_the_version(tmp_path):
     top = _run("--help", cwd=tmp_path)
     assert top.returncode == 0, top.stderr
-    for command in ("pretrain", "finetune", "embed", "tile", "predict", "evaluate"):
+    for command in ("features", "pretrain", "finetune", "embed", "tile", "predict", "evaluate"):
         assert command in top.stdout
     embed = _run("embed", "--help", cwd=tmp_path)
     assert embed.returncode == 0 and "spade-sd embed MOB3.zarr --model mob_model" in embed.stdout

@@ -230,11 +230,16 @@ def test_scattered_rows_release_the_pages_they_map_as_they_go(tmp_path, monkeypa
     rows = StandardizedRows([on_disk[:300], on_disk[300:]])  # two views of one file: one map to release
     picked = np.random.default_rng(1).permutation(600)[:41]
     np.testing.assert_array_equal(rows[picked], features[picked].astype(np.float32))
-    # each scattered row counts as the 64 KB its page fault may map: a release every 4 to 7 rows, one per file
+    # each scattered row counts as the 2 MB its page fault may map: a release every 4 to 7 rows, one per file
     assert 41 // 8 <= len(released) <= 41 // 4 and all(r is rows._mapped[0] for r in released)
     released.clear()
-    rows[0:300]  # a run of 300 rows of 16 bytes maps 4.8 KB: nothing to release yet
+    rows._since_release = 0
+    rows[0:300]  # a run of 300 rows of 16 bytes, counted as the 2 MB around it: nothing to release yet
     assert released == []
+    # lone rows, one from each slide (a batch drawn over many slides), map as much as scattered rows
+    many = StandardizedRows([on_disk[start : start + 4] for start in range(0, 600, 4)])
+    np.testing.assert_array_equal(many[np.arange(0, 160, 4)], features[0:160:4].astype(np.float32))
+    assert len(released) == 40 // 4
 
 
 def test_streamed_slide_variance_equals_the_whole_slides_at_once(tmp_path, monkeypatch):

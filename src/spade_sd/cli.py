@@ -11,6 +11,7 @@ expected and what was found), 1 anything else (with its traceback).
 from __future__ import annotations
 
 import ast
+import difflib
 import functools
 import hashlib
 import inspect
@@ -73,7 +74,7 @@ TableKey = Annotated[str | None, typer.Option(help="Table element; inferred.", s
 Backbone = Annotated[
     str | None,
     typer.Option(
-        help="Patch encoder: a timm name, a weights file or a folder saved by `spade-sd finetune` "
+        help="Patch encoder: a timm name (hf-hub: names included) or a folder saved by `spade-sd finetune` "
         "(default: the offline EfficientNet-Lite0).",
         show_default=False,
     ),
@@ -81,7 +82,24 @@ Backbone = Annotated[
 MaxEpochs = Annotated[int | None, typer.Option("--max-epochs", "--epochs", help="Training epochs.")]
 Seed = Annotated[int | None, typer.Option(help="Random seed.", show_default=False)]
 Accelerator = Annotated[str | None, typer.Option(help="Lightning accelerator (cpu, gpu, auto).")]
+Devices = Annotated[
+    str | None,
+    typer.Option(
+        help="Lightning devices per node: a number, -1 for all, indices such as 0,1, or auto. Under srun: as many as "
+        "--ntasks-per-node.",
+        show_default=False,
+    ),
+]
+NumNodes = Annotated[
+    int | None, typer.Option(min=1, help="Lightning nodes; under srun: as many as --nodes.", show_default=False)
+]
+Strategy = Annotated[
+    str | None,
+    typer.Option(help="Lightning strategy: ddp (under srun or torchrun), ddp_fork, auto, …", show_default=False),
+]
 BatchSize = Annotated[int | None, typer.Option(help="Feature extraction batch size.", show_default=False)]
+SizeUm = Annotated[float | None, typer.Option(help="Side of a patch in µm [112].", show_default=False)]
+SizePx = Annotated[int | None, typer.Option(help="Side of a patch in pixels, as encoded [224].", show_default=False)]
 
 
 # --- the whole application: version, verbosity, exit codes
@@ -109,6 +127,14 @@ def main(
     progress: Annotated[
         bool, typer.Option(help="Progress bars on feature extraction and training, where a terminal shows them.")
     ] = True,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="CPU threads of the backbone (sd.settings.n_jobs; -1: every core); in a SLURM task, "
+            "$SLURM_CPUS_PER_TASK [every core this process may use].",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """SPADE data experts over SpatialData .zarr stores, for batch jobs (Snakemake, Nextflow, SLURM arrays).
 
@@ -116,6 +142,7 @@ def main(
     failure leaves a store as it was). Exit codes: 0 done, 2 bad input, 1 unexpected failure.
 
     \b
+    spade-sd features MOB1.zarr MOB2.zarr --cache-only
     spade-sd pretrain MOB1.zarr MOB2.zarr --out mob_model
     spade-sd embed MOB3.zarr --model mob_model
     spade-sd predict MOB3.zarr --model mob_model --genes Penk --genes Doc2g
@@ -124,6 +151,11 @@ def main(
         raise typer.BadParameter("pass --verbose or --quiet, not both.")
     settings.verbosity = "debug" if verbose else "warning" if quiet else settings.verbosity
     settings.progress = progress and not quiet
+    if threads is not None:
+        try:
+            settings.n_jobs = threads
+        except ValueError as error:
+            raise typer.BadParameter(str(error), param_hint="--threads") from None
 
 
 def _exit_codes(command: Callable[..., None]) -> Callable[..., None]:
@@ -231,6 +263,96 @@ def _backbone(backbone: str | None):
 
         return FineTunedBackbone.load(backbone)
     return backbone
+
+
+def _devices(text: str) -> int | str | list[int]:
+    """``--devices`` as Lightning takes it: ``"auto"``, a number of devices (``-1``: all) or a list of indices."""
+    value = text.strip().lower()
+    if value == "auto":
+        return value
+    try:
+        if "," in value:
+            indices = [int(index) for index in value.split(",") if index.strip()]
+            if indices and min(indices) >= 0:
+                return indices
+        elif (number := int(value)) >= 1 or number == -1:
+            return number
+    except ValueError:
+        pass
+    raise ValueError(
+        f"--devices expects a number of devices per node (e.g. 4), -1 for all of them, device indices (e.g. 0,1) or "
+        f"auto; found {text!r}."
+    )
+
+
+def _named(option: str, value: str, known: list[str]) -> str:
+    """``value`` if Lightning knows it by that name, else an error listing the names (the closest first)."""
+    if value in known:
+        return value
+    close = difflib.get_close_matches(value, known, n=1)
+    hint = f" Did you mean {close[0]}?" if close else ""
+    raise ValueError(f"--{option} expects one of {', '.join(known)}; found {value!r}.{hint}")
+
+
+def _lightning(
+    accelerator: str | None, devices: str | None, num_nodes: int | None, strategy: str | None
+) -> dict[str, Any]:
+    """The Lightning Trainer's hardware options given, checked before any work.
+
+    Lightning itself checks them only when the Trainer is built, after every patch was encoded.
+    """
+    given = {"accelerator": accelerator, "devices": devices, "num_nodes": num_nodes, "strategy": strategy}
+    given = {name: value for name, value in given.items() if value is not None}
+    if "accelerator" in given or "strategy" in given:
+        from lightning.pytorch.accelerators import AcceleratorRegistry
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        accelerators = ["auto", "cpu", "gpu", *sorted(set(AcceleratorRegistry.available_accelerators()) - {"cpu"})]
+        if "accelerator" in given:
+            given["accelerator"] = _named("accelerator", accelerator, accelerators)
+        if "strategy" in given:
+            given["strategy"] = _named("strategy", strategy, ["auto", *StrategyRegistry.available_strategies()])
+    if "devices" in given:
+        given["devices"] = _devices(devices)
+    if "devices" in given or "num_nodes" in given:
+        _check_slurm(given.get("devices"), given.get("num_nodes"))
+    return given
+
+
+def _check_slurm(devices: int | str | list[int] | None, num_nodes: int | None) -> None:
+    """Under srun, Lightning's own check of ``--devices`` and ``--num-nodes`` against the processes SLURM started.
+
+    Lightning makes it when the Trainer is built, after every slide was read and clustered.
+    """
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if not SLURMEnvironment.detect() or devices is None or isinstance(devices, str) or devices == -1:
+        return  # not under srun, or devices that Lightning counts itself
+    per_node = len(devices) if isinstance(devices, list) else devices
+    try:
+        SLURMEnvironment(auto_requeue=False).validate_settings(per_node, num_nodes or 1)
+    except (ValueError, RuntimeError) as error:
+        raise ValueError(f"--devices and --num-nodes must match the processes srun starts: {error}") from None
+
+
+def _global_rank() -> int:
+    """The rank of this process among the training processes (0 outside distributed training), as Lightning sets it."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return rank_zero_only.rank
+
+
+def _save(model, out: Path, overwrite: bool) -> None:
+    """``model.save_pretrained(out)``, by the first training process only.
+
+    Every process of a DDP job launched by srun or torchrun (or by Lightning's ``ddp`` strategy) runs the whole
+    command and ends with the same weights.
+    """
+    rank = _global_rank()
+    if rank != 0:
+        logger.info("Training process %d: the model is saved by process 0", rank)
+        return
+    model.save_pretrained(out, overwrite=overwrite)
 
 
 def _read(stores: list[Path]) -> list[SpatialData]:
@@ -392,30 +514,39 @@ def pretrain(
     shapes_key: ShapesKey = None,
     table_key: TableKey = None,
     seed: Seed = None,
+    size_um: SizeUm = None,
+    size_px: SizePx = None,
     accelerator: Accelerator = None,
+    devices: Devices = None,
+    num_nodes: NumNodes = None,
+    strategy: Strategy = None,
     overwrite: Overwrite = False,
     param: Params = None,
 ) -> None:
     """Train a model on one or several slides (tl.pretrain) and save it to --out.
 
-    The stores are only read. Options not given take tl.pretrain's defaults; every other keyword goes through
-    --param.
+    The stores are only read; features already in the cache (`spade-sd features`) are read from it. Options not
+    given take tl.pretrain's defaults; every other keyword goes through --param. Under srun or torchrun every
+    process runs this command (Lightning DDP) and process 0 saves the model.
 
     \b
     Example:
         spade-sd pretrain MOB1.zarr MOB2.zarr --out mob_model --epochs 20 --n-experts 4
         spade-sd pretrain her2st/*.zarr --out her2st_model --param n_fine=8 --param 'val_slides=["C5"]'
+        srun spade-sd pretrain cohort/*.zarr --out model --accelerator gpu --devices 4 --num-nodes 2 --strategy ddp
     """  # noqa: D301 - click keeps a paragraph after \b unwrapped
     _checked_out(out, overwrite)
     stores = [_checked_store(path) for path in stores]
+    trainer = _lightning(accelerator, devices, num_nodes, strategy)
     import spade_sd.tl as tl
 
     options = {"max_epochs": max_epochs, "n_experts": n_experts, "image_key": image_key, "shapes_key": shapes_key}
-    options |= {"table_key": table_key, "seed": seed, "accelerator": accelerator, "backbone": None}
+    options |= {"table_key": table_key, "seed": seed, "size_um": size_um, "size_px": size_px, "backbone": None}
+    options |= dict.fromkeys(("accelerator", "devices", "num_nodes", "strategy")) | trainer
     keywords = _params(tl.pretrain, param, options, fixed=("panel",))
     slides = _read(stores)
     model = tl.pretrain(slides, backbone=_backbone(backbone), quiet=not settings.progress, **keywords)
-    model.save_pretrained(out, overwrite=overwrite)
+    _save(model, out, overwrite)
 
 
 @app.command()
@@ -431,6 +562,9 @@ def finetune(
     table_key: TableKey = None,
     seed: Seed = None,
     accelerator: Accelerator = None,
+    devices: Devices = None,
+    num_nodes: NumNodes = None,
+    strategy: Strategy = None,
     overwrite: Overwrite = False,
     param: Params = None,
 ) -> None:
@@ -445,14 +579,73 @@ def finetune(
     """  # noqa: D301 - click keeps a paragraph after \b unwrapped
     _checked_out(out, overwrite)
     stores = [_checked_store(path) for path in stores]
+    trainer = _lightning(accelerator, devices, num_nodes, strategy)
     import spade_sd.tl as tl
 
     options = {"max_epochs": max_epochs, "n_blocks": n_blocks, "image_key": image_key, "shapes_key": shapes_key}
-    options |= {"table_key": table_key, "seed": seed, "accelerator": accelerator, "backbone": None}
+    options |= {"table_key": table_key, "seed": seed, "backbone": None}
+    options |= dict.fromkeys(("accelerator", "devices", "num_nodes", "strategy")) | trainer
     keywords = _params(tl.finetune, param, options)
     slides = _read(stores)
     tuned = tl.finetune(slides, backbone=_backbone(backbone), quiet=not settings.progress, **keywords)
-    tuned.save_pretrained(out, overwrite=overwrite)
+    _save(tuned, out, overwrite)
+
+
+@app.command()
+@_exit_codes
+def features(
+    stores: Stores,
+    write_back: Annotated[
+        bool,
+        typer.Option(
+            "--write-back/--cache-only",
+            help=f"Also write .obsm['{BACKBONE_KEY}'] to each store's table, as tl.features does; --cache-only fills "
+            "the feature cache alone and leaves the stores as they are.",
+        ),
+    ] = True,
+    backbone: Backbone = None,
+    size_um: SizeUm = None,
+    size_px: SizePx = None,
+    image_key: ImageKey = None,
+    shapes_key: ShapesKey = None,
+    table_key: TableKey = None,
+    batch_size: BatchSize = None,
+    param: Params = None,
+) -> None:
+    """Encode every spot's patch into the feature cache (tl.features), so that pretrain and embed encode nothing.
+
+    The features are cached in $SPADE_SD_CACHE_DIR/features, one file per slide, backbone and patch geometry, which
+    appears complete or not at all: processes sharing the folder (one per slide, as SLURM array tasks) never read
+    a half-written file. Pass later commands the same --backbone and patch size. The stores are done one after the
+    other, each written back on its own.
+
+    \b
+    Example:
+        spade-sd features MOB1.zarr MOB2.zarr
+        spade-sd features cohort/slide_0042.zarr --cache-only --batch-size 256
+        spade-sd pretrain MOB1.zarr MOB2.zarr --out mob_model
+    """  # noqa: D301 - click keeps a paragraph after \b unwrapped
+    stores = [_checked_store(path) for path in stores]
+    import spade_sd.tl as tl
+    from spade_sd.encoders.backbone import Backbone as PatchEncoder
+
+    options = {"size_um": size_um, "size_px": size_px, "image_key": image_key, "shapes_key": shapes_key}
+    options |= {"table_key": table_key, "batch_size": batch_size, "backbone": None}
+    keywords = _params(tl.features, param, options)
+    if not write_back and keywords.get("cache", True) is not True:
+        raise ValueError(
+            f"--cache-only keeps the features in the cache alone; found --param cache={keywords['cache']!r}, which "
+            "would keep them nowhere. Drop --param cache, or pass --write-back."
+        )
+    encoder = _backbone(backbone)
+    encoder = encoder if isinstance(encoder, PatchEncoder) else PatchEncoder(encoder)  # one for every store
+    for store in stores:
+        if write_back:
+            _update(store, lambda sdata: tl.features(sdata, backbone=encoder, **keywords))
+            continue
+        (sdata,) = _read([store])
+        tl.features(sdata, backbone=encoder, **keywords)
+        logger.info("Cached the features of %s; the store is unchanged (--cache-only)", store)
 
 
 @app.command()

@@ -151,7 +151,7 @@ class Backbone:
         ``"auto"``: onnxruntime for a module on the CPU, falling back to PyTorch with a warning if the export fails;
         PyTorch with bfloat16 autocast on a GPU. Given ``calibration`` patches, ``"auto"`` on the CPU also measures
         the low-precision engines on them once (cached) and runs the fastest that keeps a median per-patch cosine of
-        0.995 to the float32 features and is at least 1.1× faster than onnxruntime in float32
+        0.999 to the float32 features and is at least 1.1× faster than onnxruntime in float32
         (:mod:`~spade_sd.encoders.precision`). ``"int8"`` (onnxruntime, quantized) and ``"bf16"`` (PyTorch with
         bfloat16 weights; fast only on CPUs with AVX512-BF16 or AMX) run those engines on the CPU explicitly. Their
         features are cached under their own identity (:meth:`feature_identity`). Measured speeds and fidelity:
@@ -172,7 +172,10 @@ class Backbone:
         Real uint8 RGB patches ``(n, height, width, 3)``, at least 16 (64 to 128 is plenty), e.g.
         ``sd.pp.spot_patches(sdata).read(np.arange(64))``: half of them calibrate ``engine="int8"`` for
         convolutional backbones (required there), the other half are what the int8 engine is checked on and what
-        ``engine="auto"`` judges the low-precision engines by (without them ``"auto"`` runs float32).
+        ``engine="auto"`` judges the low-precision engines by. Without them ``"auto"`` runs float32 when called
+        directly; the tools give a transformer 64 patches of the first slide it encodes on this machine, stored and
+        reused for every later slide (:mod:`~spade_sd.encoders.auto_calibration`; ``sd.settings.low_precision=False`` turns
+        this off).
     version
         For a plain callable or a :class:`torch.nn.Module` only: a label of the code that computes the features,
         to be changed whenever that code (or anything else that changes its outputs) changes, e.g.
@@ -391,6 +394,29 @@ class Backbone:
             self._identity = (state, identity_digest(self._architecture(), tensors))
         return self._identity[1]
 
+    @property
+    def engine_settled(self) -> bool:
+        """Whether the engine that runs is chosen (on the first encoding, or by :attr:`precision`)."""
+        return self._engine_in_use is not None
+
+    @property
+    def precision(self) -> str:
+        """The precision of the features: ``"float32"``, ``"int8"`` or ``"bf16"``.
+
+        ``engine="auto"`` with ``calibration`` settles its engine first, as :meth:`feature_identity` does. PyTorch's
+        bfloat16 autocast on a GPU counts as ``"float32"``: its features share the float32 identity.
+        """
+        engine = self._settled_engine()
+        return engine if engine in low.LOW_PRECISIONS else "float32"
+
+    def _settled_engine(self) -> str:
+        """:attr:`engine`, or for ``"auto"`` with calibration patches the engine it settles on (measured once)."""
+        if self.engine == "auto" and self.calibration is not None and self.module is not None:
+            if self._engine_in_use is None:
+                self._engine_in_use = self._choose_engine()
+            return self._engine_in_use
+        return self.engine
+
     def feature_identity(self) -> str:
         """What names this backbone's cached features: :meth:`identity`, and the precision of the engine.
 
@@ -400,11 +426,7 @@ class Backbone:
         ``calibration`` settles its engine first (measured once, cached). A saved model records :meth:`identity`,
         which does not depend on the engine.
         """
-        engine = self.engine
-        if engine == "auto" and self.calibration is not None and self.module is not None:
-            if self._engine_in_use is None:
-                self._engine_in_use = self._choose_engine()
-            engine = self._engine_in_use
+        engine = self._settled_engine()
         if engine not in low.LOW_PRECISIONS:
             return self.identity()
         if engine == "int8":

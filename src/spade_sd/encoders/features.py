@@ -5,7 +5,9 @@ kept busy. Features stream out in chunks of consecutive patches (:func:`iter_fea
 cache file as they come, so a whole slide's (n_tiles × dim) features never need to sit in memory. Features are
 cached as ``.npy`` files named by a digest of the patches (image content under a sample of spots, every spot
 position, scale and patch geometry) and the backbone (architecture and weights), so a second run with the same
-inputs reads them back, chunk by chunk, instead of recomputing.
+inputs reads them back, chunk by chunk, instead of recomputing. They are stored as float32, or as float16
+(:attr:`sd.settings.feature_cache_dtype <spade_sd.utils.settings.Settings.feature_cache_dtype>`) in files named
+apart, and always served as float32 (:func:`mapped_features` maps the file as it is stored).
 
 Nothing is lost and nothing is served silently: a backbone without a stable identity (a plain function given no
 ``version=``) is never cached; a cache file is checked (header, dtype, shape, exact size, every value finite)
@@ -22,11 +24,13 @@ import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
+from functools import cache
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
+from spade_sd.encoders.auto_calibration import calibrate_from
 from spade_sd.encoders.finetuned import FineTunedBackbone, PrefixEncoder
 from spade_sd.spots.content import BlankCount, check_sample
 from spade_sd.spots.patches import SpotPatches
@@ -49,14 +53,35 @@ except ImportError:  # Windows: no advisory locks, the partial files' pids alone
     fcntl = None
 
 
-def cache_key(patches: SpotPatches, backbone) -> str:
-    """Digest naming the features of these patches under this backbone."""
+def cache_key(patches: SpotPatches, backbone, dtype: np.dtype | str | None = None) -> str:
+    """Digest naming the features of these patches under this backbone, stored as ``dtype``.
+
+    Parameters
+    ----------
+    patches
+        The spot patches.
+    backbone
+        A :class:`~spade_sd.Backbone` (or any encoder with an ``identity()``).
+    dtype
+        The stored precision, float32 or float16; ``None``: :attr:`sd.settings.feature_cache_dtype
+        <spade_sd.utils.settings.Settings.feature_cache_dtype>`. float32 files keep the key they always had.
+    """
     digest = hashlib.blake2b(digest_size=20)
     # a Backbone names its int8 and bf16 features apart from its float32 ones; other encoders have one precision
     identity = getattr(backbone, "feature_identity", backbone.identity)()
-    for part in (CACHE_FORMAT, patches.fingerprint(), identity):
+    stored = cache_dtype() if dtype is None else np.dtype(dtype)
+    if stored not in (np.float32, np.float16):
+        raise ValueError(f"Cached features are stored as float32 or float16; found dtype={stored}.")
+    # float32 adds nothing, so the files cached before float16 existed keep their names
+    precision = () if stored == np.float32 else (f"stored as {stored.name}",)
+    for part in (CACHE_FORMAT, patches.fingerprint(), identity, *precision):
         digest.update(part.encode())
     return digest.hexdigest()
+
+
+def cache_dtype() -> np.dtype:
+    """The precision cached features are stored in: :attr:`sd.settings.feature_cache_dtype <spade_sd.utils.settings.Settings.feature_cache_dtype>`."""
+    return np.dtype(settings.feature_cache_dtype)
 
 
 def _cache_allowed(backbone, cache: bool) -> bool:
@@ -183,6 +208,9 @@ def iter_features(
         features computed again. Not used, with an info message, for a backbone without a stable identity. A cache
         folder that cannot take the file (a file itself, under a file, not writable) is refused before any patch
         is encoded, with an error naming the setting to change (:meth:`~spade_sd.utils.settings.Settings.cache_folder`).
+        Stored as :attr:`sd.settings.feature_cache_dtype <spade_sd.utils.settings.Settings.feature_cache_dtype>`:
+        with ``"float16"``, the features served are the float16 values (as float32), computed or read alike, and
+        features beyond float16's range raise an :class:`OverflowError`, with nothing cached.
     chunk_size
         Patches per yielded chunk (rounded up to whole batches when computing); default ``CHUNK_SIZE``.
     num_workers
@@ -195,22 +223,48 @@ def iter_features(
     chunk_size = CHUNK_SIZE if chunk_size is None else int(chunk_size)
     num_workers = check_num_workers(num_workers)
     check_sample(patches)  # patches that nearly all show no tissue are refused before any is encoded
+    # before the cache key: engine="auto" may settle on a lower precision, whose features are cached apart
+    calibrate_from(backbone, patches)
     cache = _cache_allowed(backbone, cache)
-    path = _features_cache_dir() / f"{cache_key(patches, backbone)}.npy" if cache else None
+    dtype = cache_dtype()
+    path = _cache_path(patches, backbone, dtype) if cache else None
     if path is not None and path.is_file():
         shape = (len(patches), backbone.dim)
-        file = _open_checked(path, shape, chunk_size)
+        file = _open_checked(path, shape, chunk_size, dtype)
         if file is not None:
             with file:
-                logger.debug("Reading %d cached %s features from %s", len(patches), backbone.name, path)
-                yield from _rows(file, path, shape, chunk_size)
+                logger.debug("Reading %d cached %s %s features from %s", len(patches), dtype, backbone.name, path)
+                yield from _rows(file, path, shape, chunk_size, dtype)
             return
     if path is not None:  # the cache must take the features before the first patch is encoded
         settings.cache_folder(
             _CACHE_FOLDER, instead=", or pass cache=False to compute the features without caching them"
         )
     chunk_size = _whole_batches(chunk_size, batch_size)
-    yield from _compute_chunks(patches, backbone, batch_size, chunk_size, path, num_workers=num_workers)
+    options = {"num_workers": num_workers, "dtype": dtype}
+    yield from _compute_chunks(patches, backbone, batch_size, chunk_size, path, **options)
+
+
+def as_float32(rows: np.ndarray) -> np.ndarray:
+    """Rows as float32: float16 ones converted exactly, by looking every value's 16 bits up in a table.
+
+    Every row read from a float16 cache is converted, and numpy's own float16 cast is not vectorized: the look-up
+    is several times faster (``benchmarks/results/feature_cache_dtype.md``). Other arrays are returned as they are.
+    """
+    if rows.dtype != np.float16:
+        return rows
+    return _float16_values().take(np.ascontiguousarray(rows).view(np.uint16))
+
+
+@cache
+def _float16_values() -> np.ndarray:
+    """The float32 value of every float16 bit pattern (256 KB)."""
+    return np.arange(2**16, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+def _cache_path(patches: SpotPatches, backbone, dtype: np.dtype) -> Path:
+    """The cache file of these patches' features under this backbone, stored as ``dtype``."""
+    return _features_cache_dir() / f"{cache_key(patches, backbone, dtype)}.npy"
 
 
 def _whole_batches(chunk_size: int, batch_size: int) -> int:
@@ -234,10 +288,12 @@ def _read_header(file) -> tuple[tuple[int, ...], bool, np.dtype]:
     raise ValueError(f".npy format version {version} is not one this package writes")
 
 
-def _open_checked(path: Path, shape: tuple[int, int], chunk_size: int) -> BinaryIO | None:
+def _open_checked(
+    path: Path, shape: tuple[int, int], chunk_size: int, dtype: np.dtype = np.dtype(np.float32)
+) -> BinaryIO | None:
     """A cached ``.npy`` opened at its first row if it is sound, else ``None`` after removing it with a warning.
 
-    Sound means: a float32 ``.npy`` header of ``shape`` in C order, exactly as many bytes as that promises, and
+    Sound means: a ``.npy`` header of ``dtype`` and ``shape`` in C order, exactly as many bytes as that promises, and
     only finite values, checked by reading it ``chunk_size`` rows at a time, so memory stays bounded and no chunk
     is served from a file later found damaged.
 
@@ -249,6 +305,8 @@ def _open_checked(path: Path, shape: tuple[int, int], chunk_size: int) -> Binary
         The expected ``(n_patches, dim)``.
     chunk_size
         Rows read at a time while checking.
+    dtype
+        The precision the cache stores (float32 or float16); a file of any other is damaged.
 
     Returns
     -------
@@ -262,7 +320,7 @@ def _open_checked(path: Path, shape: tuple[int, int], chunk_size: int) -> Binary
     else:
         try:
             identity = os.fstat(file.fileno())
-            problem = _problem(file, path, shape, chunk_size)
+            problem = _problem(file, path, shape, chunk_size, dtype)
         except OSError as err:
             problem = f"cannot be read: {err}"
         if problem is None:
@@ -281,20 +339,22 @@ def _open_checked(path: Path, shape: tuple[int, int], chunk_size: int) -> Binary
     return None
 
 
-def _problem(file: BinaryIO, path: Path, shape: tuple[int, int], chunk_size: int) -> str | None:
-    """What is wrong with an open cached ``.npy`` (``None`` if nothing), leaving it at its first row."""
+def _problem(
+    file: BinaryIO, path: Path, shape: tuple[int, int], chunk_size: int, dtype: np.dtype = np.dtype(np.float32)
+) -> str | None:
+    """What is wrong with an open cached ``.npy`` of ``dtype`` (``None`` if nothing), leaving it at its first row."""
     try:
-        found, fortran, dtype = _read_header(file)
+        found, fortran, stored = _read_header(file)
     except (ValueError, EOFError, SyntaxError, TypeError) as err:
         return f"not a readable .npy file: {err}"
-    if found != shape or fortran or dtype != np.float32:
+    if found != shape or fortran or stored != dtype:
         order = " in Fortran order" if fortran else ""
-        return f"holds {dtype} of shape {found}{order}, expected float32 of shape {shape}"
+        return f"holds {stored} of shape {found}{order}, expected {dtype} of shape {shape}"
     offset = file.tell()
-    size, expected = os.fstat(file.fileno()).st_size, offset + shape[0] * shape[1] * 4
+    size, expected = os.fstat(file.fileno()).st_size, offset + shape[0] * shape[1] * dtype.itemsize
     if size != expected:
         return f"{'truncated: ' if size < expected else ''}{size} bytes, expected {expected}"
-    for start, chunk in _rows(file, path, shape, chunk_size):
+    for start, chunk in _rows(file, path, shape, chunk_size, dtype):
         finite = np.isfinite(chunk).all(axis=1)
         if not finite.all():
             return f"non-finite features in {np.count_nonzero(~finite)} rows from row {start + np.argmin(finite)}"
@@ -302,16 +362,18 @@ def _problem(file: BinaryIO, path: Path, shape: tuple[int, int], chunk_size: int
     return None
 
 
-def _rows(file: BinaryIO, path: Path, shape: tuple[int, int], chunk_size: int) -> Iterator[tuple[int, np.ndarray]]:
-    """``(start, rows)`` chunks of float32 rows read with plain file reads from the current position.
+def _rows(
+    file: BinaryIO, path: Path, shape: tuple[int, int], chunk_size: int, dtype: np.dtype = np.dtype(np.float32)
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, rows)`` chunks of rows stored as ``dtype``, read with plain file reads from the current position.
 
-    A memory map would count toward resident memory.
+    The rows come out as float32 whatever ``dtype``. A memory map would count toward resident memory.
     """
     for start in range(0, shape[0], chunk_size):
-        chunk = np.empty((min(chunk_size, shape[0] - start), shape[1]), dtype=np.float32)
+        chunk = np.empty((min(chunk_size, shape[0] - start), shape[1]), dtype=dtype)
         if file.readinto(memoryview(chunk).cast("B")) != chunk.nbytes:
             raise OSError(f"The feature cache {path} is truncated; delete it to recompute the features.")
-        yield start, chunk
+        yield start, as_float32(chunk)
 
 
 def _chunks_from(path: Path, shape: tuple[int, int], chunk_size: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -426,8 +488,19 @@ def _encoded_batches(
 
 
 def _compute_chunks(
-    patches: SpotPatches, backbone, batch_size: int, chunk_size: int, path: Path | None, *, num_workers: int = 0
+    patches: SpotPatches,
+    backbone,
+    batch_size: int,
+    chunk_size: int,
+    path: Path | None,
+    *,
+    num_workers: int = 0,
+    dtype: np.dtype = np.dtype(np.float32),
 ) -> Iterator[tuple[int, np.ndarray]]:
+    """Encode the patches, chunk by chunk, into ``path`` (if given) as ``dtype``; yield each chunk as stored.
+
+    The file appears at ``path`` only once every chunk was written; any error leaves nothing there.
+    """
     n, dim = len(patches), backbone.dim
     partial = None if path is None else path.with_suffix(f".{os.getpid()}.partial.npy")
     if partial is not None:
@@ -436,7 +509,7 @@ def _compute_chunks(
         with timed("Encoding %d patches with %s", n, backbone.name) as timer:
             with (
                 progress_bar(total=n, desc=f"Encoding patches ({backbone.name})", unit="patch") as bar,
-                nullcontext() if partial is None else open_locked_npy(partial, (n, dim)) as file,
+                nullcontext() if partial is None else open_locked_npy(partial, (n, dim), dtype) as file,
             ):
                 chunk, chunk_start = np.empty((min(chunk_size, n), dim), dtype=np.float32), 0
                 for indices, features in _encoded_batches(
@@ -452,8 +525,9 @@ def _compute_chunks(
                             f"Backbone {backbone.name!r} produced non-finite features; nothing was cached."
                         )
                     if file is not None:
+                        chunk = _as_stored(chunk, dtype, backbone.name)
                         file.write(chunk.tobytes())
-                    yield chunk_start, chunk
+                    yield chunk_start, chunk.astype(np.float32, copy=False)
                     chunk_start += filled
                     chunk = np.empty((min(chunk_size, n - chunk_start), dim), dtype=np.float32)
             timer.add("%.1f patches/s", n / max(timer.elapsed, 1e-9))
@@ -465,8 +539,30 @@ def _compute_chunks(
             partial.unlink(missing_ok=True)
 
 
-def open_locked_npy(path: Path, shape: tuple[int, int]) -> BinaryIO:
-    """A ``.npy`` file of float32 ``shape`` opened for appending its rows in order.
+def _as_stored(chunk: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
+    """Finite float32 features as the cache stores them (``dtype``), or an error if they do not fit it.
+
+    Raises
+    ------
+    OverflowError
+        If a value lies beyond float16's finite range (it would be stored as an infinity).
+    """
+    if dtype == np.float32:
+        return chunk
+    with np.errstate(over="ignore"):
+        stored = chunk.astype(dtype)
+    if not np.isfinite(stored).all():
+        raise OverflowError(
+            f"Backbone {name!r} produced features up to {float(np.abs(chunk).max()):.6g} in magnitude, beyond "
+            f"{dtype}'s largest finite value {float(np.finfo(dtype).max):g}, so sd.settings.feature_cache_dtype = "
+            f"{dtype.name!r} cannot store them; nothing was cached. Set sd.settings.feature_cache_dtype = 'float32' "
+            "(the default) for this backbone."
+        )
+    return stored
+
+
+def open_locked_npy(path: Path, shape: tuple[int, int], dtype: np.dtype = np.dtype(np.float32)) -> BinaryIO:
+    """A ``.npy`` file of ``dtype`` and ``shape`` opened for appending its rows in order.
 
     The file is exclusively locked (advisory, released on closing or when the process dies) so that
     :func:`_remove_stale_partials` in other processes leaves it alone.
@@ -476,7 +572,10 @@ def open_locked_npy(path: Path, shape: tuple[int, int]) -> BinaryIO:
     path
         The file to create (or overwrite); its folder is created if missing.
     shape
-        ``(n_rows, dim)`` written into the header; the caller writes exactly that many float32 rows.
+        ``(n_rows, dim)`` written into the header; the caller writes exactly that many rows of ``dtype``.
+    dtype
+        The values' type written into the header (float32, or float16 for :attr:`sd.settings.feature_cache_dtype
+        <spade_sd.utils.settings.Settings.feature_cache_dtype>`).
 
     Returns
     -------
@@ -489,7 +588,7 @@ def open_locked_npy(path: Path, shape: tuple[int, int]) -> BinaryIO:
             fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # no locks on this file system, or a thread of this process writes the same file
             pass
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": shape}
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
     np.lib.format.write_array_header_1_0(file, header)
     return file
 
@@ -548,13 +647,16 @@ def mapped_features(
 ) -> np.ndarray:
     """All the patches' features as a read-only memory map of their cache file (computed into it if missing).
 
-    For wide features (the activations inside a backbone): the features are computed, or checked, chunk by chunk
-    of at most about 64 MB, and then read from disk only where rows are used. Without the cache (``cache=False``,
-    or a backbone without a stable identity) they are collected in memory instead.
+    For wide features (the activations inside a backbone) and :func:`spade_sd.tl.pretrain`'s bounded-memory path:
+    the features are computed, or checked, chunk by chunk of at most about 64 MB, and then read from disk only where
+    rows are used. Without the cache (``cache=False``, or a backbone without a stable identity) they are collected
+    in memory instead.
 
     Returns
     -------
-    float32 array ``(len(patches), backbone.dim)``, memory-mapped when cached.
+    Array ``(len(patches), backbone.dim)``: the cache file memory-mapped as it is stored (float32, or float16 under
+    :attr:`sd.settings.feature_cache_dtype <spade_sd.utils.settings.Settings.feature_cache_dtype>` ``= "float16"``;
+    readers convert the rows they use), or float32 in memory without the cache.
     """
     chunk_size = max(1, 2**24 // max(backbone.dim, 1))
     if not _cache_allowed(backbone, cache):
@@ -563,7 +665,8 @@ def mapped_features(
         for start, chunk in iter_features(patches, backbone, **options):
             features[start : start + len(chunk)] = chunk
         return features
+    dtype = cache_dtype()
     options = {"batch_size": batch_size, "cache": True, "chunk_size": chunk_size, "num_workers": num_workers}
     for _ in iter_features(patches, backbone, **options):
         pass
-    return np.load(_features_cache_dir() / f"{cache_key(patches, backbone)}.npy", mmap_mode="r")
+    return np.load(_cache_path(patches, backbone, dtype), mmap_mode="r")

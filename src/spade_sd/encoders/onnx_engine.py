@@ -168,7 +168,10 @@ class OnnxEngine:
         # idle worker threads sleep instead of spinning: with the patch reader (and anything else) sharing the
         # cores, spinning cost 1.4× (EfficientNet-Lite0) to 2× (ViT-S/16) throughput (benchmarks/throughput.py)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        if self.precision == "int8":
+            session = low.int8_session(path, options)
+        else:
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self._verify(session)
         logger.info("backbone %s runs in onnxruntime from %s", self.name, path)
         return session

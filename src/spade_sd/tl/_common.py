@@ -190,6 +190,15 @@ def embedding_records(sdata, table_key: str | None = None, uns_key: str | None =
     return records
 
 
+def backbone_record(backbone) -> dict[str, Any]:
+    """What the tools record of the backbone that computed their features.
+
+    Its :meth:`~spade_sd.Backbone.to_config`, the ``precision`` of its features (``"float32"``, ``"int8"``,
+    ``"bf16"``) and their ``feature_identity`` (what names them in the feature cache).
+    """
+    return backbone.to_config() | {"precision": backbone.precision, "feature_identity": backbone.feature_identity()}
+
+
 def model_record(model) -> dict[str, Any]:
     """What :func:`spade_sd.tl.embed` records of its model in ``.uns[key]['model']``.
 
@@ -198,7 +207,7 @@ def model_record(model) -> dict[str, Any]:
     record = {
         "identity": model.identity(),
         "n_experts": model.n_experts,
-        "backbone": model.backbone.to_config(),
+        "backbone": backbone_record(model.backbone),
         "config": model.config.to_dict(),
     }
     if model.source:

@@ -190,7 +190,7 @@ def embed(
         and transfer labels; ``X_spade_expr`` for linear probes of expression fitted on few spots.
     ``.uns['spade']``
         ``params`` of this call (elements, routing, expression source, patch geometry), the ``model``'s identity,
-        backbone and configuration (:meth:`SpadeConfig.to_dict <spade_sd.config.SpadeConfig.to_dict>`) and, for a
+        backbone (with the ``precision`` of its features) and configuration (:meth:`SpadeConfig.to_dict <spade_sd.config.SpadeConfig.to_dict>`) and, for a
         saved model, its ``source`` (``{"path": folder}`` or ``{"repo_id": …, "revision": …}``: where a later call
         without ``model`` loads it from), and the package ``versions`` that trained it; for a model with a principal subspace (the projection of ``n_comps``,
         else the expression subspace), ``subspace``: its ``n_comps``, what it ``projects``, the share of these

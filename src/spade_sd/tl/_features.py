@@ -4,7 +4,7 @@ from spatialdata import SpatialData
 
 from spade_sd.config import PatchConfig
 from spade_sd.spots.grid import check_grid_options, per_shape, resolve_shape_patches
-from spade_sd.tl._common import accepts_legacy_anndata, as_backbone, claim_outputs, rows_filled
+from spade_sd.tl._common import accepts_legacy_anndata, as_backbone, backbone_record, claim_outputs, rows_filled
 from spade_sd.tl._embed import grid_record
 from spade_sd.utils.constants import BACKBONE_KEY, SEAL_ATTACHMENT, SEAL_KEY
 from spade_sd.utils.logging import logger
@@ -73,7 +73,8 @@ def features(
         ``(n_obs, backbone.dim)`` float32 features (NaN for rows annotating other elements).
     ``.uns[key_added]``
         ``params`` (elements, patch geometry, µm per pixel, ``grid``: whether a grid was used, with its
-        ``stride_um`` and ``n_patches``) and ``backbone`` (its configuration and identity).
+        ``stride_um`` and ``n_patches``) and ``backbone`` (its configuration and identity, the ``precision`` of the
+        features, ``"float32"``, ``"int8"`` or ``"bf16"``, and their ``feature_identity``).
     ``.obsm[seal_key]``
         For a backbone fine-tuned by :func:`spade_sd.tl.finetune`: SEAL's image embedding of every patch, the
         features projected into the space SEAL aligned with expression
@@ -124,7 +125,7 @@ def features(
             "mpp": geometry.mpp,
             **grid_record(patches),
         },
-        "backbone": backbone.to_config(),
+        "backbone": backbone_record(backbone),
     }
     claimed.record()
     logger.info("Added .obsm[%r] (%d × %d) to table %r", key_added, *values.shape, geometry.table_key)

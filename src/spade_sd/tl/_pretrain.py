@@ -235,8 +235,9 @@ def pretrain(
     what was found.
 
     From 65,536 spots on (:data:`~spade_sd.config.SCALE_SPOTS`), training runs in bounded memory: every slide's
-    features are read from the feature cache as memory maps (``cache=True``; held in memory without the cache) and
-    the expression is held sparse (``docs/scale.md``, "Training on many spots").
+    features are read from the feature cache as memory maps (``cache=True``; held in memory without the cache;
+    ``sd.settings.feature_cache_dtype = "float16"`` stores them in half the disk) and the expression is held sparse
+    (``docs/scale.md``, "Training on many spots").
 
     The keywords that configure the model are the fields of :class:`~spade_sd.config.PatchConfig`,
     :class:`~spade_sd.config.PanelConfig` (``panel_flavor`` is its ``flavor``), :class:`~spade_sd.config.ClusteringConfig`

@@ -18,14 +18,17 @@ from scipy import sparse
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from spade_sd.config import SealConfig, TrainingConfig
+from spade_sd.encoders.features import as_float32
 from spade_sd.model.standardization import FeatureScaler
 from spade_sd.utils.logging import logger
 
 # Bytes of memory-mapped pages read between two releases of them (see release_pages)
 RELEASE_BYTES = 64 * 2**20
-# A scattered row maps this much: on a page fault the kernel maps the pages around it that are cached ("fault-around",
-# 64 KB by default), so 32,768 scattered rows of 2.5 KB map up to 2 GB, not 80 MB
-FAULT_AROUND_BYTES = 65_536
+# A scattered row maps this much: on a page fault the kernel maps the cached pages around it, 64 KB ("fault-around"),
+# or on recent kernels the whole large folio holding it, up to 2 MB (one page-table leaf), as the page cache holds a
+# file written in large writes: 1,000 lone rows of such a feature file mapped 850 KB each here (Linux 6.18), and 2,097,152
+# spots over 512 slides mapped 3 GB of pages between releases in training (benchmarks/results/pretrain_scale.md)
+FAULT_AROUND_BYTES = 2 * 2**20
 # Rows of one block when passing over every spot
 BLOCK_ROWS = 4_096
 
@@ -133,13 +136,15 @@ class StandardizedRows:
         for s, positions, local in _slide_runs(self.offsets, rows):
             slide[positions] = s
             if local[-1] - local[0] + 1 == len(local):  # a run of rows is read as one slice
-                out[positions] = self.features[s][local[0] : local[-1] + 1]
-                self._released(len(local) * row_bytes)
+                out[positions] = as_float32(self.features[s][local[0] : local[-1] + 1])
+                # a run maps its pages and those around them: a lone row (one of 128 in a batch over 512 slides)
+                # maps as much as a scattered one
+                self._released(max(len(local) * row_bytes, FAULT_AROUND_BYTES))
                 continue
             # scattered rows (a batch, a draw) one by one, from where they lie, a bounded number between releases
             for start in range(0, len(local), scattered_rows):
                 piece = slice(start, start + scattered_rows)
-                out[positions[piece]] = self.features[s][local[piece]]
+                out[positions[piece]] = as_float32(self.features[s][local[piece]])
                 self._released(len(local[piece]) * max(row_bytes, FAULT_AROUND_BYTES))
         if self.slide_scalers is not None:
             out = (out - self._means[slide]) / self._stds[slide]

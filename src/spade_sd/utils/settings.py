@@ -1,7 +1,7 @@
-"""Package settings: folders, verbosity, progress bars and CPU threads.
+"""Package settings: folders, verbosity, progress bars, CPU threads and the feature cache's precision.
 
 Where downloads and derived files go, where the real data sets are found, how much is logged, whether progress bars
-are drawn and how many CPU threads the backbone may use. Like :data:`scanpy.settings`, one object holds them (:data:`settings`, also ``spade_sd.settings``). Unless set
+are drawn, how many CPU threads the backbone may use and in which precision cached features are stored. Like :data:`scanpy.settings`, one object holds them (:data:`settings`, also ``spade_sd.settings``). Unless set
 explicitly, the folders follow the environment variables ``SPADE_SD_CACHE_DIR`` and ``SPADE_SD_DATA_DIR`` each time
 they are read, so a test or a notebook may change them at any point.
 """
@@ -22,6 +22,8 @@ DEFAULT_VERBOSITY = logging.INFO
 # scanpy's verbosity numbers (error, warning, info, hint, debug) as logging levels, so its users' habits carry over
 _SCANPY_VERBOSITY = {0: logging.ERROR, 1: logging.WARNING, 2: logging.INFO, 3: logging.INFO, 4: logging.DEBUG}
 _LEVEL_NAMES = ("debug", "info", "warning", "error", "critical")
+# Precisions the feature cache stores; the first is the default
+FEATURE_CACHE_DTYPES = ("float32", "float16")
 
 
 class Settings:
@@ -48,6 +50,20 @@ class Settings:
         session) within spade_sd's calls; the caller's torch setting is restored afterwards. ``None`` (the
         default): torch's own setting, and every core this process may use for onnxruntime; ``-1``: every core.
         Training the small heads uses ``train_threads`` of the training configuration instead.
+    low_precision
+        Whether a :class:`~spade_sd.Backbone` with ``engine="auto"`` on a CPU may run a lower-precision engine (int8
+        or bf16) where it measures faster and keeps its features within the fidelity gate of the float32 ones
+        (:mod:`~spade_sd.encoders.precision`). ``True`` (the default): the tools give such a backbone real patches
+        of the first slide it encodes on this machine to judge by, if it is a transformer
+        (:mod:`~spade_sd.encoders.auto_calibration`);
+        ``False``: float32 unless a backbone is given ``calibration=`` or another ``engine``.
+    feature_cache_dtype
+        Precision of the backbone features written to the feature cache (``$SPADE_SD_CACHE_DIR/features``):
+        ``"float32"`` (the default) or ``"float16"``, which halves the disk (1,280-d features: 2.5 KB instead of
+        5 KB per patch) and the pages that :func:`~spade_sd.tl.pretrain`'s bounded-memory path reads from its memory
+        maps, at float16's precision (11 significant bits). Each precision has its own cache files, so switching
+        never reads the other's; callers still receive float32 features, and float16 is refused, with nothing
+        cached, for a backbone whose features exceed its range (±65,504). Measured in ``docs/scale.md``.
     """
 
     def __init__(self) -> None:
@@ -55,6 +71,8 @@ class Settings:
         self._data_dir: Path | None = None
         self._progress = True
         self._n_jobs: int | None = None
+        self._low_precision = True
+        self._feature_cache_dtype = FEATURE_CACHE_DTYPES[0]
 
     @property
     def cache_dir(self) -> Path:
@@ -176,6 +194,31 @@ class Settings:
             )
         self._n_jobs = value
 
+    @property
+    def low_precision(self) -> bool:
+        """Whether ``engine="auto"`` may run an int8 or bf16 engine that passes the fidelity gate (see the class)."""
+        return self._low_precision
+
+    @low_precision.setter
+    def low_precision(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"sd.settings.low_precision must be True or False; found {value!r}.")
+        self._low_precision = value
+
+    @property
+    def feature_cache_dtype(self) -> str:
+        """Precision of cached backbone features: ``"float32"`` (the default) or ``"float16"``."""
+        return self._feature_cache_dtype
+
+    @feature_cache_dtype.setter
+    def feature_cache_dtype(self, value: str) -> None:
+        if not isinstance(value, str) or value not in FEATURE_CACHE_DTYPES:
+            raise ValueError(
+                f"sd.settings.feature_cache_dtype must be one of {list(FEATURE_CACHE_DTYPES)} (the precision of cached "
+                f"backbone features); found {value!r}."
+            )
+        self._feature_cache_dtype = value
+
     def threads(self) -> int | None:
         """The number of threads :attr:`n_jobs` asks for (``-1`` resolved to the cores this process may use)."""
         if self._n_jobs == -1:
@@ -185,7 +228,8 @@ class Settings:
     def __repr__(self) -> str:
         return (
             f"Settings(cache_dir={str(self.cache_dir)!r}, data_dir={None if self.data_dir is None else str(self.data_dir)!r}, "
-            f"verbosity={logging.getLevelName(self.verbosity)!r}, progress={self.progress!r}, n_jobs={self.n_jobs!r})"
+            f"verbosity={logging.getLevelName(self.verbosity)!r}, progress={self.progress!r}, n_jobs={self.n_jobs!r}, "
+            f"low_precision={self.low_precision!r}, feature_cache_dtype={self.feature_cache_dtype!r})"
         )
 
 
