@@ -88,3 +88,37 @@ def test_ddp_on_two_processes_trains(small):
         trainer_kwargs={"accelerator": "cpu", "devices": 2, "strategy": strategy},
     )
     assert history["epochs"] == 1 and np.isfinite(history["train_loss"]).all()
+
+
+def test_garbage_is_collected_before_training_forks_processes():
+    """A dropped onnxruntime session in a reference cycle hung a forked DDP process that collected it."""
+    import gc
+    import weakref
+
+    from spade_sd.training.lightning_loop import fit_trainer
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    def dropped() -> weakref.ref:
+        return weakref.ref(Cycle())  # garbage at once, freed only by the collector
+
+    seen = {}
+
+    class FakeTrainer:
+        def __init__(self, world_size: int) -> None:
+            self.world_size = world_size
+
+        def fit(self, module, **data) -> None:
+            seen[self.world_size] = (garbage() is None, module, data)
+
+    gc.disable()
+    try:
+        garbage = dropped()
+        fit_trainer(FakeTrainer(1), "module", datamodule="data")
+        assert seen[1] == (False, "module", {"datamodule": "data"})  # one process: nothing collected
+        fit_trainer(FakeTrainer(2), "module", datamodule="data")
+        assert seen[2][0]  # several: collected before fit forks
+    finally:
+        gc.enable()

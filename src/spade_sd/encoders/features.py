@@ -17,6 +17,7 @@ left by processes killed while writing are removed by the next computation.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import re
@@ -155,6 +156,9 @@ def iter_batches(
     if check_num_workers(num_workers):
         from torch.utils.data import DataLoader
 
+        # the reader processes are forked: garbage holding an onnxruntime session must be freed here, not collected
+        # in a child, where destroying the session's thread pool (its threads not forked) waits forever
+        gc.collect()
         loader = DataLoader(
             _PatchBatches(patches, batch_size),
             batch_size=None,

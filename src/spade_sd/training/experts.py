@@ -25,6 +25,7 @@ from spade_sd.training.data import ExpertDataModule, ExpressionRows, Standardize
 from spade_sd.training.lightning_loop import (
     HISTORY,
     BestWeights,
+    fit_trainer,
     lightning_quiet,
     lightning_verbose,
     quiet_trainer_options,
@@ -184,7 +185,7 @@ def train_experts(
         module = ExpertsModule(mixture, config)
         data = ExpertDataModule(X_std, Y, expert_idx, val_mask, batch_size=config.batch_size, seed=config.seed)
         trainer = _trainer(config, monitor=monitor, has_validation=bool(val_mask.any()), quiet=quiet, **trainer_kwargs)
-        trainer.fit(module, datamodule=data)
+        fit_trainer(trainer, module, datamodule=data)
     history = _history(trainer, monitor, slide, val_mask, expert_idx, n_experts, untrained)
     if init is not None:
         scored = _selection_rows(val_mask, expert_idx, config.seed)

@@ -9,6 +9,7 @@ warnings, a model summary, its own progress bar); within spade_sd's calls it is 
 from __future__ import annotations
 
 import difflib
+import gc
 import inspect
 import logging
 import math
@@ -223,3 +224,16 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def fit_trainer(trainer: L.Trainer, module: L.LightningModule, **data: Any) -> None:
+    """``trainer.fit(module, **data)``, the garbage collected first when the training runs in several processes.
+
+    Processes forked by Lightning (``strategy="ddp_fork"`` or ``"ddp_notebook"``) inherit every object of this one,
+    garbage included. Garbage holding an onnxruntime session (a dropped :class:`~spade_sd.Backbone` is a reference
+    cycle, freed only by the collector) hung a forked training process: destroying the session's thread pool, whose
+    threads were not forked, waits forever. Collected here, it is freed before the fork.
+    """
+    if trainer.world_size > 1:
+        gc.collect()
+    trainer.fit(module, **data)

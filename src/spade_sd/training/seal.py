@@ -27,6 +27,7 @@ from spade_sd.training.data import validation_mask
 from spade_sd.training.lightning_loop import (
     HISTORY,
     BestWeights,
+    fit_trainer,
     lightning_quiet,
     lightning_verbose,
     quiet_trainer_options,
@@ -323,7 +324,7 @@ def train_seal(
         train, val = _loaders(sources, expression, val_mask, config)
         trainer = _trainer(config, monitor=monitor, has_validation=val is not None, quiet=quiet, **trainer_kwargs)
         try:
-            trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
+            fit_trainer(trainer, module, train_dataloaders=train, val_dataloaders=val)
         finally:
             backbone.module.to(backbone.device).eval()
     metrics = trainer.callback_metrics
