@@ -27,14 +27,11 @@ from spade_sd.encoders.onnx_engine import onnx_path
 
 # Spots kept per section: above the 30 a slide needs for per-slide standardization, few enough to encode quickly
 N_SPOTS = 40
-# The child runs the command line as installed, with sd.settings.low_precision off: on a fresh cache the default
-# engine="auto" would otherwise measure its precision gate first (minutes on 2 cores), a cost apart from this test
+# The child runs the command line as installed (the default backbone, convolutional, stays float32: no precision gate)
 CHILD = """
 import sys
-import spade_sd as sd
 from spade_sd import cli
 
-sd.settings.low_precision = False
 cli.app(sys.argv[1:], prog_name="spade-sd")
 """
 
@@ -116,7 +113,6 @@ def test_two_processes_cache_each_slide_once_and_pretrain_encodes_nothing(cohort
         raise AssertionError(f"pretrain encoded {len(patches)} patches instead of reading the cache")
 
     monkeypatch.setattr(sd.Backbone, "__call__", encode)
-    monkeypatch.setattr(sd.settings, "low_precision", False, raising=False)  # as in the children
     monkeypatch.setattr(sd.settings, "progress", sd.settings.progress)  # the command line sets it
     monkeypatch.setenv("SPADE_SD_CACHE_DIR", str(cache))
     stores = [str(folder / "MOB1.zarr"), str(folder / "MOB2.zarr")]
