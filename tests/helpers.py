@@ -39,3 +39,29 @@ def latent_data(n_slides=4, n_per_slide=150, d_latent=5, d_x=64, n_genes=20, see
     x_bad = rng.normal(size=(n, d_x))
     slide = np.repeat([f"s{i}" for i in range(n_slides)], n_per_slide)
     return x_good, x_bad, y, slide
+
+
+def pretrain_at_scale(monkeypatch, slides, backbone, *, max_epochs: int, **options):
+    """``tl.pretrain`` forced onto the bounded-memory path (as if past ``SCALE_SPOTS``): the model and the features it
+    trained on, checked to be memory maps."""
+    from conftest import SMALL_PATCH
+
+    import spade_sd as sd
+    import spade_sd.training.fit as fit
+    from spade_sd.tl import _pretrain
+
+    seen = {}
+    fit_model_as_is = fit.fit_model
+
+    def recording(features, *args, **kwargs):
+        seen["features"], seen["scalable"] = features, kwargs["scalable"]
+        return fit_model_as_is(features, *args, **kwargs)
+
+    monkeypatch.setattr(_pretrain, "SCALE_SPOTS", 60)  # a few slides' spots count as many
+    monkeypatch.setattr(fit, "fit_model", recording)
+    config = {"n_experts": 2, "n_fine": 3, "out_dim": 16, "reference_size": 40, "quiet": True}
+    model = sd.tl.pretrain(
+        slides, backbone=backbone, warm_start=False, max_epochs=max_epochs, **config, **options, **SMALL_PATCH
+    )
+    assert seen["scalable"] and all(isinstance(f, np.memmap) for f in seen["features"])
+    return model, seen["features"]

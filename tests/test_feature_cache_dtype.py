@@ -127,24 +127,12 @@ def test_float16_rows_are_converted_exactly():
 
 def _pretrain_at_scale(monkeypatch, slides) -> tuple[sd.SpadeModel, list[np.ndarray], np.ndarray]:
     """tl.pretrain forced onto the bounded-memory path: the model, the memory maps it trained on, ``X_spade_expr``."""
-    import spade_sd.training.fit as fit
-    from spade_sd.tl import _pretrain
+    from helpers import pretrain_at_scale
 
-    seen = {}
-    fit_model_as_is = fit.fit_model
-
-    def recording(features, *args, **kwargs):
-        seen["features"], seen["scalable"] = features, kwargs["scalable"]
-        return fit_model_as_is(features, *args, **kwargs)
-
-    monkeypatch.setattr(_pretrain, "SCALE_SPOTS", 60)  # the two slides' 72 spots count as many
-    monkeypatch.setattr(fit, "fit_model", recording)
-    options = {"n_experts": 2, "n_fine": 3, "max_epochs": 2, "out_dim": 16, "reference_size": 40, "quiet": True}
-    model = sd.tl.pretrain(slides, backbone=backbone(), warm_start=False, seed=0, **options, **SMALL_PATCH)
-    assert seen["scalable"] and all(isinstance(f, np.memmap) for f in seen["features"])
+    model, features = pretrain_at_scale(monkeypatch, slides, backbone(), max_epochs=2, seed=0)
     for sdata in slides:
         sd.tl.embed(sdata, model, genes=False)
-    return model, seen["features"], np.concatenate([s.tables["table"].obsm["X_spade_expr"] for s in slides])
+    return model, features, np.concatenate([s.tables["table"].obsm["X_spade_expr"] for s in slides])
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

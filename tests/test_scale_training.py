@@ -193,28 +193,13 @@ def test_sparse_expression_trains_the_same_model_as_dense_on_the_scalable_path(m
 
 
 def test_pretrain_at_scale_reads_the_feature_cache_as_memory_maps(monkeypatch, cache_dir, synthetic_slides):
-    from conftest import SMALL_PATCH
+    from helpers import pretrain_at_scale
 
     import spade_sd as sd
-    import spade_sd.training.fit as fit
-    from spade_sd.tl import _pretrain
 
-    seen = {}
-    fit_model_as_is = fit.fit_model
-
-    def recording(features, *args, **kwargs):
-        seen["features"], seen["scalable"] = features, kwargs["scalable"]
-        return fit_model_as_is(features, *args, **kwargs)
-
-    monkeypatch.setattr(_pretrain, "SCALE_SPOTS", 60)  # the two slides' 72 spots count as many
-    monkeypatch.setattr(fit, "fit_model", recording)
-    options = {"n_experts": 2, "n_fine": 3, "max_epochs": 1, "out_dim": 16, "reference_size": 40, "quiet": True}
-    slides = synthetic_slides(grid=(6, 6))
-    model = sd.tl.pretrain(
-        slides, backbone=sd.Backbone(sd.MorphologyFeatures()), warm_start=False, **options, **SMALL_PATCH
-    )
-    assert seen["scalable"] and all(isinstance(f, np.memmap) for f in seen["features"])
-    assert all(str(cache_dir) in str(f.filename) for f in seen["features"])
+    slides = synthetic_slides(grid=(6, 6))  # 72 spots, past the lowered threshold of 60
+    model, features = pretrain_at_scale(monkeypatch, slides, sd.Backbone(sd.MorphologyFeatures()), max_epochs=1)
+    assert all(str(cache_dir) in str(f.filename) for f in features)
     assert model.history["epochs"] == 1 and len(model.reference) == 40
 
 
