@@ -627,7 +627,7 @@ def features(
     """  # noqa: D301 - click keeps a paragraph after \b unwrapped
     stores = [_checked_store(path) for path in stores]
     import spade_sd.tl as tl
-    from spade_sd.encoders.backbone import Backbone as PatchEncoder
+    from spade_sd.tl._common import as_backbone
 
     options = {"size_um": size_um, "size_px": size_px, "image_key": image_key, "shapes_key": shapes_key}
     options |= {"table_key": table_key, "batch_size": batch_size, "backbone": None}
@@ -637,8 +637,7 @@ def features(
             f"--cache-only keeps the features in the cache alone; found --param cache={keywords['cache']!r}, which "
             "would keep them nowhere. Drop --param cache, or pass --write-back."
         )
-    encoder = _backbone(backbone)
-    encoder = encoder if isinstance(encoder, PatchEncoder) else PatchEncoder(encoder)  # one for every store
+    encoder = as_backbone(_backbone(backbone))  # one for every store
     for store in stores:
         if write_back:
             _update(store, lambda sdata: tl.features(sdata, backbone=encoder, **keywords))

@@ -583,6 +583,8 @@ class Backbone:
             "machine": low.machine_key(),
             "threads": torch.get_num_threads(),
             "calibration": low.patches_digest(self.calibration),
+            # the int8 model measured: its scheme and, for a static one, the rule choosing its float32 layers
+            "int8": low.int8_name(low.int8_scheme(self.module), self.calibration),
             "candidates": candidates,
             "batch_size": self.batch_size,
         }

@@ -531,7 +531,7 @@ def _compute_chunks(
                     if file is not None:
                         chunk = _as_stored(chunk, dtype, backbone.name)
                         file.write(chunk.tobytes())
-                    yield chunk_start, chunk.astype(np.float32, copy=False)
+                    yield chunk_start, as_float32(chunk)
                     chunk_start += filled
                     chunk = np.empty((min(chunk_size, n - chunk_start), dim), dtype=np.float32)
             timer.add("%.1f patches/s", n / max(timer.elapsed, 1e-9))

@@ -339,7 +339,7 @@ class Bf16Engine:
 
 
 def machine_key() -> dict[str, Any]:
-    """What a measurement holds for: the CPU, its bfloat16 support, the library versions and the int8 rule."""
+    """What a speed measurement holds for: the CPU, its bfloat16 support, the threads and the library versions."""
     import onnxruntime as ort
 
     model = platform.processor() or platform.machine()
@@ -355,7 +355,6 @@ def machine_key() -> dict[str, Any]:
         "bf16_native": bf16_native(),
         "torch": torch.__version__,
         "onnxruntime": ort.__version__,
-        "int8_rule": _STATIC_RULE,
     }
 
 
