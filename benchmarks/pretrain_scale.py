@@ -53,6 +53,8 @@ class _MemorySampler(threading.Thread):
         super().__init__(daemon=True)
         self.peak = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
         self.phase_peak: dict[str, int] = {}
+        # RssAnon and RssFile at each phase's sampled VmRSS peak: which kind of memory the peak is
+        self.phase_peak_kind: dict[str, dict[str, int]] = {}
         # the process's peak so far (ru_maxrss) when each phase ends: catches what the 0.2 s samples miss
         self.peak_at_end: dict[str, int] = {}
         self.active: list[str] = []
@@ -75,17 +77,13 @@ class _MemorySampler(threading.Thread):
             time.sleep(0.2)
 
     def sample(self) -> None:
-        with Path("/proc/self/status").open() as status:
-            for line in status:
-                key = line.split(":")[0]
-                if key in self.peak:
-                    self.peak[key] = max(self.peak[key], int(line.split()[1]) // 1024)
+        now = _rss_mb()
+        for key in self.peak:
+            self.peak[key] = max(self.peak[key], now[key])
         for phase in list(self.active):
-            self.phase_peak[phase] = max(self.phase_peak.get(phase, 0), self.peak_now())
-
-    def peak_now(self) -> int:
-        with Path("/proc/self/status").open() as status:
-            return next(int(line.split()[1]) // 1024 for line in status if line.startswith("VmRSS:"))
+            if now["VmRSS"] > self.phase_peak.get(phase, 0):
+                self.phase_peak[phase] = now["VmRSS"]
+                self.phase_peak_kind[phase] = {"RssAnon": now["RssAnon"], "RssFile": now["RssFile"]}
 
 
 def _peak_rss_mb() -> int:
@@ -220,6 +218,7 @@ def worker(n: int, args: argparse.Namespace) -> dict:
         (fit, "_with_subspace", "subspaces_s"),
         (fit, "reference_bank", "reference_bank_s"),
         (experts, "_keep_generalist_where_better", "expert_choice_s"),
+        (experts.ExpertMixture, "start_at_components", "heads_start_s"),
     ):
         if hasattr(module, name):
             timed(module, name, key)
@@ -300,6 +299,7 @@ def worker(n: int, args: argparse.Namespace) -> dict:
         "peak_rss_mb": _peak_rss_mb(),
         "peak_sampled_mb": sampler.peak,
         "phase_peak_rss_mb": sampler.phase_peak,
+        "phase_peak_anon_file_mb": sampler.phase_peak_kind,
         "peak_rss_at_phase_end_mb": sampler.peak_at_end,
         "flops": {
             **flops,
@@ -313,7 +313,9 @@ def worker(n: int, args: argparse.Namespace) -> dict:
 
 def _rss_mb() -> dict[str, int]:
     with Path("/proc/self/status").open() as status:
-        return {line.split(":")[0]: int(line.split()[1]) // 1024 for line in status if line.startswith("Rss")}
+        return {
+            line.split(":")[0]: int(line.split()[1]) // 1024 for line in status if line.startswith(("Rss", "VmRSS"))
+        }
 
 
 def mapped_pages(args: argparse.Namespace) -> dict:

@@ -185,3 +185,19 @@ def test_finetune_defaults_are_the_seal_configuration():
         assert name in parameters, name
         expected = parameters[name].default
         assert (list(expected) if isinstance(expected, tuple) else expected) == default, name
+
+
+def test_a_float16_prefix_cache_tunes_as_the_float32_one(tuned, mob12, base, monkeypatch, tmp_path):
+    monkeypatch.setenv("SPADE_SD_CACHE_DIR", str(tmp_path))
+    sd.settings.feature_cache_dtype = "float16"
+    try:
+        half = sd.tl.finetune(mob12, backbone=base, seed=0, **FAST)
+    finally:
+        sd.settings.feature_cache_dtype = "float32"
+    stored = list((tmp_path / "features").glob("*.npy"))
+    assert len(stored) == 2 and all(np.load(path, mmap_mode="r").dtype == np.float16 for path in stored)
+    assert np.isfinite(SealAlignment.from_backbone(half).history["val_loss"]).all()
+    patches = sd.pp.spot_patches(mob12[1]).read(np.arange(64))
+    ours, theirs = half(patches), tuned(patches)
+    cosine = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
+    assert cosine.min() > 0.999  # 0.99998 here: the prefixes' rounding (2**-12 of each value) carried through training

@@ -165,6 +165,13 @@ def test_expression_rows_read_as_the_dense_matrix():
         rows[[18]]
     with pytest.raises(ValueError, match="one gene panel"):
         ExpressionRows([parts[0], parts[1][:, :5]])
+    # 6 bytes per value (float32, the gene in 16 bits) and the rows' starts; an iterator is read slide by slide
+    assert all(genes.dtype == np.uint16 for genes in rows.genes)
+    assert rows.nbytes == sum(6 * p.nnz + 8 * (p.shape[0] + 1) for p in parts)
+    np.testing.assert_array_equal(ExpressionRows(iter(parts))[picked], dense[picked])
+    # a gene stored twice in a row (a non-canonical matrix) reads as its sum, as the dense matrix has it
+    twice = sparse.csr_matrix((np.array([1, 2], dtype=np.float32), [3, 3], [0, 2]), shape=(1, 12))
+    assert ExpressionRows([twice])[[0]][0, 3] == 3
     parts[1].data[0] = np.nan
     assert not ExpressionRows(parts).is_finite()
 
@@ -225,6 +232,21 @@ def test_scattered_rows_release_the_pages_they_map_as_they_go(tmp_path, monkeypa
     many = StandardizedRows([on_disk[start : start + 4] for start in range(0, 600, 4)])
     np.testing.assert_array_equal(many[np.arange(0, 160, 4)], features[0:160:4].astype(np.float32))
     assert len(released) == 40 // 4
+
+
+def test_drawn_rows_of_a_memory_map_are_copied_and_their_pages_released(tmp_path, monkeypatch):
+    from spade_sd.training import fit
+
+    features = np.random.default_rng(0).normal(size=(600, 8)).astype(np.float16)
+    np.save(tmp_path / "features.npy", features)
+    on_disk = np.load(tmp_path / "features.npy", mmap_mode="r")
+    released = []
+    monkeypatch.setattr(fit, "release_pages", released.append)
+    picked = np.array([499, 3, 200])
+    drawn = fit._read_rows(on_disk[100:], picked)
+    assert type(drawn) is np.ndarray and not isinstance(drawn, np.memmap)
+    np.testing.assert_array_equal(drawn, features[100:][picked])
+    assert len(released) == 1 and released[0].base is not None  # the slide's view of the map: its file is released
 
 
 def test_streamed_slide_variance_equals_the_whole_slides_at_once(tmp_path, monkeypatch):

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spade_sd.model.subspace import EmbeddingSubspace, KeptShare, check_n_comps
+from spade_sd.model.subspace import (
+    EmbeddingSubspace,
+    KeptShare,
+    check_n_comps,
+    principal_directions,
+    principal_directions_of_blocks,
+)
 
 
 def _low_rank_plus_noise(rank: int, dim: int = 32, n: int = 500, noise: float = 0.01, seed: int = 0):
@@ -102,3 +108,21 @@ def test_kept_share_round_trips_and_older_subspaces_have_none():
     restored = EmbeddingSubspace.from_arrays(older)
     assert restored.kept is None and "kept" not in restored.to_arrays()
     np.testing.assert_array_equal(restored.project(embedding), subspace.project(embedding))
+
+
+def test_directions_of_blocks_match_the_rows_svd_in_bounded_memory():
+    rng = np.random.default_rng(3)
+    # a large common offset (it must not cancel digits away) on rows of distinct variances
+    data = rng.normal(size=(500, 10)) * np.linspace(5, 0.5, 10) + 1e4
+    mean, basis = principal_directions(data, 6)
+    blocks = (data[start : start + 64] for start in range(0, len(data), 64))
+    block_mean, block_basis = principal_directions_of_blocks(blocks, 6)
+    np.testing.assert_allclose(block_mean, mean, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(block_basis, basis, atol=1e-8)  # same signs as well
+    assert block_basis.flags.c_contiguous
+    # fewer rows than directions asked: as many as the rows have
+    assert principal_directions_of_blocks(iter([data[:4]]), 6)[1].shape == (10, 4)
+    with pytest.raises(ValueError, match="at least one row"):
+        principal_directions_of_blocks(iter([]), 6)
+    with pytest.raises(ValueError, match=r"blocks of rows \(n_block, d\); found a block of shape \(10,\)"):
+        principal_directions_of_blocks(iter([data[0]]), 6)

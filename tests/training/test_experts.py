@@ -269,6 +269,14 @@ def test_image_heads_can_start_at_the_backbone_principal_components():
     torch.testing.assert_close(wide.image_heads[0].projection.weight[12:], random_rows)
     with pytest.raises(ValueError, match=r"shape \(n, 12\); found \(200, 3\)"):
         mixture.start_at_components(features[:, :3])
+    # blocks of rows (the bounded-memory path): the same start, from their covariance
+    blocked = ExpertMixture(2, 12, 5, out_dim=8, dropout=0.0).eval()
+    blocked.start_at_components(features[start : start + 32] for start in range(0, 200, 32))
+    for ours, theirs in zip(blocked.image_heads, mixture.image_heads, strict=True):
+        torch.testing.assert_close(ours.projection.weight, theirs.projection.weight, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.projection.bias, theirs.projection.bias, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"shape \(n, 12\); found \(32, 3\)"):
+        blocked.start_at_components(iter([features[:32, :3]]))
 
 
 def test_backbone_start_trains_and_differs_from_the_random_start(data):

@@ -8,14 +8,14 @@ Only torch is needed here, so embedding with a trained model never imports Light
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from spade_sd.config import TrainingConfig
-from spade_sd.model.subspace import principal_directions
+from spade_sd.model.subspace import principal_directions, principal_directions_of_blocks
 
 CLIP_TEMPERATURE_INIT = 0.07
 
@@ -127,21 +127,25 @@ class ExpertMixture(nn.Module):
             if experts is None:
                 self.logit_scale.copy_(generalist.logit_scale)
 
-    def start_at_components(self, standardized: np.ndarray) -> None:
+    def start_at_components(self, standardized: np.ndarray | Iterator[np.ndarray]) -> None:
         """Start every image head at the leading principal components of ``standardized`` features ``(n, image_dim)``.
 
         Each head's first linear layer becomes the projection onto the ``out_dim`` leading principal directions
         (centred on the features' mean; with fewer directions than ``out_dim``, the remaining rows keep their random
         initialization) and its second linear layer, the residual branch, is set to zero: the head's output starts
         as the layer-normalized principal coordinates.
+
+        ``standardized`` is the rows, or an iterator over blocks of them: the directions then come from their
+        covariance, one block in memory at a time (:func:`~spade_sd.model.subspace.principal_directions_of_blocks`).
         """
-        standardized = np.asarray(standardized, dtype=np.float64)
-        if standardized.ndim != 2 or standardized.shape[1] != self.config["image_dim"]:
-            raise ValueError(
-                f"Expected standardized features of shape (n, {self.config['image_dim']}); found {standardized.shape}."
-            )
-        rows = min(self.config["out_dim"], *standardized.shape)
-        mean, basis = principal_directions(standardized, rows)
+        image_dim = self.config["image_dim"]
+        if isinstance(standardized, Iterator):
+            blocks = (_checked_width(np.asarray(block, dtype=np.float32), image_dim) for block in standardized)
+            mean, basis = principal_directions_of_blocks(blocks, self.config["out_dim"])
+        else:
+            standardized = _checked_width(np.asarray(standardized, dtype=np.float64), image_dim)
+            mean, basis = principal_directions(standardized, min(self.config["out_dim"], *standardized.shape))
+        rows = basis.shape[1]
         weight = torch.from_numpy(basis.T).float()
         bias = torch.from_numpy(-(basis.T @ mean)).float()
         with torch.no_grad():
@@ -158,6 +162,12 @@ class ExpertMixture(nn.Module):
     def expert_embeddings(self, x: torch.Tensor, y: torch.Tensor, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Image and expression embeddings of one expert's heads, each (n, out_dim)."""
         return self.image_heads[expert](x), self.gene_heads[expert](y)
+
+
+def _checked_width(standardized: np.ndarray, image_dim: int) -> np.ndarray:
+    if standardized.ndim != 2 or standardized.shape[1] != image_dim:
+        raise ValueError(f"Expected standardized features of shape (n, {image_dim}); found {standardized.shape}.")
+    return standardized
 
 
 def _mix(heads: nn.ModuleList, inputs: torch.Tensor, weights: torch.Tensor | np.ndarray) -> torch.Tensor:

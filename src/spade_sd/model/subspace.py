@@ -20,6 +20,7 @@ embeds without the subspace.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,9 +112,42 @@ def principal_directions(data: np.ndarray, n_comps: int) -> tuple[np.ndarray, np
     data = np.asarray(data, dtype=np.float64)
     mean = data.mean(axis=0)
     _, _, vt = np.linalg.svd(data - mean, full_matrices=False)
-    basis = vt[:n_comps].T
-    basis *= np.sign(basis[np.abs(basis).argmax(axis=0), np.arange(n_comps)])
-    return mean, basis
+    return mean, _signed(vt[:n_comps].T)
+
+
+def principal_directions_of_blocks(blocks: Iterable[np.ndarray], n_comps: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`principal_directions` of the rows of ``blocks`` (each ``(n_block, d)``), holding one block at a time.
+
+    The covariance (``d × d``, float64) is gathered block by block around the first block's mean (so a large common
+    offset does not cancel digits away) and its eigenvectors are the directions: the same subspace as the rows' SVD,
+    in ``d²`` memory whatever the number of rows, instead of several float64 copies of them. Fewer than ``n_comps``
+    directions (``min(n, d)``) where the rows have fewer.
+    """
+    n, shift, total, products = 0, None, None, None
+    for block in blocks:
+        block = np.asarray(block, dtype=np.float64)
+        if block.ndim != 2:
+            raise ValueError(f"Expected blocks of rows (n_block, d); found a block of shape {block.shape}.")
+        if shift is None:
+            shift = block.mean(axis=0) if len(block) else np.zeros(block.shape[1])
+            total, products = np.zeros_like(shift), np.zeros((len(shift), len(shift)))
+        block -= shift
+        n += len(block)
+        total += block.sum(axis=0)
+        products += block.T @ block
+    if n == 0:
+        raise ValueError("Expected at least one row to find principal directions from; found none.")
+    n_comps = min(n_comps, n, len(shift))
+    offset = total / n
+    covariance = products - n * np.outer(offset, offset)
+    _, vectors = np.linalg.eigh(covariance)  # ascending eigenvalues
+    return shift + offset, _signed(np.ascontiguousarray(vectors[:, ::-1][:, :n_comps]))
+
+
+def _signed(basis: np.ndarray) -> np.ndarray:
+    """``basis`` with each column's sign set so that its largest loading is positive (equal inputs, equal bases)."""
+    basis *= np.sign(basis[np.abs(basis).argmax(axis=0), np.arange(basis.shape[1])])
+    return basis
 
 
 @dataclass

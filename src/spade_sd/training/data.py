@@ -8,7 +8,7 @@ At scale the standardized features are never held: :class:`StandardizedRows` rea
 from __future__ import annotations
 
 import mmap
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import lightning as L
@@ -98,10 +98,6 @@ class StandardizedRows:
         self._since_release = 0
         # one array per memory map: the slides' features are often views of one file, released as a whole
         self._mapped = list({id(_mapped_file(f)): f for f in self.features if _mapped_file(f) is not None}.values())
-        if slide_scalers is not None:
-            # one (n_slides, d) table of means and one of deviations: a batch's rows, from many slides, in one go
-            self._means = np.stack([s.mean for s in slide_scalers])
-            self._stds = np.stack([s.std for s in slide_scalers])
 
     def with_scaler(self, scaler: FeatureScaler) -> StandardizedRows:
         """The same rows, standardized by ``scaler`` too."""
@@ -130,26 +126,26 @@ class StandardizedRows:
 
     def _read(self, rows: np.ndarray) -> np.ndarray:
         out = np.empty((len(rows), self.shape[1]), dtype=np.float32)
-        slide = np.empty(len(rows), dtype=np.int64)
         row_bytes = self.shape[1] * max(np.dtype(f.dtype).itemsize for f in self.features)
         scattered_rows = max(1, RELEASE_BYTES // max(row_bytes, FAULT_AROUND_BYTES))
         for s, positions, local in _slide_runs(self.offsets, rows):
-            slide[positions] = s
             if local[-1] - local[0] + 1 == len(local):  # a run of rows is read as one slice
                 out[positions] = as_float32(self.features[s][local[0] : local[-1] + 1])
                 # a run maps its pages and those around them: a lone row (one of 128 in a batch over 512 slides)
                 # maps as much as a scattered one
                 self._released(max(len(local) * row_bytes, FAULT_AROUND_BYTES))
-                continue
-            # scattered rows (a batch, a draw) one by one, from where they lie, a bounded number between releases
-            for start in range(0, len(local), scattered_rows):
-                piece = slice(start, start + scattered_rows)
-                out[positions[piece]] = as_float32(self.features[s][local[piece]])
-                self._released(len(local[piece]) * max(row_bytes, FAULT_AROUND_BYTES))
-        if self.slide_scalers is not None:
-            out = (out - self._means[slide]) / self._stds[slide]
-        if self.scaler is not None:
-            out = self.scaler.transform(out)
+            else:
+                # scattered rows (a batch, a draw) one by one, from where they lie, a bounded number between releases
+                for start in range(0, len(local), scattered_rows):
+                    piece = slice(start, start + scattered_rows)
+                    out[positions[piece]] = as_float32(self.features[s][local[piece]])
+                    self._released(len(local[piece]) * max(row_bytes, FAULT_AROUND_BYTES))
+            if self.slide_scalers is not None:  # the slide's rows by its own statistics, as they are read
+                own = self.slide_scalers[s]
+                out[positions] = (out[positions] - own.mean) / own.std
+        if self.scaler is not None:  # in place: a draw of many rows is not copied again
+            np.subtract(out, self.scaler.mean, out=out)
+            np.divide(out, self.scaler.std, out=out)
         return out
 
     def _released(self, n_bytes: int) -> None:
@@ -186,31 +182,48 @@ def _row_positions(key: slice | np.ndarray | Sequence[int], n: int) -> np.ndarra
 class ExpressionRows:
     """Every training spot's expression over the gene panel, held sparse slide by slide; rows come out dense.
 
-    Log-normalized counts keep their zeros, so the bounded-memory path holds them as each slide's CSR matrix
+    Log-normalized counts keep their zeros, so the bounded-memory path holds each slide's non-zero values
     (:meth:`GenePanel.transform(..., as_sparse=True) <spade_sd.GenePanel.transform>`) instead of a dense
-    ``(n_spots, n_genes)`` array; indexing with a slice or row positions returns those rows as float32, as indexing
-    the dense matrix would.
+    ``(n_spots, n_genes)`` array: the values as float32, their genes' positions in 16 bits where the panel has at
+    most 65,536 genes (6 bytes per value instead of a CSR matrix's 8). Indexing with a slice or row positions
+    returns those rows as float32, as indexing the dense matrix would.
 
     Parameters
     ----------
     parts
-        Each slide's expression ``(n_slide, n_genes)``, slide after slide: sparse matrices or arrays.
+        Each slide's expression ``(n_slide, n_genes)``, slide after slide: sparse matrices or arrays (an iterator of
+        them is converted one slide at a time).
     """
 
-    def __init__(self, parts: Sequence[sparse.spmatrix | np.ndarray]) -> None:
-        widths = {np.shape(p)[1] if len(np.shape(p)) == 2 else None for p in parts}
-        if len(parts) == 0 or len(widths) != 1 or None in widths:
+    def __init__(self, parts: Iterable[sparse.spmatrix | np.ndarray]) -> None:
+        self.values: list[np.ndarray] = []
+        self.genes: list[np.ndarray] = []
+        self.starts: list[np.ndarray] = []  # each slide's rows' first value, and the end of its last
+        widths, sizes = set(), []
+        for part in parts:
+            shape = np.shape(part)
+            widths.add(shape[1] if len(shape) == 2 else None)
+            if len(widths) > 1 or None in widths:
+                break
+            part = sparse.csr_matrix(part, dtype=np.float32)
+            part.sum_duplicates()  # one value per gene and row, so reading a row assigns each gene once
+            gene_dtype = np.uint16 if shape[1] <= 2**16 else np.int32
+            self.values.append(part.data)
+            self.genes.append(part.indices.astype(gene_dtype))
+            self.starts.append(part.indptr.astype(np.int64))
+            sizes.append(shape[0])
+        if not sizes or len(widths) != 1 or None in widths:
             raise ValueError(
                 "Expected every slide's expression as a 2-d matrix (n_spots, n_genes) over one gene panel; found "
-                f"shapes {sorted({np.shape(p) for p in parts})[:5]}. Transform every slide with the same GenePanel."
+                f"widths {sorted(widths, key=str)[:5]}. Transform every slide with the same GenePanel."
             )
-        self.parts = [sparse.csr_matrix(p, dtype=np.float32) for p in parts]
-        self.offsets = np.cumsum([0, *(p.shape[0] for p in self.parts)])
+        self.n_genes = int(widths.pop())
+        self.offsets = np.cumsum([0, *sizes])
 
     @property
     def shape(self) -> tuple[int, int]:
         """``(n_spots, n_genes)``."""
-        return int(self.offsets[-1]), int(self.parts[0].shape[1])
+        return int(self.offsets[-1]), self.n_genes
 
     @property
     def ndim(self) -> int:
@@ -219,21 +232,25 @@ class ExpressionRows:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the sparse matrices."""
-        return sum(p.data.nbytes + p.indices.nbytes + p.indptr.nbytes for p in self.parts)
+        """Bytes held by the values, their genes and the rows' starts."""
+        return sum(a.nbytes for arrays in (self.values, self.genes, self.starts) for a in arrays)
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def is_finite(self) -> bool:
         """Whether every stored value is finite (the zeros not stored are)."""
-        return all(np.isfinite(p.data).all() for p in self.parts)
+        return all(np.isfinite(values).all() for values in self.values)
 
     def __getitem__(self, key: slice | np.ndarray | Sequence[int]) -> np.ndarray:
         rows = _row_positions(key, len(self))
-        out = np.empty((len(rows), self.shape[1]), dtype=np.float32)
+        out = np.zeros((len(rows), self.n_genes), dtype=np.float32)
         for s, positions, local in _slide_runs(self.offsets, rows):
-            out[positions] = self.parts[s][local].toarray()
+            first = self.starts[s][local]
+            lengths = self.starts[s][local + 1] - first
+            # every value of those rows: each row's run of values, one after the other
+            taken = np.repeat(first - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+            out[np.repeat(positions, lengths), self.genes[s][taken]] = self.values[s][taken]
         return out
 
 

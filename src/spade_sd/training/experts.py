@@ -8,7 +8,7 @@ different experts are interleaved, and each step updates only that batch's exper
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import lightning as L
@@ -21,7 +21,7 @@ from spade_sd.config import FIT_SPOTS, SELECTION_SPOTS, LossName, TrainingConfig
 from spade_sd.model.clustering import sample_rows
 from spade_sd.model.heads import ExpertMixture
 from spade_sd.model.reference import stratified_sample
-from spade_sd.training.data import ExpertDataModule, ExpressionRows, StandardizedRows, validation_mask
+from spade_sd.training.data import BLOCK_ROWS, ExpertDataModule, ExpressionRows, StandardizedRows, validation_mask
 from spade_sd.training.lightning_loop import (
     HISTORY,
     BestWeights,
@@ -210,12 +210,18 @@ def train_experts(
     return module.mixture.cpu().eval(), history
 
 
-def _training_rows(X_std: np.ndarray | StandardizedRows, val_mask: np.ndarray, seed: int) -> np.ndarray:
-    """The training spots' features the backbone start is fitted on: all of them, or a seeded draw of rows read."""
+def _training_rows(
+    X_std: np.ndarray | StandardizedRows, val_mask: np.ndarray, seed: int
+) -> np.ndarray | Iterator[np.ndarray]:
+    """The training spots' features the backbone start is fitted on.
+
+    In memory, all of them; read on demand, a seeded draw of them, read a block of rows at a time.
+    """
     if isinstance(X_std, np.ndarray):
         return X_std[~val_mask]
     training = np.flatnonzero(~val_mask)
-    return X_std[training[sample_rows(len(training), FIT_SPOTS, seed)]]
+    drawn = training[sample_rows(len(training), FIT_SPOTS, seed)]
+    return (X_std[drawn[start : start + BLOCK_ROWS]] for start in range(0, len(drawn), BLOCK_ROWS))
 
 
 def _selection_rows(val_mask: np.ndarray, expert_idx: np.ndarray, seed: int) -> np.ndarray:
@@ -252,14 +258,16 @@ def _keep_generalist_where_better(
     options = {"loss": loss, "temperature": temperature, "logit_scale": generalist.logit_scale}
     with torch.inference_mode():
         shared = generalist.expert_embeddings(x, y, 0)
-        own = {e: mixture.expert_embeddings(x, y, e) for e in np.unique(expert_val).tolist()}
+        own = {}  # each expert's embeddings of its own spots only: one expert's of every spot in memory at a time
+        for e in np.unique(expert_val).tolist():
+            rows = torch.from_numpy(expert_val == e)
+            own[e] = (rows, *(embedding[rows] for embedding in mixture.expert_embeddings(x, y, e)))
 
         def validation_loss(reset: set[int]) -> float:
             image, gene = shared[0].clone(), shared[1].clone()
-            for e, (own_image, own_gene) in own.items():
+            for e, (rows, own_image, own_gene) in own.items():
                 if e not in reset:
-                    rows = torch.from_numpy(expert_val == e)
-                    image[rows], gene[rows] = own_image[rows], own_gene[rows]
+                    image[rows], gene[rows] = own_image, own_gene
             return float(chunked_contrastive_loss(image, gene, **options))
 
         reset: set[int] = set()

@@ -7,14 +7,15 @@ From :data:`~spade_sd.config.SCALE_SPOTS` spots on, training takes the bounded-m
 features (memory maps of float16 or float32 allowed) are read in row blocks and standardized on the fly
 (:class:`~spade_sd.training.data.StandardizedRows`), the expression over the gene panel is held sparse
 (:class:`~spade_sd.training.data.ExpressionRows`), the clustering scales (:func:`two_stage_kmeans` with
-``scalable=True``), every principal basis is fitted on a seeded draw of :data:`~spade_sd.config.FIT_SPOTS` spots, and
-the reference bank embeds only the spots it keeps.
+``scalable=True``), every principal basis is fitted on a seeded draw of :data:`~spade_sd.config.FIT_SPOTS` spots, read
+a block of rows at a time (the heads' start from the draw's covariance), and the reference bank embeds only the spots
+it keeps.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -131,10 +132,11 @@ def fit_model(
         config=replace(config, slides=tuple(slides), n_spots=n_spots, versions=_versions()),
         history=_json_safe(history),
     )
-    # at scale, the bases are fitted on a seeded draw of the spots (their features and expression in memory)
+    # at scale, the bases are fitted on a seeded draw of the spots (read a block of rows at a time)
     fitted = sample_rows(n_spots, FIT_SPOTS, config.training.seed) if scalable else slice(None)
-    model = _with_subspace(model, X_std[fitted], expression[fitted], config.training)
-    model = _with_block(model, X_std[fitted], config.training)
+    model = _with_subspace(model, _row_blocks(X_std, expression, fitted), config.training)
+    if config.training.output == "joint":
+        model = _with_block(model, X_std[fitted], config.training)
     if config.training.reference_size > 0:
         model = replace(model, reference=reference_bank(model, features, tables, slides, scalable=scalable))
     if config.training.representation == "backbone+readout":
@@ -181,7 +183,7 @@ def reference_bank(
         rows = _per_slide(chosen, features)
         embedding = np.concatenate(
             [
-                model.embed_features(f[r], slide_scaler=scaler)[0]
+                model.embed_features(_read_rows(f, r), slide_scaler=scaler)[0]
                 for f, r, scaler in zip(features, rows, scalers, strict=True)
             ]
         )
@@ -261,7 +263,7 @@ def expression_readout(
 
         if scalable:  # a seeded draw, each slide standardized by all of its spots' statistics
             rows = _per_slide(sample_rows(sum(map(len, features)), FIT_SPOTS, training.seed), features)
-            drawn = [np.asarray(f[r]) for f, r in zip(features, rows, strict=True)]
+            drawn = [_read_rows(f, r) for f, r in zip(features, rows, strict=True)]
             scalers = [model.slide_scaler(block for _, block in _chunks(f, CHUNK_SIZE)) for f in features]
         else:  # every spot, as tl.embed embeds the slide
             drawn, scalers = list(features), [None] * len(features)
@@ -310,6 +312,16 @@ def streamed_slide_variance(features: Sequence[np.ndarray]) -> float:
             squares += np.square(block).sum(axis=0)
         totals.append(float((squares - total * total / len(values)).sum() / len(values)))
     return float(np.mean(totals)) if totals else 0.0
+
+
+def _read_rows(features: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """A copy of ``rows`` of one slide's features, a memory map's pages released after reading them.
+
+    Scattered rows map whole large folios of the file, far more than the rows hold.
+    """
+    out = np.array(features[rows])
+    release_pages(features)
+    return out
 
 
 def _chunks(features: np.ndarray, size: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -375,7 +387,7 @@ def _panel_expression(
         panel = fit_panel(tables, config)
     logger.info("Expression from %s", "X" if config.layer is None else f"layers[{config.layer!r}]")
     if held_sparse:
-        expression = ExpressionRows([panel.transform(table, layer=config.layer, as_sparse=True) for table in tables])
+        expression = ExpressionRows(panel.transform(table, layer=config.layer, as_sparse=True) for table in tables)
         logger.info(
             "Expression held sparse: %.0f MB for %d spots × %d genes", expression.nbytes / 2**20, *expression.shape
         )
@@ -431,16 +443,34 @@ def _train(
     return mixture, history
 
 
-def _with_subspace(model: SpadeModel, X_std: np.ndarray, expression: np.ndarray, config: TrainingConfig) -> SpadeModel:
+def _row_blocks(
+    X_std: np.ndarray | StandardizedRows, expression: np.ndarray | ExpressionRows, rows: slice | np.ndarray
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The features and expression of ``rows``: in one block for a slice, else :data:`BLOCK_ROWS` rows at a time."""
+    if isinstance(rows, slice):
+        yield X_std[rows], expression[rows]
+        return
+    for start in range(0, len(rows), BLOCK_ROWS):
+        block = rows[start : start + BLOCK_ROWS]
+        yield X_std[block], expression[block]
+
+
+def _with_subspace(
+    model: SpadeModel, blocks: Iterable[tuple[np.ndarray, np.ndarray]], config: TrainingConfig
+) -> SpadeModel:
     """The model with the principal subspaces of its training spots' image embeddings, after checking them.
 
+    ``blocks`` gives the training spots' standardized features and expression, a block of rows at a time.
     ``n_comps`` projects every embedding; ``expression_comps`` the expression tools' comparisons only, fitted on
     the embeddings as they are after the first projection (so with both equal, the tools see what embed writes).
     """
     # the heads' own outputs (the model has no subspace yet) on every training spot, routed as embed routes them
-    weights = expert_weights(X_std, model.clustering, tau=model.tau)
-    heads = model._heads(X_std, weights, "image")
-    _check_finite(heads, model._heads(expression, weights, "gene"), model.tau)
+    heads = []
+    for x, y in blocks:
+        weights = expert_weights(x, model.clustering, tau=model.tau)
+        heads.append(model._heads(x, weights, "image"))
+        _check_finite(heads[-1], model._heads(y, weights, "gene"), model.tau)
+    heads = np.concatenate(heads)
     if config.n_comps is not None:
         model = replace(model, subspace=EmbeddingSubspace.fit(heads, config.n_comps))
         heads = model.subspace.project(heads)
@@ -451,8 +481,6 @@ def _with_subspace(model: SpadeModel, X_std: np.ndarray, expression: np.ndarray,
 
 def _with_block(model: SpadeModel, X_std: np.ndarray, config: TrainingConfig) -> SpadeModel:
     """The model with its backbone block for ``output="joint"`` (scaled against the training spots' aligned part)."""
-    if config.output != "joint":
-        return model
     aligned = model._heads(X_std, expert_weights(X_std, model.clustering, tau=model.tau), "image")
     block = BackboneBlock.fit(X_std, aligned, config.backbone_comps, config.backbone_weight)
     return replace(model, block=block)
