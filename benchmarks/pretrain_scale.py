@@ -392,6 +392,9 @@ def _markdown(runs: list[dict], args: argparse.Namespace, commit: str) -> str:
         ["", "Peak resident memory (VmRSS, sampled every 0.2 s) within each phase, per run (MB):", ""] if phased else []
     )
     lines += [f"- {r['n_spots']:,} {r['mode']}: {json.dumps(r['phase_peak_rss_mb'])}" for r in phased]
+    kinds = [r for r in runs if r.get("phase_peak_anon_file_mb")]
+    lines += ["", "RssAnon / RssFile at each phase's sampled peak, per run (MB):", ""] if kinds else []
+    lines += [f"- {r['n_spots']:,} {r['mode']}: {json.dumps(r['phase_peak_anon_file_mb'])}" for r in kinds]
     ended = [r for r in runs if r.get("peak_rss_at_phase_end_mb")]
     lines += ["", "The process's peak so far (ru_maxrss) as each phase ended, per run (MB):", ""] if ended else []
     lines += [f"- {r['n_spots']:,} {r['mode']}: {json.dumps(r['peak_rss_at_phase_end_mb'])}" for r in ended]
