@@ -206,7 +206,9 @@ class ExpressionRows:
             if len(widths) > 1 or None in widths:
                 break
             part = sparse.csr_matrix(part, dtype=np.float32)
-            part.sum_duplicates()  # one value per gene and row, so reading a row assigns each gene once
+            if not part.has_canonical_format:  # one value per gene and row, so reading a row assigns each gene once
+                part = part.copy()  # the caller's matrix is left as it was
+                part.sum_duplicates()
             gene_dtype = np.uint16 if shape[1] <= 2**16 else np.int32
             self.values.append(part.data)
             self.genes.append(part.indices.astype(gene_dtype))
