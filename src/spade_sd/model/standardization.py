@@ -73,13 +73,17 @@ class FeatureScaler:
         self.std = np.where(std < _STD_FLOOR, 1.0, std).astype(np.float32)
         return self
 
-    def transform(self, X: np.ndarray) -> np.ndarray:
-        """Standardized copy of ``X`` as float32."""
+    def transform(self, X: np.ndarray, *, copy: bool = True) -> np.ndarray:
+        """Standardized copy of ``X`` as float32; ``copy=False`` standardizes a float32 ``X`` in place and returns it."""
         if self.mean is None or self.std is None:
             raise RuntimeError("The FeatureScaler is not fitted: call `fit` on the training features first.")
         X = as_float_matrix(X, "X")
         if X.shape[1] != self.mean.shape[0]:
             raise ValueError(f"X has {X.shape[1]} features, but the scaler was fitted on {self.mean.shape[0]}.")
+        if not copy:
+            X -= self.mean
+            X /= self.std
+            return X
         return ((X - self.mean) / self.std).astype(np.float32)
 
     def to_dict(self) -> dict[str, np.ndarray]:

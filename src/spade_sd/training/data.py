@@ -141,12 +141,9 @@ class StandardizedRows:
                     out[positions[piece]] = as_float32(self.features[s][local[piece]])
                     self._released(len(local[piece]) * max(row_bytes, FAULT_AROUND_BYTES))
             if self.slide_scalers is not None:  # the slide's rows by its own statistics, as they are read
-                own = self.slide_scalers[s]
-                out[positions] = (out[positions] - own.mean) / own.std
-        if self.scaler is not None:  # in place: a draw of many rows is not copied again
-            np.subtract(out, self.scaler.mean, out=out)
-            np.divide(out, self.scaler.std, out=out)
-        return out
+                out[positions] = self.slide_scalers[s].transform(out[positions])
+        # in place: a draw of many rows is not copied again
+        return out if self.scaler is None else self.scaler.transform(out, copy=False)
 
     def _released(self, n_bytes: int) -> None:
         self._since_release += n_bytes
@@ -199,26 +196,25 @@ class ExpressionRows:
         self.values: list[np.ndarray] = []
         self.genes: list[np.ndarray] = []
         self.starts: list[np.ndarray] = []  # each slide's rows' first value, and the end of its last
-        widths, sizes = set(), []
+        sizes, widths = [], set()
         for part in parts:
             shape = np.shape(part)
             widths.add(shape[1] if len(shape) == 2 else None)
             if len(widths) > 1 or None in widths:
-                break
+                raise ValueError(
+                    "Expected every slide's expression as a 2-d matrix (n_spots, n_genes) over one gene panel; found "
+                    f"widths {sorted(widths, key=str)}. Transform every slide with the same GenePanel."
+                )
             part = sparse.csr_matrix(part, dtype=np.float32)
             if not part.has_canonical_format:  # one value per gene and row, so reading a row assigns each gene once
                 part = part.copy()  # the caller's matrix is left as it was
                 part.sum_duplicates()
-            gene_dtype = np.uint16 if shape[1] <= 2**16 else np.int32
             self.values.append(part.data)
-            self.genes.append(part.indices.astype(gene_dtype))
+            self.genes.append(part.indices.astype(np.uint16 if shape[1] <= 2**16 else np.int32))
             self.starts.append(part.indptr.astype(np.int64))
             sizes.append(shape[0])
-        if not sizes or len(widths) != 1 or None in widths:
-            raise ValueError(
-                "Expected every slide's expression as a 2-d matrix (n_spots, n_genes) over one gene panel; found "
-                f"widths {sorted(widths, key=str)[:5]}. Transform every slide with the same GenePanel."
-            )
+        if not sizes:
+            raise ValueError("Expected the expression of at least one slide; found none.")
         self.n_genes = int(widths.pop())
         self.offsets = np.cumsum([0, *sizes])
 
