@@ -263,3 +263,30 @@ def test_streamed_slide_variance_equals_the_whole_slides_at_once(tmp_path, monke
     monkeypatch.setattr(features_module, "CHUNK_SIZE", 16)  # several blocks per slide
     assert streamed_slide_variance(mapped) == pytest.approx(slide_variance(slides), rel=1e-9)
     assert streamed_slide_variance(mapped[:1]) != pytest.approx(streamed_slide_variance(mapped[1:2]), rel=0.1)
+
+
+def test_the_joint_output_fits_its_backbone_block_a_block_of_rows_at_a_time(monkeypatch):
+    from spade_sd.model.backbone_block import BackboneBlock
+    from spade_sd.training import fit
+
+    monkeypatch.setattr(fit, "BLOCK_ROWS", 50)  # several blocks of the drawn rows
+    seen = []
+    fit_blocks = BackboneBlock.fit_blocks.__func__
+
+    def spy(cls, blocks, n_comps, weight=1.0):
+        blocks = list(blocks)
+        seen.append([len(x) for x, _ in blocks])
+        rows = np.concatenate([x for x, _ in blocks])
+        whole = BackboneBlock.fit(rows, np.concatenate([a for _, a in blocks]), n_comps, weight)
+        found = fit_blocks(cls, iter(blocks), n_comps, weight)
+        np.testing.assert_allclose(found.basis, whole.basis, atol=1e-5)
+        np.testing.assert_allclose(found.scale, whole.scale, rtol=1e-6)
+        return found
+
+    monkeypatch.setattr(BackboneBlock, "fit_blocks", classmethod(spy))
+    features, tables, names, groups, _ = _slides()
+    config = _config(output="joint", backbone_comps=5, backbone_weight=0.5)
+    model = fit_model(features, tables, names, groups, None, config=config, quiet=True, scalable=True)
+    assert seen == [[50] * 7 + [10]]  # all 360 spots (fewer than FIT_SPOTS) in blocks of 50
+    assert model.block.basis.shape == (24, 5)
+    assert model.embed_features(features[0])[0].shape == (120, 16 + 5)

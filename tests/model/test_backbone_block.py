@@ -48,3 +48,19 @@ def test_the_fit_is_deterministic_and_round_trips_through_arrays():
 def test_more_components_than_spots_or_features_is_refused():
     with pytest.raises(ValueError, match=r"backbone_comps must be at most min\(training spots, backbone features\)"):
         BackboneBlock.fit(_standardized(n=10), np.zeros((10, 4)), n_comps=11)
+
+
+@pytest.mark.parametrize("n_comps", [3, None])
+def test_blocks_of_rows_fit_the_block_the_rows_fit(n_comps):
+    x = _standardized(n=500) + 50.0  # an offset: the scatter must not cancel digits away
+    aligned = np.random.default_rng(1).normal(size=(500, 8)).astype(np.float32) * 0.5 + 1e3
+    whole = BackboneBlock.fit(x, aligned, n_comps=n_comps, weight=0.7)
+    pairs = ((x[start : start + 64], aligned[start : start + 64]) for start in range(0, 500, 64))
+    blocks = BackboneBlock.fit_blocks(pairs, n_comps=n_comps, weight=0.7)
+    assert blocks.width(20) == whole.width(20)
+    if n_comps is not None:
+        assert blocks.basis.dtype == np.float32
+        np.testing.assert_allclose(blocks.basis, whole.basis, atol=1e-5)  # the same signs as well
+    np.testing.assert_allclose(blocks.scale, whole.scale, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"backbone_comps must be at most min\(training spots, backbone features\)"):
+        BackboneBlock.fit_blocks(iter([(x[:10], aligned[:10])]), n_comps=11)

@@ -10,11 +10,12 @@ zero (the block's training mean). ``docs/quality.md`` has the measurements.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
-from spade_sd.model.subspace import principal_directions
+from spade_sd.model.subspace import RowMoments, leading_eigenvectors, principal_directions
 
 
 @dataclass
@@ -60,20 +61,40 @@ class BackboneBlock:
             The block's total variance over the training spots, relative to the aligned coordinates'.
         """
         standardized = np.asarray(standardized, dtype=np.float64)
-        n, d = standardized.shape
+        _check_n_comps(n_comps, *standardized.shape)
         basis = None
         if n_comps is not None:
-            if n_comps > min(n, d):
-                raise ValueError(
-                    f"backbone_comps must be at most min(training spots, backbone features) = {min(n, d)}; "
-                    f"found {n_comps}."
-                )
             basis = np.ascontiguousarray(principal_directions(standardized, n_comps)[1], dtype=np.float32)
         block = standardized if basis is None else standardized @ basis
         block_variance = float(block.var(axis=0).sum())
         aligned_variance = float(np.asarray(aligned, dtype=np.float64).var(axis=0).sum())
-        scale = np.sqrt(weight * aligned_variance / block_variance) if block_variance > 0 else 1.0
-        return cls(basis, float(scale))
+        return cls(basis, _scale(weight, aligned_variance, block_variance))
+
+    @classmethod
+    def fit_blocks(
+        cls, blocks: Iterable[tuple[np.ndarray, np.ndarray]], n_comps: int | None, weight: float = 1.0
+    ) -> BackboneBlock:
+        """:meth:`fit` on ``(standardized, aligned)`` blocks of training spots, holding one block at a time.
+
+        The directions and both variances come from the rows' scatter matrices (:class:`~spade_sd.model.subspace.
+        RowMoments`), ``d²`` memory whatever the number of spots, where :meth:`fit` takes the SVD of all of them.
+        """
+        features, aligned = RowMoments(), RowMoments()
+        for standardized, aligned_block in blocks:
+            features.add(standardized)
+            aligned.add(aligned_block)
+        scatter = features.scatter
+        _check_n_comps(n_comps, features.n, len(features.mean))
+        basis = None
+        if n_comps is not None:
+            basis = np.ascontiguousarray(leading_eigenvectors(scatter, n_comps), dtype=np.float32)
+        if basis is None:
+            block_variance = float(np.trace(scatter)) / features.n
+        else:
+            kept = basis.astype(np.float64)
+            block_variance = float(np.sum(kept * (scatter @ kept))) / features.n  # the trace of keptᵀ·scatter·kept
+        aligned_variance = float(np.trace(aligned.scatter)) / aligned.n
+        return cls(basis, _scale(weight, aligned_variance, block_variance))
 
     def transform(self, standardized: np.ndarray) -> np.ndarray:
         """The block ``(n, width)`` of standardized backbone features ``(n, d)``, float32."""
@@ -93,3 +114,15 @@ class BackboneBlock:
         """Inverse of :meth:`to_arrays`."""
         basis = arrays.get("basis")
         return cls(None if basis is None else np.asarray(basis, dtype=np.float32), float(arrays["scale"][0]))
+
+
+def _check_n_comps(n_comps: int | None, n: int, d: int) -> None:
+    if n_comps is not None and n_comps > min(n, d):
+        raise ValueError(
+            f"backbone_comps must be at most min(training spots, backbone features) = {min(n, d)}; found {n_comps}."
+        )
+
+
+def _scale(weight: float, aligned_variance: float, block_variance: float) -> float:
+    """The factor giving the block ``weight`` times the aligned coordinates' total variance."""
+    return float(np.sqrt(weight * aligned_variance / block_variance)) if block_variance > 0 else 1.0

@@ -115,33 +115,68 @@ def principal_directions(data: np.ndarray, n_comps: int) -> tuple[np.ndarray, np
     return mean, _signed(vt[:n_comps].T)
 
 
+class RowMoments:
+    """The count, mean and scatter matrix of rows gathered a block at a time, in float64.
+
+    The sums are taken around the first block's mean, so a large common offset does not cancel digits away; memory
+    is ``d²`` whatever the number of rows.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._shift: np.ndarray | None = None
+        self._total: np.ndarray | None = None
+        self._products: np.ndarray | None = None
+
+    def add(self, block: np.ndarray) -> None:
+        """Add the rows of ``block`` ``(n_block, d)``."""
+        block = np.array(block, dtype=np.float64)  # a copy: it is shifted in place
+        if block.ndim != 2:
+            raise ValueError(f"Expected blocks of rows (n_block, d); found a block of shape {block.shape}.")
+        if self._shift is None:
+            self._shift = block.mean(axis=0) if len(block) else np.zeros(block.shape[1])
+            self._total, self._products = np.zeros_like(self._shift), np.zeros((len(self._shift),) * 2)
+        block -= self._shift
+        self.n += len(block)
+        self._total += block.sum(axis=0)
+        self._products += block.T @ block
+
+    def _check(self) -> None:
+        if self.n == 0:
+            raise ValueError("Expected at least one row to gather statistics from; found none.")
+
+    @property
+    def mean(self) -> np.ndarray:
+        """The rows' mean ``(d,)``."""
+        self._check()
+        return self._shift + self._total / self.n
+
+    @property
+    def scatter(self) -> np.ndarray:
+        """``Σ (x − mean)(x − mean)ᵀ`` over the rows, ``(d, d)``: ``n`` times their (population) covariance."""
+        self._check()
+        offset = self._total / self.n
+        return self._products - self.n * np.outer(offset, offset)
+
+
+def leading_eigenvectors(scatter: np.ndarray, n_comps: int) -> np.ndarray:
+    """The ``n_comps`` leading eigenvectors ``(d, n_comps)`` of a scatter matrix, signed as :func:`principal_directions`."""
+    _, vectors = np.linalg.eigh(scatter)  # ascending eigenvalues
+    return _signed(np.ascontiguousarray(vectors[:, ::-1][:, :n_comps]))
+
+
 def principal_directions_of_blocks(blocks: Iterable[np.ndarray], n_comps: int) -> tuple[np.ndarray, np.ndarray]:
     """:func:`principal_directions` of the rows of ``blocks`` (each ``(n_block, d)``), holding one block at a time.
 
-    The covariance (``d × d``, float64) is gathered block by block around the first block's mean (so a large common
-    offset does not cancel digits away) and its eigenvectors are the directions: the same subspace as the rows' SVD,
-    in ``d²`` memory whatever the number of rows, instead of several float64 copies of them. Fewer than ``n_comps``
-    directions (``min(n, d)``) where the rows have fewer.
+    The directions are the eigenvectors of the rows' scatter matrix (:class:`RowMoments`): the same subspace as the
+    rows' SVD, in ``d²`` memory whatever the number of rows, instead of several float64 copies of them. Fewer than
+    ``n_comps`` directions (``min(n, d)``) where the rows have fewer.
     """
-    n, shift, total, products = 0, None, None, None
+    moments = RowMoments()
     for block in blocks:
-        block = np.asarray(block, dtype=np.float64)
-        if block.ndim != 2:
-            raise ValueError(f"Expected blocks of rows (n_block, d); found a block of shape {block.shape}.")
-        if shift is None:
-            shift = block.mean(axis=0) if len(block) else np.zeros(block.shape[1])
-            total, products = np.zeros_like(shift), np.zeros((len(shift), len(shift)))
-        block -= shift
-        n += len(block)
-        total += block.sum(axis=0)
-        products += block.T @ block
-    if n == 0:
-        raise ValueError("Expected at least one row to find principal directions from; found none.")
-    n_comps = min(n_comps, n, len(shift))
-    offset = total / n
-    covariance = products - n * np.outer(offset, offset)
-    _, vectors = np.linalg.eigh(covariance)  # ascending eigenvalues
-    return shift + offset, _signed(np.ascontiguousarray(vectors[:, ::-1][:, :n_comps]))
+        moments.add(block)
+    mean, scatter = moments.mean, moments.scatter
+    return mean, leading_eigenvectors(scatter, min(n_comps, moments.n, len(mean)))
 
 
 def _signed(basis: np.ndarray) -> np.ndarray:

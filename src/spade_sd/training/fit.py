@@ -136,7 +136,7 @@ def fit_model(
     fitted = sample_rows(n_spots, FIT_SPOTS, config.training.seed) if scalable else slice(None)
     model = _with_subspace(model, _row_blocks(X_std, expression, fitted), config.training)
     if config.training.output == "joint":
-        model = _with_block(model, X_std[fitted], config.training)
+        model = _with_block(model, X_std, fitted, config.training)
     if config.training.reference_size > 0:
         model = replace(model, reference=reference_bank(model, features, tables, slides, scalable=scalable))
     if config.training.representation == "backbone+readout":
@@ -479,10 +479,25 @@ def _with_subspace(
     return model
 
 
-def _with_block(model: SpadeModel, X_std: np.ndarray, config: TrainingConfig) -> SpadeModel:
-    """The model with its backbone block for ``output="joint"`` (scaled against the training spots' aligned part)."""
-    aligned = model._heads(X_std, expert_weights(X_std, model.clustering, tau=model.tau), "image")
-    block = BackboneBlock.fit(X_std, aligned, config.backbone_comps, config.backbone_weight)
+def _with_block(
+    model: SpadeModel, X_std: np.ndarray | StandardizedRows, rows: slice | np.ndarray, config: TrainingConfig
+) -> SpadeModel:
+    """The model with its backbone block for ``output="joint"`` (scaled against the training spots' aligned part).
+
+    Fitted on ``rows`` of the standardized features: in memory for a slice, else :data:`BLOCK_ROWS` rows at a time
+    from their scatter matrices (:meth:`BackboneBlock.fit_blocks`).
+    """
+
+    def aligned(x: np.ndarray) -> np.ndarray:
+        return model._heads(x, expert_weights(x, model.clustering, tau=model.tau), "image")
+
+    if isinstance(rows, slice):
+        x = X_std[rows]
+        block = BackboneBlock.fit(x, aligned(x), config.backbone_comps, config.backbone_weight)
+    else:
+        blocks = (X_std[rows[start : start + BLOCK_ROWS]] for start in range(0, len(rows), BLOCK_ROWS))
+        pairs = ((x, aligned(x)) for x in blocks)
+        block = BackboneBlock.fit_blocks(pairs, config.backbone_comps, config.backbone_weight)
     return replace(model, block=block)
 
 
