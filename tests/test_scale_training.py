@@ -290,3 +290,28 @@ def test_the_joint_output_fits_its_backbone_block_a_block_of_rows_at_a_time(monk
     assert seen == [[50] * 7 + [10]]  # all 360 spots (fewer than FIT_SPOTS) in blocks of 50
     assert model.block.basis.shape == (24, 5)
     assert model.embed_features(features[0])[0].shape == (120, 16 + 5)
+
+
+def test_at_scale_the_slides_statistics_are_gathered_once_for_the_bank_and_the_readout(monkeypatch, tmp_path):
+    from spade_sd.training import fit
+
+    features, tables, names, groups, _ = _slides()
+    mapped = []
+    for name, f in zip(names, features, strict=True):
+        np.save(tmp_path / f"{name}.npy", f.astype(np.float16))
+        mapped.append(np.load(tmp_path / f"{name}.npy", mmap_mode="r"))
+    gather = fit._slide_scalers
+
+    def refused(*args):
+        raise AssertionError("the slides' statistics were gathered again")
+
+    monkeypatch.setattr(fit, "_slide_scalers", refused)
+    config = _config(representation="backbone+readout", readout_lift=0.5)
+    model = fit_model(mapped, tables, names, groups, None, config=config, quiet=True, scalable=True)
+    monkeypatch.setattr(fit, "_slide_scalers", gather)
+    # gathering them again, as the bank and the read-out did before, gives the same bank and read-out
+    bank = fit.reference_bank(model, mapped, tables, names, scalable=True)
+    np.testing.assert_array_equal(bank.embedding, model.reference.embedding)
+    readout = fit.expression_readout(model, mapped, scalable=True)
+    for name, value in readout.to_arrays().items():
+        np.testing.assert_array_equal(value, model.readout.to_arrays()[name])

@@ -137,10 +137,14 @@ def fit_model(
     model = _with_subspace(model, _row_blocks(X_std, expression, fitted), config.training)
     if config.training.output == "joint":
         model = _with_block(model, X_std, fitted, config.training)
+    # at scale, the slides' own statistics were gathered once, in the chunks tl.embed reads: the bank and the
+    # read-out's lift embed with them
+    scalers = (X_std.slide_scalers or [None] * len(features)) if scalable else None
     if config.training.reference_size > 0:
-        model = replace(model, reference=reference_bank(model, features, tables, slides, scalable=scalable))
+        bank = reference_bank(model, features, tables, slides, scalable=scalable, slide_scalers=scalers)
+        model = replace(model, reference=bank)
     if config.training.representation == "backbone+readout":
-        model = replace(model, readout=expression_readout(model, features, scalable=scalable))
+        model = replace(model, readout=expression_readout(model, features, scalable=scalable, slide_scalers=scalers))
     logger.debug("Fitted the SpadeModel in %.1f s", time.perf_counter() - start)
     return model
 
@@ -152,6 +156,7 @@ def reference_bank(
     slides: Sequence[str],
     *,
     scalable: bool = False,
+    slide_scalers: Sequence[FeatureScaler | None] | None = None,
 ) -> ReferenceBank:
     """The reference bank of a trained model: a per-expert stratified draw of its training spots.
 
@@ -171,13 +176,16 @@ def reference_bank(
     scalable
         Bounded memory: the experts of all spots are found block by block, only the spots drawn are embedded, and
         the extra genes are the most variable over a seeded draw of :data:`~spade_sd.config.FIT_SPOTS` spots.
+    slide_scalers
+        With ``scalable``: each slide's :meth:`~spade_sd.SpadeModel.slide_scaler`, when the caller has them
+        (``None``: gathered here, in a pass over every slide's features).
     """
     from spade_sd.encoders.features import CHUNK_SIZE
 
     training = model.config.training
     n_spots = sum(map(len, features))
     if scalable:
-        scalers = [model.slide_scaler(block for _, block in _chunks(f, CHUNK_SIZE)) for f in features]
+        scalers = _slide_scalers(model, features) if slide_scalers is None else slide_scalers
         expert = np.concatenate([_experts(model, f, scaler) for f, scaler in zip(features, scalers, strict=True)])
         chosen = stratified_sample(expert, training.reference_size, training.seed)
         rows = _per_slide(chosen, features)
@@ -226,6 +234,13 @@ def _per_slide(chosen: np.ndarray, features: Sequence[np.ndarray]) -> list[np.nd
     ]
 
 
+def _slide_scalers(model: SpadeModel, features: Sequence[np.ndarray]) -> list[FeatureScaler | None]:
+    """Each slide's :meth:`~spade_sd.SpadeModel.slide_scaler`, its features read in the chunks tl.embed reads."""
+    from spade_sd.encoders.features import CHUNK_SIZE
+
+    return [model.slide_scaler(block for _, block in _chunks(f, CHUNK_SIZE)) for f in features]
+
+
 def _experts(model: SpadeModel, features: np.ndarray, slide_scaler: FeatureScaler | None) -> np.ndarray:
     """The expert (largest routing weight) of every spot of one slide, its features read block by block."""
     return np.concatenate(
@@ -238,7 +253,11 @@ def _experts(model: SpadeModel, features: np.ndarray, slide_scaler: FeatureScale
 
 
 def expression_readout(
-    model: SpadeModel, features: Sequence[np.ndarray], *, scalable: bool = False
+    model: SpadeModel,
+    features: Sequence[np.ndarray],
+    *,
+    scalable: bool = False,
+    slide_scalers: Sequence[FeatureScaler | None] | None = None,
 ) -> ExpressionReadout:
     """The read-out of ``X_spade``'s expression block, fitted on the model's reference bank.
 
@@ -246,7 +265,7 @@ def expression_readout(
     own mean; read in blocks when ``scalable``), with ``config.training.readout_weight`` (and ``readout_emphasis``
     within the block); its lift (``config.training.readout_lift``) is fitted on every training spot embedded as
     :func:`spade_sd.tl.embed` embeds it (``scalable``: a seeded draw of :data:`~spade_sd.config.FIT_SPOTS` spots, each
-    slide standardized by its own statistics).
+    slide standardized by its own statistics: ``slide_scalers`` when given, as for :func:`reference_bank`).
     """
     bank = model.reference
     training = model.config.training
@@ -259,12 +278,11 @@ def expression_readout(
         emphasis=training.readout_emphasis,
     )
     if training.readout_lift > 0:
-        from spade_sd.encoders.features import CHUNK_SIZE
 
         if scalable:  # a seeded draw, each slide standardized by all of its spots' statistics
             rows = _per_slide(sample_rows(sum(map(len, features)), FIT_SPOTS, training.seed), features)
             drawn = [_read_rows(f, r) for f, r in zip(features, rows, strict=True)]
-            scalers = [model.slide_scaler(block for _, block in _chunks(f, CHUNK_SIZE)) for f in features]
+            scalers = _slide_scalers(model, features) if slide_scalers is None else slide_scalers
         else:  # every spot, as tl.embed embeds the slide
             drawn, scalers = list(features), [None] * len(features)
         spaces = [
@@ -404,9 +422,11 @@ def _pooled(features: Sequence[np.ndarray], standardize: str) -> np.ndarray:
 
 def _streamed(features: Sequence[np.ndarray], standardize: str) -> StandardizedRows:
     """All slides' standardized features, read on demand; the statistics are gathered in passes over row blocks."""
+    from spade_sd.encoders.features import CHUNK_SIZE
+
     slide_scalers = None
-    if standardize == "slide":
-        slide_scalers = [fit_slide_scaler(block for _, block in _chunks(f, BLOCK_ROWS)) for f in features]
+    if standardize == "slide":  # in the chunks tl.embed reads, so that the bank and the read-out can reuse them
+        slide_scalers = [fit_slide_scaler(block for _, block in _chunks(f, CHUNK_SIZE)) for f in features]
     rows = StandardizedRows(features, slide_scalers)
     return rows.with_scaler(FeatureScaler().fit_chunks(block for _, block in rows.blocks()))
 
