@@ -278,7 +278,6 @@ def expression_readout(
         emphasis=training.readout_emphasis,
     )
     if training.readout_lift > 0:
-
         if scalable:  # a seeded draw, each slide standardized by all of its spots' statistics
             rows = _per_slide(sample_rows(sum(map(len, features)), FIT_SPOTS, training.seed), features)
             drawn = [_read_rows(f, r) for f, r in zip(features, rows, strict=True)]
