@@ -262,7 +262,8 @@ def worker(n: int, args: argparse.Namespace) -> dict:
     panel = fit.fit_panel(tables, PanelConfig())
     timings["panel_s"] = time.perf_counter() - t0
     sampler.leave("panel_s", timings["panel_s"])
-    options = {"config": config, "panel": panel, "quiet": True, "trainer_kwargs": {"callbacks": [epochs]}}
+    trainer_kwargs = {"callbacks": [epochs]} | ({"precision": args.precision} if args.precision else {})
+    options = {"config": config, "panel": panel, "quiet": True, "trainer_kwargs": trainer_kwargs}
     if args.mode != "before":
         options["scalable"] = args.mode == "scalable"
     t0 = time.perf_counter()
@@ -283,6 +284,7 @@ def worker(n: int, args: argparse.Namespace) -> dict:
     return {
         "n_spots": n,
         "mode": args.mode,
+        "precision": args.precision or "default",
         "slides": len(sizes),
         "features_dtype": dtype,
         "features_on_disk_gb": round(disk_gb, 2),
@@ -416,6 +418,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="BLAS, OpenMP and torch threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default=None, help="the experts' training precision (Trainer's precision=)")
     parser.add_argument("--workdir", default=None, help="where the features file is written (default: the temp dir)")
     parser.add_argument("--out", default="pretrain_scale")
     parser.add_argument(
@@ -461,7 +464,7 @@ def main() -> None:
         if mode == "before":
             env["PYTHONPATH"] = str(_before_src(args))
         command = [sys.executable, __file__, "--worker", str(n), "--mode", mode]
-        for name in ("spots_per_slide", "dim", "genes", "dtype", "epochs", "threads", "seed", "workdir"):
+        for name in ("spots_per_slide", "dim", "genes", "dtype", "epochs", "threads", "seed", "workdir", "precision"):
             if getattr(args, name) is not None:
                 command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
         print(f"{n:,} spots, {mode} ...", flush=True)

@@ -223,9 +223,9 @@ def test_scattered_rows_release_the_pages_they_map_as_they_go(tmp_path, monkeypa
     picked = np.random.default_rng(1).permutation(600)[:41]
     np.testing.assert_array_equal(rows[picked], features[picked].astype(np.float32))
     # each scattered row counts as the 2 MB its page fault may map: a release every 4 to 7 rows, one per file
-    assert 41 // 8 <= len(released) <= 41 // 4 and all(r is rows._mapped[0] for r in released)
+    assert 41 // 8 <= len(released) <= 41 // 4 and all(r is rows._pages._mapped[0] for r in released)
     released.clear()
-    rows._since_release = 0
+    rows._pages._since_release = 0
     rows[0:300]  # a run of 300 rows of 16 bytes, counted as the 2 MB around it: nothing to release yet
     assert released == []
     # lone rows, one from each slide (a batch drawn over many slides), map as much as scattered rows
@@ -315,3 +315,54 @@ def test_at_scale_the_slides_statistics_are_gathered_once_for_the_bank_and_the_r
     readout = fit.expression_readout(model, mapped, scalable=True)
     for name, value in readout.to_arrays().items():
         np.testing.assert_array_equal(value, model.readout.to_arrays()[name])
+
+
+def test_expression_z_scored_as_it_is_read_equals_the_dense_standardization():
+    from spade_sd.training.data import ExpressionRows, ZScoredRows
+    from spade_sd.training.seal import MIN_GENE_STD, zscore_stats
+
+    rng = np.random.default_rng(2)
+    parts = [sparse.random(n, 9, density=0.3, format="csr", random_state=rng, dtype=np.float32) * 5 for n in (7, 30)]
+    for part in parts:
+        part[:, 4] = 0.0  # a gene never expressed (its zeros stored, even): its std is floored
+    parts[1][:, 6] = 3.0  # one expressed everywhere: no zero left out
+    dense = np.concatenate([p.toarray() for p in parts])
+    mean, std = zscore_stats(dense)
+    rows = ExpressionRows(parts)
+    np.testing.assert_allclose(rows.column_mean_std()[0], dense.mean(0, dtype=np.float64), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(rows.column_mean_std()[1], dense.std(0, dtype=np.float64), rtol=1e-12, atol=1e-15)
+    sparse_mean, sparse_std = zscore_stats(rows)
+    np.testing.assert_array_equal(sparse_mean, mean)
+    np.testing.assert_array_equal(sparse_std, std)
+    assert sparse_std[4] == np.float32(MIN_GENE_STD)
+    z = ZScoredRows(rows, sparse_mean, sparse_std)
+    assert z.shape == dense.shape and len(z) == 37
+    picked = np.array([36, 0, 8, 8])
+    np.testing.assert_array_equal(z[picked], ((dense - mean) / std)[picked])
+    np.testing.assert_array_equal(z[:], (dense - mean) / std)
+    with pytest.raises(ValueError, match=r"a mean and a std per gene \(9\)"):
+        ZScoredRows(rows, mean[:3], std)
+
+
+def test_seal_batches_of_memory_mapped_prefixes_release_the_pages_they_map(tmp_path, monkeypatch):
+    from spade_sd.training import data
+    from spade_sd.training.seal import PrefixRows
+
+    prefixes = np.random.default_rng(0).normal(size=(90, 2, 3)).astype(np.float16)
+    np.save(tmp_path / "prefixes.npy", prefixes)
+    on_disk = np.load(tmp_path / "prefixes.npy", mmap_mode="r")
+    released = []
+    monkeypatch.setattr(data, "release_pages", lambda array: released.append(array))
+    monkeypatch.setattr(data, "RELEASE_BYTES", 8 * data.FAULT_AROUND_BYTES)
+    expression = np.arange(90 * 4, dtype=np.float32).reshape(90, 4)
+    dataset = PrefixRows([on_disk[:50], on_disk[50:]], expression, np.arange(90))  # views of one file
+    picked = [3, 70, 12, 55, 40, 89, 0, 61, 7, 33]
+    x, y = dataset.__getitems__(picked)
+    np.testing.assert_array_equal(x.numpy(), prefixes[picked].astype(np.float32))
+    np.testing.assert_array_equal(y.numpy(), expression[picked])
+    # 10 scattered rows, each counted as the 2 MB its fault may map: one release (of the one file) after 8
+    assert len(released) == 1 and released[0] is dataset._pages._mapped[0]
+    # prefixes held in memory have no pages to release
+    released.clear()
+    PrefixRows([prefixes], expression, np.arange(90)).__getitems__(list(range(90)))
+    assert released == []

@@ -185,6 +185,7 @@ def finetune(
     from spade_sd.encoders.features import mapped_features
     from spade_sd.encoders.finetuned import PrefixEncoder
     from spade_sd.model.seal_heads import SealAlignment
+    from spade_sd.training.data import ExpressionRows, ZScoredRows
     from spade_sd.training.seal import train_seal, zscore_stats
 
     sdatas = as_list(sdata, "tl.finetune")
@@ -202,9 +203,10 @@ def finetune(
     threads = torch.get_num_threads()
     panel = GenePanel.fit(tables, n_top_genes=config.n_genes, flavor="global", layer=layer, smoothing=0.0)
     torch.set_num_threads(threads)  # scanpy's HVG selection resets torch's threads to every core (oversubscribing)
-    expression = np.concatenate([panel.transform(table, layer=layer) for table in tables])
-    mean, std = zscore_stats(expression)
-    expression = (expression - mean) / std
+    # held sparse, slide by slide, and z-scored a batch at a time: standardized, it would be dense
+    counts = ExpressionRows(panel.transform(table, layer=layer, as_sparse=True) for table in tables)
+    mean, std = zscore_stats(counts)
+    expression = ZScoredRows(counts, mean, std)
     if config.augment:
         logger.warning(
             "augment=True: augmented patches change the activations entering the adapted blocks at every step, so "

@@ -56,6 +56,29 @@ def _mapped_file(array: np.ndarray) -> mmap.mmap | None:
     return base
 
 
+class PageBudget:
+    """Releases the pages of the memory maps among ``arrays`` once :data:`RELEASE_BYTES` have been read from them.
+
+    Reading counts what the page faults map, not what is asked for: a run of rows its bytes, a scattered row at
+    least :data:`FAULT_AROUND_BYTES`. Arrays that are not read-only memory maps are left alone.
+    """
+
+    def __init__(self, arrays: Iterable[Any]) -> None:
+        # one array per memory map: the slides' arrays are often views of one file, released as a whole
+        self._mapped = list({id(_mapped_file(a)): a for a in arrays if _mapped_file(a) is not None}.values())
+        self._since_release = 0
+
+    def read(self, n_bytes: int) -> None:
+        """Count ``n_bytes`` read; release every map's pages when the budget is spent."""
+        if not self._mapped:
+            return
+        self._since_release += n_bytes
+        if self._since_release >= RELEASE_BYTES:
+            for array in self._mapped:
+                release_pages(array)
+            self._since_release = 0
+
+
 class StandardizedRows:
     """The standardized features of every training spot, read from each slide's features only where they are used.
 
@@ -95,9 +118,7 @@ class StandardizedRows:
         self.offsets = np.cumsum([0, *map(len, self.features)])
         self.slide_scalers = slide_scalers
         self.scaler = scaler
-        self._since_release = 0
-        # one array per memory map: the slides' features are often views of one file, released as a whole
-        self._mapped = list({id(_mapped_file(f)): f for f in self.features if _mapped_file(f) is not None}.values())
+        self._pages = PageBudget(self.features)
 
     def with_scaler(self, scaler: FeatureScaler) -> StandardizedRows:
         """The same rows, standardized by ``scaler`` too."""
@@ -133,24 +154,17 @@ class StandardizedRows:
                 out[positions] = as_float32(self.features[s][local[0] : local[-1] + 1])
                 # a run maps its pages and those around them: a lone row (one of 128 in a batch over 512 slides)
                 # maps as much as a scattered one
-                self._released(max(len(local) * row_bytes, FAULT_AROUND_BYTES))
+                self._pages.read(max(len(local) * row_bytes, FAULT_AROUND_BYTES))
             else:
                 # scattered rows (a batch, a draw) one by one, from where they lie, a bounded number between releases
                 for start in range(0, len(local), scattered_rows):
                     piece = slice(start, start + scattered_rows)
                     out[positions[piece]] = as_float32(self.features[s][local[piece]])
-                    self._released(len(local[piece]) * max(row_bytes, FAULT_AROUND_BYTES))
+                    self._pages.read(len(local[piece]) * max(row_bytes, FAULT_AROUND_BYTES))
             if self.slide_scalers is not None:  # the slide's rows by its own statistics, as they are read
                 out[positions] = self.slide_scalers[s].transform(out[positions])
         # in place: a draw of many rows is not copied again
         return out if self.scaler is None else self.scaler.transform(out, copy=False)
-
-    def _released(self, n_bytes: int) -> None:
-        self._since_release += n_bytes
-        if self._since_release >= RELEASE_BYTES:
-            for features in self._mapped:
-                release_pages(features)
-            self._since_release = 0
 
 
 def _slide_runs(offsets: np.ndarray, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
@@ -250,6 +264,60 @@ class ExpressionRows:
             taken = np.repeat(first - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
             out[np.repeat(positions, lengths), self.genes[s][taken]] = self.values[s][taken]
         return out
+
+    def column_mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every gene's mean and (population) standard deviation over all rows, in float64, from the stored values.
+
+        In two passes, as :meth:`numpy.ndarray.std` takes them: the mean, then the squared deviations, those of the
+        zeros not stored counted as ``mean²`` each.
+        """
+        n = len(self)
+        if n == 0:
+            raise ValueError("Expected at least one row to take gene statistics from; found none.")
+        total, stored = np.zeros(self.n_genes), np.zeros(self.n_genes)
+        for values, genes in zip(self.values, self.genes, strict=True):
+            total += np.bincount(genes, weights=values, minlength=self.n_genes)
+            stored += np.bincount(genes, minlength=self.n_genes)
+        mean = total / n
+        squares = (n - stored) * np.square(mean)
+        for values, genes in zip(self.values, self.genes, strict=True):
+            squares += np.bincount(genes, weights=np.square(values - mean[genes]), minlength=self.n_genes)
+        return mean, np.sqrt(squares / n)
+
+
+class ZScoredRows:
+    """Rows of expression standardized per gene as they are read: ``(rows − mean) / std``, float32.
+
+    Standardized expression has no zeros left to leave out, so it is held as its :class:`ExpressionRows` (or an
+    array) and standardized a batch at a time, as the whole matrix would be.
+
+    Parameters
+    ----------
+    rows
+        Every spot's expression ``(n_spots, n_genes)``.
+    mean, std
+        Per gene, ``(n_genes,)``.
+    """
+
+    def __init__(self, rows: ExpressionRows | np.ndarray, mean: np.ndarray, std: np.ndarray) -> None:
+        self.rows = rows
+        self.mean, self.std = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+        if self.mean.shape != (rows.shape[1],) or self.std.shape != (rows.shape[1],):
+            raise ValueError(
+                f"Expected a mean and a std per gene ({rows.shape[1]}); found shapes {self.mean.shape} and "
+                f"{self.std.shape}."
+            )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n_spots, n_genes)``."""
+        return tuple(self.rows.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: slice | np.ndarray | Sequence[int]) -> np.ndarray:
+        return (np.asarray(self.rows[key], dtype=np.float32) - self.mean) / self.std
 
 
 class SpotDataset(Dataset):

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from spade_sd.config import SealConfig, check_trainer_kwargs
 from spade_sd.encoders.finetuned import FineTunedBackbone
 from spade_sd.model.seal_heads import SealHeads
-from spade_sd.training.data import validation_mask
+from spade_sd.training.data import FAULT_AROUND_BYTES, ExpressionRows, PageBudget, ZScoredRows, validation_mask
 from spade_sd.training.lightning_loop import (
     HISTORY,
     BestWeights,
@@ -58,14 +58,21 @@ class PrefixRows(Dataset):
     sources
         One array per slide, ``(n_spots, *prefix_shape)``; memory maps are read only where rows are asked for.
     expression
-        ``(total spots, n_genes)`` float32, slides in the same order.
+        Every spot's z-scored expression ``(total spots, n_genes)``, slides in the same order: a float32 array, or
+        :class:`~spade_sd.training.data.ZScoredRows` standardizing the rows as they are read.
     rows
         The global rows (over all slides, in order) this dataset serves.
     """
 
-    def __init__(self, sources: Sequence[Any], expression: np.ndarray, rows: np.ndarray) -> None:
+    def __init__(self, sources: Sequence[Any], expression: np.ndarray | ZScoredRows, rows: np.ndarray) -> None:
         self.sources, self.expression, self.rows = list(sources), expression, np.asarray(rows)
         self.offsets = np.cumsum([0, *(len(source) for source in self.sources)])
+        # memory-mapped prefixes release the pages a batch maps, so the resident memory stays bounded over an epoch
+        self._pages = PageBudget(self.sources)
+        self._row_bytes = [
+            source.itemsize * math.prod(source.shape[1:]) if isinstance(source, np.ndarray) else 0
+            for source in self.sources
+        ]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -80,6 +87,7 @@ class PrefixRows(Dataset):
         for s in np.unique(slide):
             at = np.flatnonzero(slide == s)
             read = self.read(self.sources[s], rows[at] - self.offsets[s])
+            self._pages.read(len(at) * max(self._row_bytes[s], FAULT_AROUND_BYTES))  # each a scattered row
             if batch is None:
                 batch = np.empty((len(rows), *read.shape[1:]), dtype=read.dtype)
             batch[at] = read
@@ -220,11 +228,13 @@ class SealModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-def zscore_stats(expression: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def zscore_stats(expression: np.ndarray | ExpressionRows) -> tuple[np.ndarray, np.ndarray]:
     """Per-gene mean and standard deviation (floored at ``MIN_GENE_STD``) of the training spots."""
-    mean = expression.mean(0, dtype=np.float64)
-    std = np.maximum(expression.std(0, dtype=np.float64), MIN_GENE_STD)
-    return mean.astype(np.float32), std.astype(np.float32)
+    if isinstance(expression, ExpressionRows):
+        mean, std = expression.column_mean_std()
+    else:
+        mean, std = expression.mean(0, dtype=np.float64), expression.std(0, dtype=np.float64)
+    return mean.astype(np.float32), np.maximum(std, MIN_GENE_STD).astype(np.float32)
 
 
 def default_precision() -> str:
@@ -255,7 +265,7 @@ def _trainer(
 
 
 def _loaders(
-    sources: Sequence[Any], expression: np.ndarray, val_mask: np.ndarray, config: SealConfig
+    sources: Sequence[Any], expression: np.ndarray | ZScoredRows, val_mask: np.ndarray, config: SealConfig
 ) -> tuple[DataLoader, DataLoader | None]:
     rows = PatchRows if config.augment else PrefixRows
     train_rows, val_rows = np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
@@ -278,7 +288,7 @@ def _loaders(
 def train_seal(
     backbone: FineTunedBackbone,
     sources: Sequence[Any],
-    expression: np.ndarray,
+    expression: np.ndarray | ZScoredRows,
     slide: np.ndarray,
     *,
     config: SealConfig,
@@ -296,7 +306,8 @@ def train_seal(
         Per slide, the prefix activations of its spots ``(n_spots, *prefix_shape)`` (memory maps welcome); with
         ``config.augment``, its :class:`~spade_sd.spots.patches.SpotPatches` instead.
     expression
-        Z-scored panel expression of every spot, slides in order ``(total spots, n_genes)``.
+        Z-scored panel expression of every spot, slides in order ``(total spots, n_genes)``: an array, or
+        :class:`~spade_sd.training.data.ZScoredRows` (sparse expression standardized a batch at a time).
     slide
         Slide name of every spot.
     config
