@@ -203,13 +203,30 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def _prefix_pass(result: dict) -> str:
+    """The prefix pass over every spot, projected from ``finetune.json``'s measured time per batch of patches."""
+    measured = RESULTS / "finetune.json"
+    if not measured.is_file():
+        return "not projected (run benchmarks/finetune.py first)"
+    rows = json.loads(measured.read_text())["results"]
+    row = next((r for r in rows if r["backbone"] == "efficientnet_lite0" and r["n_blocks"] == result["n_blocks"]), None)
+    if row is None:
+        return "not projected (finetune.json has no matching row)"
+    per_patch = (row["prefix_pass_s"] + row["read_batch_s"]) / row["batch"]
+    return (
+        f"{result['n_spots'] * per_patch / 3600:.1f} h once on this machine, projected from `finetune.md` "
+        f"({row['prefix_pass_s']:.3f} s to compute and {row['read_batch_s']:.3f} s to read {row['batch']} patches, "
+        f"{row['batch'] / (row['prefix_pass_s'] + row['read_batch_s']):.0f} patches/s)"
+    )
+
+
 def _markdown(result: dict, args: argparse.Namespace, commit: str) -> str:
     disk, memory = result["runs"]["disk"], result["runs"]["memory"]
     hours = disk["epoch_s_projected"] / 3600
     lines = [
         "# SEAL fine-tuning at HEST-1k scale: prefix cache, step and epoch time, memory",
         "",
-        f"`python benchmarks/finetune_scale.py {' '.join(sys.argv[1:])}` at commit `{commit}`: "
+        f"`python {' '.join(result['command'])}` at commit `{commit}`: "
         f"{result['n_spots']:,} spots over {result['slides']} slides, the default backbone (EfficientNet-Lite0) and "
         f"SEAL configuration ({result['n_blocks']} adapted blocks, batch {result['batch_size']}, "
         f"{result['n_genes']} genes), {result['threads']} torch thread(s), synthetic float16 prefixes "
@@ -234,6 +251,7 @@ def _markdown(result: dict, args: argparse.Namespace, commit: str) -> str:
         f"- **Prefix cache on disk:** {result['prefix_cache_gb']['float16']} GB in float16 "
         f"({result['prefix_kb_per_spot']['float16']} KB per spot; float32: {result['prefix_cache_gb']['float32']} "
         f"GB), written in {result['prefix_write_s']} s.",
+        f"- **Prefix pass** (computing the cache from the patches): {_prefix_pass(result)}.",
         f"- **Epoch:** {hours:.1f} h projected on this machine ({disk['steps_per_epoch']:,} steps × "
         f"{disk['step_s_median']} s), reading the prefixes from disk {result['disk_over_memory_step']}× the step "
         "time with them in memory.",
@@ -262,9 +280,9 @@ def main() -> None:
     commit = subprocess.run(
         ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=root
     ).stdout.strip()
-    result = run(args)
+    result = {"command": sys.argv, "commit": commit, **run(args)}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps({"command": sys.argv, "commit": commit, **result}, indent=1))
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1))
     (RESULTS / f"{args.out}.md").write_text(_markdown(result, args, commit))
     print(json.dumps(result))
 
