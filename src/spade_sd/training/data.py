@@ -59,8 +59,8 @@ def _mapped_file(array: np.ndarray) -> mmap.mmap | None:
 class PageBudget:
     """Releases the pages of the memory maps among ``arrays`` once :data:`RELEASE_BYTES` have been read from them.
 
-    Reading counts what the page faults map, not what is asked for: a run of rows its bytes, a scattered row at
-    least :data:`FAULT_AROUND_BYTES`. Arrays that are not read-only memory maps are left alone.
+    The readers count what their page faults map, not what they asked for: a run of rows its bytes, a scattered row
+    at least :data:`FAULT_AROUND_BYTES`. Arrays that are not read-only memory maps are left alone.
     """
 
     def __init__(self, arrays: Iterable[Any]) -> None:
