@@ -7,10 +7,12 @@ initialised: only its speed is measured) with LoRA on the last one or two blocks
   loss is back-propagated into the adapters and AdamW steps — what a fine-tuning loop without the cache does;
 - ``cached``: the cached activations entering the first adapted block go through the adapted suffix only, same
   loss, backward pass and step;
-- ``prefix``: computing the cached activations once per patch (a forward pass up to the first adapted block).
+- ``prefix``: computing the cached activations once per patch (a forward pass up to the first adapted block), as
+  ``tl.finetune`` does it (:class:`~spade_sd.encoders.finetuned.PrefixEncoder`: float32, onnxruntime on the CPU),
+  and in eager PyTorch for comparison.
 
-Both step kinds run in the same process, interleaved, under the autocast precision training uses here
-(bfloat16 where the CPU has AVX512-BF16/AMX, else float32), and the medians are compared: the ratio
+The step kinds run in the same process, interleaved, the training steps under the autocast precision training uses
+here (bfloat16 where the CPU has AVX512-BF16/AMX, else float32), and the medians are compared: the ratio
 ``full / cached`` is the speed-up per step, and ``epochs`` to amortise the prefix pass is ``prefix / (full −
 cached)``. A loop without the cache also reads every patch from the slide every epoch: ``read`` times a batch of
 patches read from MOB1's image (the cached loop reads each patch once, for the prefix pass), reported beside the
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 
 import spade_sd as sd
+from spade_sd.encoders.finetuned import PrefixEncoder
 from spade_sd.training.seal import default_precision
 
 
@@ -59,9 +62,13 @@ def measure(backbone: sd.Backbone, *, n_blocks: int, batch: int, repeats: int, b
         loss.backward()
         optimizer.step()
 
-    def prefix() -> torch.Tensor:
+    def prefix() -> torch.Tensor:  # within a full step (a loop without the cache), under the training precision
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             return split.prefix(tuned._preprocess(patches)).float()
+
+    # the prefix pass that fills the cache, as tl.finetune runs it: float32, onnxruntime on the CPU (and eager
+    # PyTorch, for the record)
+    encoder, eager = PrefixEncoder(tuned), PrefixEncoder(tuned, engine="torch")
 
     rng = np.random.default_rng(1)
 
@@ -69,14 +76,17 @@ def measure(backbone: sd.Backbone, *, n_blocks: int, batch: int, repeats: int, b
         spots.read(np.sort(rng.choice(len(spots), batch, replace=False)))
 
     cached = prefix()
-    prefix(), step(cached), read()  # warm-up
-    full_times, cached_times, prefix_times, read_times = [], [], [], []
+    prefix(), step(cached), read(), encoder(patches), eager(patches)  # warm-up (and the prefix's export)
+    full_times, cached_times, prefix_times, eager_times, read_times = [], [], [], [], []
     for _ in range(repeats):  # interleaved, so that load changes hit both alike
         full_times += _timed(lambda: step(prefix()), 1)
         cached_times += _timed(lambda: step(cached), 1)
-        prefix_times += _timed(prefix, 1)
+        prefix_times += _timed(lambda: encoder(patches), 1)
+        eager_times += _timed(lambda: eager(patches), 1)
         read_times += _timed(read, 1)
-    full, fast, once, reading = (statistics.median(t) for t in (full_times, cached_times, prefix_times, read_times))
+    full, fast, once, once_eager, reading = (
+        statistics.median(t) for t in (full_times, cached_times, prefix_times, eager_times, read_times)
+    )
     return {
         "backbone": backbone.name,
         "n_blocks": n_blocks,
@@ -87,6 +97,8 @@ def measure(backbone: sd.Backbone, *, n_blocks: int, batch: int, repeats: int, b
         "full_step_s": full,
         "cached_step_s": fast,
         "prefix_pass_s": once,
+        "prefix_pass_engine": "onnxruntime" if encoder.engine == "auto" else "torch",
+        "prefix_pass_eager_s": once_eager,
         "speedup_per_step": full / fast,
         "read_batch_s": reading,
         "speedup_per_step_with_reading": (full + reading) / fast,
@@ -118,13 +130,15 @@ def main(argv: list[str] | None = None) -> None:
         f"block(s); {machine}.",
         "",
         "| backbone | adapted blocks | prefix shape | full step (s) | cached step (s) | speed-up per step | reading a batch (s) | "
-        "speed-up per step, reading included | prefix pass (s) | epochs to amortise | speed-up over 10 epochs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "speed-up per step, reading included | prefix pass (s) | prefix pass, eager PyTorch (s) | epochs to amortise | "
+        "speed-up over 10 epochs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['backbone']} | {r['n_blocks']} | {r['prefix_shape']} | {r['full_step_s']:.3f} | {r['cached_step_s']:.3f} | "
         f"{r['speedup_per_step']:.1f}× | {r['read_batch_s']:.3f} | {r['speedup_per_step_with_reading']:.1f}× | "
-        f"{r['prefix_pass_s']:.3f} | {r['epochs_to_amortise_prefix']:.2f} | "
+        f"{r['prefix_pass_s']:.3f} ({r['prefix_pass_engine']}) | {r['prefix_pass_eager_s']:.3f} | "
+        f"{r['epochs_to_amortise_prefix']:.2f} | "
         f"{r['speedup_10_epochs']:.1f}× |"
         for r in results
     ]

@@ -97,6 +97,39 @@ def test_cached_prefix_then_suffix_equals_the_full_forward_pass(which, request):
     np.testing.assert_array_equal(FineTunedBackbone(base)(x), base(x))
 
 
+@pytest.mark.parametrize("which", ["lite0", "vit"])
+def test_the_prefix_runs_in_onnxruntime_as_in_pytorch(which, request, cache_dir):
+    from spade_sd.encoders.onnx_engine import onnx_path
+
+    tuned = _perturbed(request.getfixturevalue(which), n_blocks=2)
+    x = _patches(11, tuned.input_size)  # more than one of the engine's sub-batches of 8
+    encoder, eager = PrefixEncoder(tuned), PrefixEncoder(tuned, engine="torch")
+    found, expected = encoder(x), eager(x)
+    assert found.shape == expected.shape == (11, encoder.dim) and found.dtype == np.float32
+    np.testing.assert_allclose(found, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+    assert encoder.engine == "auto" and onnx_path(encoder.identity()).is_file()
+    assert str(cache_dir) in str(onnx_path(encoder.identity()))
+
+
+def test_a_prefix_that_cannot_be_exported_runs_in_pytorch_with_a_warning(lite0, monkeypatch, caplog):
+    from spade_sd.encoders.onnx_engine import OnnxEngine
+
+    def fails(self):
+        raise RuntimeError("no exporter for this operator")
+
+    monkeypatch.setattr(OnnxEngine, "load", fails)
+    tuned = _perturbed(lite0, n_blocks=2)
+    encoder = PrefixEncoder(tuned)
+    x = _patches(3, tuned.input_size)
+    with caplog.at_level("WARNING", logger="spade_sd"):
+        found = encoder(x)
+    assert "onnxruntime unavailable (RuntimeError: no exporter for this operator)" in caplog.text
+    assert encoder.engine == "torch"
+    np.testing.assert_array_equal(found, PrefixEncoder(tuned, engine="torch")(x))
+    with pytest.raises(ValueError, match="engine must be 'auto' or 'torch'; found 'int8'"):
+        PrefixEncoder(tuned, engine="int8")
+
+
 def test_the_prefix_identity_names_base_and_split_only(lite0):
     one, other = _perturbed(lite0, seed=1, rank=4), _perturbed(lite0, seed=2, rank=8)
     assert PrefixEncoder(one).identity() == PrefixEncoder(other).identity()

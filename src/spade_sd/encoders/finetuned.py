@@ -31,7 +31,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -39,9 +39,18 @@ import torch
 from spade_sd.encoders.adapters_card import adapters_card
 from spade_sd.encoders.backbone import Backbone
 from spade_sd.encoders.identity import backbone_difference, identity_digest
-from spade_sd.encoders.lora import AdapterPlan, SplitForward, adapter_state, inject_lora, merged_copy, plan_adapters
+from spade_sd.encoders.lora import (
+    AdapterPlan,
+    PrefixModule,
+    SplitForward,
+    adapter_state,
+    inject_lora,
+    merged_copy,
+    plan_adapters,
+)
 from spade_sd.encoders.lora import split_forward as checked_split
 from spade_sd.encoders.modules import eval_mode
+from spade_sd.encoders.onnx_engine import OnnxEngine
 from spade_sd.utils.hub import DEFAULT_LICENSE, MODEL_CARD, is_card, push_folder, saved_folder
 from spade_sd.utils.logging import logger
 from spade_sd.utils.saved_metadata import check_against_copy, require, write_weights
@@ -500,15 +509,24 @@ class PrefixEncoder:
     backbone and the split point, so its :meth:`identity` names exactly those: fine-tuning runs with other ranks,
     seeds or losses share the cache.
 
+    On the CPU the prefix runs in onnxruntime, exported once into ``$SPADE_SD_CACHE_DIR/onnx`` and checked against
+    PyTorch, as :class:`~spade_sd.Backbone`'s ``engine="auto"`` runs a whole backbone (EfficientNet-Lite0's prefix:
+    3.8× eager PyTorch on one thread, ``benchmarks/finetune.py``); where the export fails it runs in PyTorch, with a
+    warning.
+
     Parameters
     ----------
     backbone
         The fine-tuned backbone whose prefix is computed.
+    engine
+        ``"auto"``: onnxruntime on the CPU, PyTorch on other devices; ``"torch"``: always PyTorch.
     """
 
     stable_identity = True
 
-    def __init__(self, backbone: FineTunedBackbone) -> None:
+    def __init__(self, backbone: FineTunedBackbone, *, engine: Literal["auto", "torch"] = "auto") -> None:
+        if engine not in ("auto", "torch"):
+            raise ValueError(f"engine must be 'auto' or 'torch'; found {engine!r}.")
         self.backbone = backbone
         self.name = f"{backbone.base_config['name']} up to {backbone.plan.blocks[0]}"
         self.batch_size = backbone.batch_size
@@ -516,6 +534,8 @@ class PrefixEncoder:
         probe = np.zeros((1, side, side, 3), dtype=np.uint8)
         self.shape = tuple(backbone.prefix(probe).shape[1:])
         self.dim = math.prod(self.shape)
+        self.engine = engine if backbone.device.type == "cpu" else "torch"
+        self._onnx: OnnxEngine | None = None
 
     def identity(self) -> str:
         """Digest of the base backbone's identity and the split point."""
@@ -525,4 +545,39 @@ class PrefixEncoder:
 
     def __call__(self, patches: np.ndarray) -> np.ndarray:
         """Flattened float32 prefix activations ``(batch, dim)`` of uint8 patches."""
-        return self.backbone.prefix(patches).float().reshape(len(patches), -1).cpu().numpy()
+        run = self._onnx_runner() if self.engine == "auto" else None
+        if run is None:
+            return self.backbone.prefix(patches).float().reshape(len(patches), -1).cpu().numpy()
+        out = np.empty((len(patches), self.dim), dtype=np.float32)
+        with eval_mode(self.backbone.module), torch.inference_mode():
+            for start in range(0, len(patches), OnnxEngine.max_batch):  # the engine's sub-batches, as Backbone's
+                batch = np.asarray(patches[start : start + OnnxEngine.max_batch], dtype=np.uint8)
+                out[start : start + len(batch)] = run(self.backbone._preprocess(batch)).reshape(len(batch), -1)
+        return out
+
+    def _onnx_runner(self) -> Callable[[torch.Tensor], np.ndarray] | None:
+        """The onnxruntime session's runner, exported and checked on first use; ``None`` (PyTorch) if that fails."""
+        if self._onnx is None:
+            split = self.backbone.split
+            self._onnx = OnnxEngine(
+                PrefixModule(split),
+                name=f"{self.name} (prefix)",
+                input_size=self.backbone.input_size,
+                identity=self.identity,
+                state=self.identity,  # the prefix is frozen: nothing but what the identity names changes it
+                preprocess=self.backbone._preprocess,
+                reference=lambda x: split.prefix(x).float().numpy(),
+            )
+            try:
+                self._onnx.load()
+            # tracing and export fail in model-specific ways (unsupported operators, data-dependent control flow)
+            except Exception as err:  # noqa: BLE001
+                logger.warning(
+                    "%s: onnxruntime unavailable (%s: %s); computing the prefix in eager PyTorch, several times slower",
+                    self.name,
+                    type(err).__name__,
+                    err,
+                )
+                self.engine = "torch"
+                return None
+        return self._onnx.runner()

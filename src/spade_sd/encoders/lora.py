@@ -256,6 +256,23 @@ class SplitForward(nn.Module):
         return self.suffix(h)
 
 
+class PrefixModule(nn.Module):
+    """The prefix of a :class:`SplitForward` as a module: normalised images in, the first adapted block's input out.
+
+    What the onnxruntime engine exports (tracing runs the backbone up to that block); ``module`` is the backbone's
+    timm model, as for :class:`~spade_sd.encoders.modules.Pooled`.
+    """
+
+    def __init__(self, split: SplitForward) -> None:
+        super().__init__()
+        self.module = split._module[0]
+        self._split = [split]  # the split's suffix (and its adapters) are not part of the prefix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`SplitForward.prefix`."""
+        return self._split[0].prefix(x)
+
+
 def split_forward(module: nn.Module, plan: AdapterPlan, probe: torch.Tensor) -> SplitForward:
     """The :class:`SplitForward` of ``module``, checked to compose to its full forward pass on ``probe``.
 
