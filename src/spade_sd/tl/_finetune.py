@@ -154,7 +154,8 @@ def finetune(
     size_um, size_px
         Patch geometry.
     cache
-        Cache the frozen prefix activations on disk (``$SPADE_SD_CACHE_DIR/features``).
+        Cache the frozen prefix activations on disk (``$SPADE_SD_CACHE_DIR/features``). They are computed once,
+        in onnxruntime on the CPU (:class:`~spade_sd.encoders.finetuned.PrefixEncoder`).
     feature_batch_size, feature_num_workers
         Patches per forward pass and reader processes while computing the prefix activations.
     quiet
