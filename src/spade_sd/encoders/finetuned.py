@@ -511,7 +511,7 @@ class PrefixEncoder:
 
     On the CPU the prefix runs in onnxruntime, exported once into ``$SPADE_SD_CACHE_DIR/onnx`` and checked against
     PyTorch, as :class:`~spade_sd.Backbone`'s ``engine="auto"`` runs a whole backbone (EfficientNet-Lite0's prefix:
-    3.8× eager PyTorch on one thread, ``benchmarks/finetune.py``); where the export fails it runs in PyTorch, with a
+    4.7× eager PyTorch on one thread, ``benchmarks/finetune.py``); where the export fails it runs in PyTorch, with a
     warning.
 
     Parameters
