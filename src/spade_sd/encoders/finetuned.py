@@ -549,7 +549,7 @@ class PrefixEncoder:
         if run is None:
             return self.backbone.prefix(patches).float().reshape(len(patches), -1).cpu().numpy()
         out = np.empty((len(patches), self.dim), dtype=np.float32)
-        with eval_mode(self.backbone.module), torch.inference_mode():
+        with torch.inference_mode():
             for start in range(0, len(patches), OnnxEngine.max_batch):  # the engine's sub-batches, as Backbone's
                 batch = np.asarray(patches[start : start + OnnxEngine.max_batch], dtype=np.uint8)
                 out[start : start + len(batch)] = run(self.backbone._preprocess(batch)).reshape(len(batch), -1)
