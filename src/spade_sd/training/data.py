@@ -167,6 +167,12 @@ class StandardizedRows:
         return out if self.scaler is None else self.scaler.transform(out, copy=False)
 
 
+def drawn_blocks(source: Any, rows: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    """``source[rows]`` (an array, :class:`StandardizedRows` or :class:`ExpressionRows`), ``size`` rows at a time."""
+    for start in range(0, len(rows), size):
+        yield source[rows[start : start + size]]
+
+
 def _slide_runs(offsets: np.ndarray, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """``(slide, positions in rows, the slide's own sorted row positions)`` for every slide that ``rows`` touch."""
     order = np.argsort(rows, kind="stable")

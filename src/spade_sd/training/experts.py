@@ -21,7 +21,14 @@ from spade_sd.config import FIT_SPOTS, SELECTION_SPOTS, LossName, TrainingConfig
 from spade_sd.model.clustering import sample_rows
 from spade_sd.model.heads import ExpertMixture
 from spade_sd.model.reference import stratified_sample
-from spade_sd.training.data import BLOCK_ROWS, ExpertDataModule, ExpressionRows, StandardizedRows, validation_mask
+from spade_sd.training.data import (
+    BLOCK_ROWS,
+    ExpertDataModule,
+    ExpressionRows,
+    StandardizedRows,
+    drawn_blocks,
+    validation_mask,
+)
 from spade_sd.training.lightning_loop import (
     HISTORY,
     BestWeights,
@@ -220,8 +227,7 @@ def _training_rows(
     if isinstance(X_std, np.ndarray):
         return X_std[~val_mask]
     training = np.flatnonzero(~val_mask)
-    drawn = training[sample_rows(len(training), FIT_SPOTS, seed)]
-    return (X_std[drawn[start : start + BLOCK_ROWS]] for start in range(0, len(drawn), BLOCK_ROWS))
+    return drawn_blocks(X_std, training[sample_rows(len(training), FIT_SPOTS, seed)], BLOCK_ROWS)
 
 
 def _selection_rows(val_mask: np.ndarray, expert_idx: np.ndarray, seed: int) -> np.ndarray:

@@ -33,7 +33,7 @@ from spade_sd.model.spade_model import SpadeModel
 from spade_sd.model.standardization import MIN_SLIDE_PATCHES, FeatureScaler, fit_slide_scaler
 from spade_sd.model.subspace import EmbeddingSubspace
 from spade_sd.spots.genes import GenePanel
-from spade_sd.training.data import BLOCK_ROWS, ExpressionRows, StandardizedRows, release_pages
+from spade_sd.training.data import BLOCK_ROWS, ExpressionRows, StandardizedRows, drawn_blocks, release_pages
 from spade_sd.training.experts import train_experts
 from spade_sd.training.lightning_loop import torch_threads
 from spade_sd.utils.logging import logger
@@ -469,9 +469,7 @@ def _row_blocks(
     if isinstance(rows, slice):
         yield X_std[rows], expression[rows]
         return
-    for start in range(0, len(rows), BLOCK_ROWS):
-        block = rows[start : start + BLOCK_ROWS]
-        yield X_std[block], expression[block]
+    yield from zip(drawn_blocks(X_std, rows, BLOCK_ROWS), drawn_blocks(expression, rows, BLOCK_ROWS), strict=True)
 
 
 def _with_subspace(
@@ -514,8 +512,7 @@ def _with_block(
         x = X_std[rows]
         block = BackboneBlock.fit(x, aligned(x), config.backbone_comps, config.backbone_weight)
     else:
-        blocks = (X_std[rows[start : start + BLOCK_ROWS]] for start in range(0, len(rows), BLOCK_ROWS))
-        pairs = ((x, aligned(x)) for x in blocks)
+        pairs = ((x, aligned(x)) for x in drawn_blocks(X_std, rows, BLOCK_ROWS))
         block = BackboneBlock.fit_blocks(pairs, config.backbone_comps, config.backbone_weight)
     return replace(model, block=block)
 
