@@ -25,6 +25,11 @@ longer while features are cached). Variants are named on the command line: ``bac
 ``morphology`` or ``spade`` followed by pretrain keyword overrides, e.g. ``spade:n_experts=4,loss=clip``;
 ``backbone_slide`` is the backbone's features standardised per section, which is what SPADE's heads see with
 ``standardize="slide"``.
+
+``--engine`` runs the default backbone with another engine for every variant that uses it (its features and the
+SPADE models trained on them), e.g. ``--engine int8``: a low-precision engine is calibrated as the tools calibrate
+``engine="auto"``, on 64 patches spread evenly over the data set's first section
+(:func:`~spade_sd.encoders.auto_calibration.spread_patches`), and its features are cached under their own identity.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ os.environ.setdefault("SPADE_SD_DATA_DIR", "/work/shared/data")
 
 import spade_sd as sd
 from spade_sd import metrics
+from spade_sd.encoders.auto_calibration import spread_patches
 from spade_sd.encoders.morphology import MorphologyFeatures
 from spade_sd.model.standardization import FeatureScaler
 from spade_sd.spots.genes import GenePanel
@@ -96,9 +102,23 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     return kind, {key: _value(value) for key, value in kwargs.items()}
 
 
-def _backbone(kind: str) -> sd.Backbone:
+def default_backbone(engine: str | None, first, patch: dict, module=None) -> sd.Backbone | None:
+    """The backbone run by ``engine``, calibrated on ``first``'s patches; ``None`` for the tools' own default.
+
+    ``module``: a :class:`torch.nn.Module` to run instead of the default backbone (EfficientNet-Lite0), or a
+    :class:`~spade_sd.Backbone` to use as it is.
+    """
+    if engine is None and module is None:
+        return None
+    if isinstance(module, sd.Backbone):
+        return module
+    calibration = spread_patches(sd.pp.spot_patches(first, **patch)) if engine in ("auto", "int8") else None
+    return sd.Backbone(module, engine=engine or "auto", calibration=calibration)
+
+
+def _backbone(kind: str, default: sd.Backbone | None) -> sd.Backbone:
     if kind in ("backbone", "backbone_slide"):
-        return sd.Backbone()
+        return sd.Backbone() if default is None else default
     if kind == "random_cnn":
         return sd.Backbone(None, pretrained=False)
     return sd.Backbone(MorphologyFeatures())
@@ -118,22 +138,24 @@ def _spots(table) -> np.ndarray:
 class Section:
     """One section: its SpatialData, the spots with a patch, their targets and expression domains."""
 
-    def __init__(self, name: str, sdata, patch: dict) -> None:
+    def __init__(self, name: str, sdata, patch: dict, backbone: sd.Backbone | None = None) -> None:
         self.name, self.sdata = name, sdata
         self.table = sdata.tables["table"]
-        sd.tl.features(sdata, **patch)
+        sd.tl.features(sdata, backbone=backbone, **patch)
         self.rows = _spots(self.table)
 
     def rep(self, key: str) -> np.ndarray:
         return np.asarray(self.table.obsm[key], dtype=np.float64)[self.rows]
 
 
-def load(dataset: str, patch: dict) -> tuple[list[Section], np.ndarray, np.ndarray, list[str]]:
+def load(
+    dataset: str, patch: dict, backbone: sd.Backbone | None = None
+) -> tuple[list[Section], np.ndarray, np.ndarray, list[str]]:
     loader, names = DATASETS[dataset]
     sections = []
     for name in names:
         start = time.perf_counter()
-        sections.append(Section(name, loader(name), patch))
+        sections.append(Section(name, loader(name), patch, backbone))
         log.info("%s: %d spots, default features in %.0f s", name, sections[-1].rows.sum(), time.perf_counter() - start)
     panel = GenePanel.fit([s.table[s.rows] for s in sections], n_top_genes=50, flavor="global")
     Y = np.concatenate([panel.transform(s.table[s.rows]) for s in sections])
@@ -218,15 +240,25 @@ def evaluate_fold(
 
 
 def run_dataset(
-    dataset: str, variants: list[str], *, patch: dict, n_repeats: int, seeds: list[int], extra=None
+    dataset: str,
+    variants: list[str],
+    *,
+    patch: dict,
+    n_repeats: int,
+    seeds: list[int],
+    extra=None,
+    engine: str | None = None,
+    module=None,
 ) -> pd.DataFrame:
     """Every variant's scores on every held-out section of ``dataset``.
 
     ``extra`` (used by ``benchmarks/morphology.py``) is called once with the loaded sections, targets and section
     names and returns a scorer ``(label, X, held_out) -> list of frames`` run on every fold next to
-    :func:`evaluate_fold`.
+    :func:`evaluate_fold`. ``engine`` runs the default backbone, or ``module``, with that engine
+    (:func:`default_backbone`).
     """
-    sections, Y, section, genes = load(dataset, patch)
+    backbone = default_backbone(engine, DATASETS[dataset][0](DATASETS[dataset][1][0]), patch, module)
+    sections, Y, section, genes = load(dataset, patch, backbone)
     score_extra = None if extra is None else extra(sections, Y, section)
     domains = {s.name: metrics.expression_domains(Y[section == s.name], seed=0) for s in sections}
     log.info(
@@ -244,7 +276,7 @@ def run_dataset(
             key = "X_backbone" if kind == "backbone_slide" else f"X_{kind}"
             for s in sections:
                 if key not in s.table.obsm:
-                    sd.tl.features(s.sdata, backbone=_backbone(kind), key_added=key, **patch)
+                    sd.tl.features(s.sdata, backbone=_backbone(kind, backbone), key_added=key, **patch)
             X = np.concatenate([s.rep(key) for s in sections])
             if kind == "backbone_slide":  # each section standardised by its own statistics, as SPADE's input
                 X = np.concatenate([FeatureScaler().fit(s.rep(key)).transform(s.rep(key)) for s in sections])
@@ -269,7 +301,7 @@ def run_dataset(
                 label = spec  # seeds are pooled in the summary (the ``seed`` column keeps them apart)
                 for s_out in sections:
                     train = [s.sdata for s in sections if s is not s_out]
-                    options = {"quiet": True, "seed": seed, **patch, **kwargs}
+                    options = {"quiet": True, "seed": seed, "backbone": backbone, **patch, **kwargs}
                     model = sd.tl.pretrain(train, **options)
                     for s in sections:
                         s.table.obsm.pop("X_spade_gene", None)  # never score an earlier fold's gene side
@@ -374,12 +406,20 @@ def main(argv: list[str] | None = None) -> None:
     add_patch_arguments(parser, size_um=112.0)
     parser.add_argument("--repeats", type=int, default=5, help="draws of the few-shot tasks per section")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="SPADE training seeds (pooled)")
+    parser.add_argument(
+        "--engine",
+        default=None,
+        choices=["auto", "onnxruntime", "torch", "int8", "bf16"],
+        help="run the default backbone with this engine (calibrated on the first section); default: as the tools do",
+    )
     args = parser.parse_args(argv)
     patch = start_run(args)
     start = time.perf_counter()
     frames, timings = [], {}
     for dataset in args.datasets:
-        df = run_dataset(dataset, args.variants, patch=patch, n_repeats=args.repeats, seeds=args.seeds)
+        df = run_dataset(
+            dataset, args.variants, patch=patch, n_repeats=args.repeats, seeds=args.seeds, engine=args.engine
+        )
         timings[dataset] = df.attrs["timings"]
         frames.append(df)
     df = pd.concat(frames, ignore_index=True)

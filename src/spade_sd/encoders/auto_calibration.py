@@ -79,8 +79,7 @@ def calibrate_from(backbone: Any, patches: Any) -> None:
         if n < MIN_PATCHES:
             logger.debug("backbone %s: %d patches are too few to calibrate on; it stays float32", backbone.name, n)
             return
-        index = np.unique(np.linspace(0, n - 1, min(CALIBRATION_PATCHES, n)).round().astype(np.int64))
-        stored = _store(path, low.check_calibration(patches.read(index)))
+        stored = _store(path, spread_patches(patches))
         logger.info(
             "backbone %s: %d patches of this slide stored in %s, to judge its low-precision engines by",
             backbone.name,
@@ -88,6 +87,15 @@ def calibrate_from(backbone: Any, patches: Any) -> None:
             path,
         )
     backbone.calibration = stored
+
+
+def spread_patches(patches: Any, n: int = CALIBRATION_PATCHES) -> np.ndarray:
+    """``n`` patches (all of them if fewer) spread evenly over a slide's ``patches``, checked as calibration patches.
+
+    What the tools take from the first slide (:func:`calibrate_from`); ``patches`` has ``len`` and ``read(indices)``.
+    """
+    index = np.unique(np.linspace(0, len(patches) - 1, min(n, len(patches))).round().astype(np.int64))
+    return low.check_calibration(patches.read(index))
 
 
 def _load(path: Path) -> np.ndarray | None:
