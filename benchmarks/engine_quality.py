@@ -194,20 +194,19 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     module = None if args.backbone is None else random_module(args.backbone)
 
-    def run(dataset: str, engine: str | None, module) -> pd.DataFrame:
-        options = {"patch": patch, "n_repeats": args.repeats, "seeds": args.seeds, "engine": engine, "module": module}
+    def run(dataset: str, backbone: sd.Backbone) -> pd.DataFrame:
+        options = {"patch": patch, "n_repeats": args.repeats, "seeds": args.seeds, "module": backbone}
         return quality.run_dataset(dataset, args.variants, **options)
 
     runs = {"reference": [], "other": [], **{f"noise {seed}": [] for seed in args.noise_seeds}}
     for dataset in args.datasets:
-        first = quality.DATASETS[dataset][0](quality.DATASETS[dataset][1][0])
-        reference = quality.default_backbone("onnxruntime", first, patch, module)
-        engine = quality.default_backbone(args.engine, first, patch, module)
-        runs["reference"].append(run(dataset, None, reference))
-        runs["other"].append(run(dataset, None, engine))
+        reference = quality.default_backbone("onnxruntime", dataset, patch, module)
+        engine = quality.default_backbone(args.engine, dataset, patch, module)
+        runs["reference"].append(run(dataset, reference))
+        runs["other"].append(run(dataset, engine))
         scale = error_scale(dataset, reference, engine, patch)
         for seed in args.noise_seeds:
-            runs[f"noise {seed}"].append(run(dataset, None, noisy_backbone(reference, scale, seed)))
+            runs[f"noise {seed}"].append(run(dataset, noisy_backbone(reference, scale, seed)))
     runs = {name: pd.concat(frames, ignore_index=True) for name, frames in runs.items()}
     table = paired(runs["reference"], runs["other"])
     noisy = [paired(runs["reference"], runs[f"noise {seed}"]) for seed in args.noise_seeds]

@@ -102,8 +102,8 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     return kind, {key: _value(value) for key, value in kwargs.items()}
 
 
-def default_backbone(engine: str | None, first, patch: dict, module=None) -> sd.Backbone | None:
-    """The backbone run by ``engine``, calibrated on ``first``'s patches; ``None`` for the tools' own default.
+def default_backbone(engine: str | None, dataset: str, patch: dict, module=None) -> sd.Backbone | None:
+    """The backbone run by ``engine``, calibrated on ``dataset``'s first section; ``None`` for the tools' own default.
 
     ``module``: a :class:`torch.nn.Module` to run instead of the default backbone (EfficientNet-Lite0), or a
     :class:`~spade_sd.Backbone` to use as it is.
@@ -112,7 +112,10 @@ def default_backbone(engine: str | None, first, patch: dict, module=None) -> sd.
         return None
     if isinstance(module, sd.Backbone):
         return module
-    calibration = spread_patches(sd.pp.spot_patches(first, **patch)) if engine in ("auto", "int8") else None
+    calibration = None
+    if engine in ("auto", "int8"):
+        loader, names = DATASETS[dataset]
+        calibration = spread_patches(sd.pp.spot_patches(loader(names[0]), **patch))
     return sd.Backbone(module, engine=engine or "auto", calibration=calibration)
 
 
@@ -257,7 +260,7 @@ def run_dataset(
     :func:`evaluate_fold`. ``engine`` runs the default backbone, or ``module``, with that engine
     (:func:`default_backbone`).
     """
-    backbone = default_backbone(engine, DATASETS[dataset][0](DATASETS[dataset][1][0]), patch, module)
+    backbone = default_backbone(engine, dataset, patch, module)
     sections, Y, section, genes = load(dataset, patch, backbone)
     score_extra = None if extra is None else extra(sections, Y, section)
     domains = {s.name: metrics.expression_domains(Y[section == s.name], seed=0) for s in sections}
