@@ -297,6 +297,9 @@ def tile_elements(x0: np.ndarray, y0: np.ndarray, ids: np.ndarray):
 def lazy_slide(side_px: int, *, chunk: int = 1024, tiles: bool = True):
     """A lazily generated RGB slide (``side_px`` square at 0.5 µm/px, 4 pyramid levels) and square tiles over it.
 
+    Its pixels are computed per chunk when read: pink to purple bands with a fine grain, so that every tile passes the
+    tools' check for blank tiles.
+
     The tiles are 112 µm (224 px) squares on a grid, as ``pp.tile_image`` makes without a tissue mask; the same
     grid that ``sopa.patches`` lays with ``patch_width=224`` when ``side_px`` is a multiple of 224.
     """
@@ -306,10 +309,13 @@ def lazy_slide(side_px: int, *, chunk: int = 1024, tiles: bool = True):
 
     def block(block_info=None):
         (y0, y1), (x0, x1) = block_info[None]["array-location"][1:]
-        y = (np.arange(y0, y1, dtype=np.int32) // 97)[:, None]
-        x = (np.arange(x0, x1, dtype=np.int32) // 89)[None, :]
-        value = ((y + x) % 200 + 30).astype(np.uint8)
-        return np.stack([value, 255 - value, value // 2 + 100])
+        y = np.arange(y0, y1, dtype=np.int32)[:, None]
+        x = np.arange(x0, x1, dtype=np.int32)[None, :]
+        value = ((y // 97 + x // 89) % 200 + 30).astype(np.uint8)
+        # pink to purple bands with a fine grain: the tools refuse tiles of one flat colour as blank and warn about
+        # colours unlike H&E (spade_sd.spots.content)
+        grain = ((7 * y + 3 * x) % 23).astype(np.uint8)
+        return np.stack([255 - value // 4, 90 + value // 2, 170 + value // 4]) - grain
 
     blocks = (chunk,) * (side_px // chunk) + ((side_px % chunk,) if side_px % chunk else ())
     lazy = da.map_blocks(block, dtype=np.uint8, chunks=((3,), blocks, blocks))
@@ -437,7 +443,11 @@ def sopa_section(side_px: int, *, batch_size: int) -> list[dict]:
 
 
 def memory_child(backbone_name: str, n_tiles: int, side_px: int) -> dict:
-    """tl.embed of ``n_tiles`` consecutive tiles of a lazily generated slide; peak RSS of this process."""
+    """tl.embed of ``n_tiles`` consecutive tiles of a lazily generated slide; peak RSS of this process.
+
+    The model is built by hand with random parameters and the default representation: ``X_spade`` holds the features
+    followed by a 16-column expression block (:class:`~spade_sd.model.readout.ExpressionReadout`).
+    """
     import resource
     import tempfile
 
@@ -447,6 +457,7 @@ def memory_child(backbone_name: str, n_tiles: int, side_px: int) -> dict:
     import spade_sd as sd
     from spade_sd.model.clustering import ExpertClustering
     from spade_sd.model.heads import ExpertMixture
+    from spade_sd.model.readout import ExpressionReadout
     from spade_sd.model.spade_model import SpadeModel
     from spade_sd.model.standardization import FeatureScaler
     from spade_sd.spots.genes import GenePanel
@@ -471,6 +482,14 @@ def memory_child(backbone_name: str, n_tiles: int, side_px: int) -> dict:
         backbone = sd.Backbone(pixel_means, dim=1280)
     dim, rng = backbone.dim, np.random.default_rng(0)
     torch.manual_seed(0)
+    mixture = ExpertMixture(4, dim, 1)
+    out_dim = mixture.config["out_dim"]
+    readout = ExpressionReadout(
+        mean=np.zeros(out_dim, dtype=np.float32),
+        projection=rng.normal(size=(out_dim, 16)).astype(np.float32),
+        weight=1.0,
+        alpha=1.0,
+    )
     model = SpadeModel(
         backbone=backbone,
         panel=GenePanel(genes=["g0"]),
@@ -481,9 +500,10 @@ def memory_child(backbone_name: str, n_tiles: int, side_px: int) -> dict:
             centroid_group=np.zeros(8, dtype=int),
             n_experts=4,
         ),
-        mixture=ExpertMixture(4, dim, 1),
+        mixture=mixture,
         tau=1.0,
         config={"patches": {"size_um": TILE_UM, "size_px": TILE_PX}},
+        readout=readout,
     )
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
@@ -498,6 +518,7 @@ def memory_child(backbone_name: str, n_tiles: int, side_px: int) -> dict:
         "patches_per_s": round(n_tiles / elapsed, 1),
         "peak_rss_mb_before_embed": round(rss_before),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "x_spade_width": int(sdata.tables["table"].obsm["X_spade"].shape[1]),
         "features_if_held_mb": round(n_tiles * dim * 4 / 2**20, 1),
         "whole_slide_features_if_held_mb": round(per_row**2 * dim * 4 / 2**20),
     }
