@@ -3,7 +3,7 @@
 The fidelity gate of ``engine="auto"`` (``spade_sd.encoders.precision``) judges an engine by the median per-patch
 cosine of its features to float32's. This benchmark judges it by what users compute from them: the quality benchmark
 (``benchmarks/quality.py``: leave one section out on MOB1–3 and her2st C2–C5; ridge probes, few-shot probe, kNN
-retrieval, gene → image recall, few-shot classification of expression domains) run twice in one process, once with
+retrieval, gene → image recall, few-shot classification of expression domains) run in one process, once with
 the backbone in float32 onnxruntime (for the default EfficientNet-Lite0, what the tools run) and once with
 ``--engine`` (calibrated as ``quality.py --engine`` calibrates it: 64 patches spread over the data set's first
 section). ``--backbone`` names a timm architecture to run instead, with random weights drawn once from a seed
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import quality  # the benchmark whose data sets, variants and scores this one runs twice
+import quality  # the benchmark whose data sets, variants and scores this one runs again
 import timm
 import torch
 
@@ -84,7 +84,7 @@ class NoisyFeatures:
     """Features of ``backbone`` plus Gaussian noise of standard deviation ``scale`` per dimension.
 
     The noise of a patch is drawn from ``seed`` and the patch's pixels, so a patch always gets the same features (they
-    can be cached) and two patches never share their noise.
+    can be cached) and patches with different pixels get different noise.
     """
 
     def __init__(self, backbone: sd.Backbone, scale: np.ndarray, seed: int) -> None:
