@@ -24,7 +24,8 @@ For each data set, representation and metric the results give both means, their 
 
 Run ``python benchmarks/engine_quality.py --engine int8`` (about 10 min on 2 CPU cores once features are cached;
 ``--backbone vit_small_patch16_224`` about 20 min more on first use). Results:
-``benchmarks/results/engine_quality_<engine>[_<backbone>].{md,json,csv.gz}``.
+``benchmarks/results/engine_quality_<engine>[_<backbone>].{md,json}`` and ``…_folds.csv`` (every run's score per
+fold and seed).
 """
 
 from __future__ import annotations
@@ -46,27 +47,29 @@ import spade_sd as sd
 METRICS = quality.METRIC_ORDER  # the scores of the quality benchmark's summary
 
 
-def paired(reference: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
-    """Scores of ``other`` against ``reference``, paired by data set, representation, metric, seed and fold.
+KEY = ["dataset", "encoder", "metric", "seed", "fold"]
 
-    Both are :func:`quality.run_dataset` frames. Scores are first averaged over genes and repeated draws within a
-    (fold, seed); a representation without seeds (raw features) counts as one seed. Scores that are not defined
-    (e.g. few-shot classification of a section with a single expression domain) are left out of both.
+
+def fold_means(scores: pd.DataFrame) -> pd.Series:
+    """A :func:`quality.run_dataset` frame's scores averaged over genes and repeated draws, per :data:`KEY`.
+
+    A representation without seeds (raw features) counts as seed -1. Scores that are not defined (e.g. few-shot
+    classification of a section with a single expression domain) are left out.
     """
-    key = ["dataset", "encoder", "metric", "seed", "fold"]
-    means = {}
-    for name, df in (("reference", reference), ("other", other)):
-        df = df[df["metric"].isin(METRICS) & df["value"].notna()].assign(
-            seed=lambda d: d["seed"].fillna(-1) if "seed" in d else -1
-        )
-        means[name] = df.groupby(key)["value"].mean()
-    pairs = pd.concat(means, axis=1)
+    scores = scores[scores["metric"].isin(METRICS) & scores["value"].notna()]
+    scores = scores.assign(seed=scores["seed"].fillna(-1) if "seed" in scores else -1)
+    return scores.groupby(KEY)["value"].mean()
+
+
+def paired(reference: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
+    """Scores of ``other`` against ``reference`` (:func:`quality.run_dataset` frames), paired per :func:`fold_means`."""
+    pairs = pd.concat({"reference": fold_means(reference), "other": fold_means(other)}, axis=1)
     if pairs.isna().any().any():
         missing = pairs[pairs.isna().any(axis=1)].index.tolist()[:5]
         raise ValueError(f"expected both runs to score the same folds and seeds; unpaired, e.g. {missing}")
     pairs["move"] = pairs["other"] - pairs["reference"]
-    per_seed = pairs.groupby(key[:-1]).mean()
-    group = key[:-2]
+    per_seed = pairs.groupby(KEY[:-1]).mean()
+    group = KEY[:-2]
     table = per_seed.groupby(group).agg(
         reference=("reference", "mean"), other=("other", "mean"), move=("move", "mean"), seed_sd=("reference", "std")
     )
@@ -214,9 +217,10 @@ def main(argv: list[str] | None = None) -> None:
     config = {**vars(args), "out": str(args.out), "total_s": round(time.perf_counter() - start, 1)}
     name = f"engine_quality_{args.engine}" + ("" if args.backbone is None else f"_{args.backbone}")
     args.out.mkdir(parents=True, exist_ok=True)
+    # per fold and seed (the per-gene scores are several MB: rerun to get them)
     labels = {"reference": "float32", "other": args.engine}
-    scores = pd.concat([frame.assign(engine=labels.get(name, name)) for name, frame in runs.items()])
-    scores.to_csv(args.out / f"{name}.csv.gz", index=False)
+    folds = pd.concat({labels.get(run, run): fold_means(frame) for run, frame in runs.items()}, axis=1)
+    folds.reset_index().to_csv(args.out / f"{name}_folds.csv", index=False, float_format="%.6g")
     with (args.out / f"{name}.json").open("w") as fh:
         json.dump({"config": config, "paired": table.to_dict(orient="records")}, fh, indent=1, default=str)
     text = markdown(table, args.engine, config)
